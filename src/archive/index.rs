@@ -1,0 +1,408 @@
+//! The archive index: one record per path with everything a reader needs
+//! (kind, mode, owner, ns mtime, size, symlink target, xattrs, where the data
+//! is, its frame table and content hash), so a mount needs no other read than
+//! the archive's tail.
+//!
+//! cachemount archives carry it as the zstd-compressed entry
+//! [`INDEX_NAME`](super::INDEX_NAME) in a compact binary encoding (varints),
+//! and the archive's name in a store is the SHA-256 of those stored bytes
+//! ([`ArchiveIndex::digest`]). Foreign archives get an index built from their
+//! central directory ([`super::reader`]), which is never encoded.
+
+use sha2::{Digest, Sha256};
+
+use super::manifest::Manifest;
+use super::FormatError;
+
+const MAGIC: &[u8; 8] = b"CMINDEX1";
+/// Compression level of the index itself: it is small and read on every mount.
+const INDEX_ZSTD_LEVEL: i32 = 9;
+/// An index larger than this uncompressed is refused (a decompression bomb, not a cache).
+pub const MAX_INDEX_LEN: usize = 1 << 30;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EntryKind {
+    File,
+    Dir,
+    Symlink,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Timestamp {
+    pub secs: i64,
+    pub nanos: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Compression {
+    Stored,
+    Deflate,
+    /// One or more zstd frames (one stream when `frames` is empty).
+    Zstd,
+}
+
+/// Where an entry's compressed bytes start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DataOffset {
+    /// Known exactly (cachemount archives).
+    Data(u64),
+    /// Only the local header's offset is known (foreign archives, from the
+    /// central directory); the data starts after that header's name and extra.
+    LocalHeader(u64),
+}
+
+/// One independent zstd frame of a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Frame {
+    pub compressed_len: u32,
+    /// Low 32 bits of XXH64 of the frame's content, as in the frame itself.
+    pub checksum: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// The zip name without a trailing slash, e.g. `_0/node_modules/a.js`.
+    pub name: Vec<u8>,
+    pub kind: EntryKind,
+    /// Permission bits (including setuid/setgid/sticky), no type bits.
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime: Timestamp,
+    /// Uncompressed size (for symlinks, the target's length).
+    pub size: u64,
+    /// The symlink target; for foreign archives None until read from the data.
+    pub link_target: Option<Vec<u8>>,
+    pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    pub offset: DataOffset,
+    pub compressed_size: u64,
+    pub compression: Compression,
+    pub crc32: u32,
+    /// Uncompressed size of each frame but the last (0 when not framed).
+    pub frame_size: u32,
+    /// The frames, in order; empty for stored, deflate and single-stream zstd.
+    pub frames: Vec<Frame>,
+    /// SHA-256 over the per-frame SHA-256s of the content (cachemount archives);
+    /// None for foreign ones.
+    pub content_hash: Option<[u8; 32]>,
+}
+
+impl Entry {
+    /// Byte offset (within the entry's compressed data) and uncompressed
+    /// length of frame `i`.
+    pub fn frame_span(&self, i: usize) -> (u64, u64) {
+        let start: u64 = self.frames[..i].iter().map(|f| u64::from(f.compressed_len)).sum();
+        let len = (self.size - i as u64 * u64::from(self.frame_size)).min(u64::from(self.frame_size));
+        (start, len)
+    }
+}
+
+/// Everything known about an archive's contents.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ArchiveIndex {
+    pub manifest: Manifest,
+    /// Sorted by name.
+    pub entries: Vec<Entry>,
+}
+
+impl ArchiveIndex {
+    /// The binary encoding, before compression.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(64 + self.entries.len() * 96);
+        out.extend_from_slice(MAGIC);
+        put_bytes(&mut out, &serde_json::to_vec(&self.manifest).expect("manifest serialises"));
+        put_varint(&mut out, self.entries.len() as u64);
+        for e in &self.entries {
+            put_bytes(&mut out, &e.name);
+            out.push(match e.kind {
+                EntryKind::File => 0,
+                EntryKind::Dir => 1,
+                EntryKind::Symlink => 2,
+            });
+            put_varint(&mut out, e.mode.into());
+            put_varint(&mut out, e.uid.into());
+            put_varint(&mut out, e.gid.into());
+            put_varint(&mut out, zigzag(e.mtime.secs));
+            put_varint(&mut out, e.mtime.nanos.into());
+            put_varint(&mut out, e.size);
+            put_bytes(&mut out, e.link_target.as_deref().unwrap_or_default());
+            put_varint(&mut out, e.xattrs.len() as u64);
+            for (k, v) in &e.xattrs {
+                put_bytes(&mut out, k);
+                put_bytes(&mut out, v);
+            }
+            let offset = match e.offset {
+                DataOffset::Data(o) => o,
+                DataOffset::LocalHeader(_) => unreachable!("only foreign archives have unresolved offsets"),
+            };
+            out.push(match e.compression {
+                Compression::Stored => 0,
+                Compression::Deflate => 1,
+                Compression::Zstd => 2,
+            });
+            put_varint(&mut out, offset);
+            put_varint(&mut out, e.compressed_size);
+            out.extend_from_slice(&e.crc32.to_le_bytes());
+            put_varint(&mut out, e.frame_size.into());
+            put_varint(&mut out, e.frames.len() as u64);
+            for f in &e.frames {
+                put_varint(&mut out, f.compressed_len.into());
+                out.extend_from_slice(&f.checksum.to_le_bytes());
+            }
+            out.extend_from_slice(&e.content_hash.unwrap_or_default());
+        }
+        out
+    }
+
+    /// The index as stored in the archive (zstd-compressed encoding).
+    pub fn to_stored(&self) -> Vec<u8> {
+        zstd::bulk::compress(&self.encode(), INDEX_ZSTD_LEVEL).expect("in-memory zstd compression")
+    }
+
+    /// Parses the stored (compressed) index after checking it against `sha256_hex`.
+    pub fn from_stored(stored: &[u8], sha256_hex: &str) -> Result<Self, FormatError> {
+        let actual = digest(stored);
+        if !actual.eq_ignore_ascii_case(sha256_hex) {
+            return Err(FormatError::IndexChecksum { expected: sha256_hex.to_string(), actual });
+        }
+        let raw = super::decode::zstd_stream(stored, MAX_INDEX_LEN)
+            .map_err(|_| FormatError::Invalid("index is not valid zstd"))?;
+        Self::decode(&raw)
+    }
+
+    pub fn decode(buf: &[u8]) -> Result<Self, FormatError> {
+        let mut r = Reader { buf, pos: 0 };
+        if r.take(MAGIC.len())? != MAGIC {
+            return Err(FormatError::Invalid("index magic"));
+        }
+        let manifest: Manifest =
+            serde_json::from_slice(r.bytes()?).map_err(|_| FormatError::Invalid("index manifest"))?;
+        let count = r.varint()?;
+        // Every entry takes at least 20 bytes: a larger count is corrupt.
+        if count > (r.remaining() / 20) as u64 {
+            return Err(FormatError::Invalid("index entry count exceeds its size"));
+        }
+        let mut entries = Vec::with_capacity(count as usize);
+        for _ in 0..count {
+            let name = r.bytes()?.to_vec();
+            let kind = match r.u8()? {
+                0 => EntryKind::File,
+                1 => EntryKind::Dir,
+                2 => EntryKind::Symlink,
+                _ => return Err(FormatError::Invalid("index entry kind")),
+            };
+            let mode = r.varint_u32()?;
+            let uid = r.varint_u32()?;
+            let gid = r.varint_u32()?;
+            let secs = unzigzag(r.varint()?);
+            let nanos = r.varint_u32()?;
+            if nanos >= 1_000_000_000 {
+                return Err(FormatError::Invalid("index mtime nanoseconds"));
+            }
+            let size = r.varint()?;
+            let target = r.bytes()?.to_vec();
+            let xattr_count = r.varint()?;
+            if xattr_count > r.remaining() as u64 {
+                return Err(FormatError::Invalid("index xattr count"));
+            }
+            let mut xattrs = Vec::with_capacity(xattr_count as usize);
+            for _ in 0..xattr_count {
+                xattrs.push((r.bytes()?.to_vec(), r.bytes()?.to_vec()));
+            }
+            let compression = match r.u8()? {
+                0 => Compression::Stored,
+                1 => Compression::Deflate,
+                2 => Compression::Zstd,
+                _ => return Err(FormatError::Invalid("index compression")),
+            };
+            let offset = r.varint()?;
+            let compressed_size = r.varint()?;
+            let crc32 = r.u32()?;
+            let frame_size = r.varint_u32()?;
+            let frame_count = r.varint()?;
+            if frame_count > (r.remaining() / 5) as u64 {
+                return Err(FormatError::Invalid("index frame count"));
+            }
+            let frames = (0..frame_count)
+                .map(|_| Ok(Frame { compressed_len: r.varint_u32()?, checksum: r.u32()? }))
+                .collect::<Result<Vec<_>, FormatError>>()?;
+            let content_hash: [u8; 32] = r.take(32)?.try_into().unwrap();
+            let entry = Entry {
+                name,
+                kind,
+                mode,
+                uid,
+                gid,
+                mtime: Timestamp { secs, nanos },
+                size,
+                link_target: (kind == EntryKind::Symlink).then_some(target),
+                xattrs,
+                offset: DataOffset::Data(offset),
+                compressed_size,
+                compression,
+                crc32,
+                frame_size,
+                frames,
+                content_hash: Some(content_hash),
+            };
+            validate_frames(&entry)?;
+            entries.push(entry);
+        }
+        if r.remaining() != 0 {
+            return Err(FormatError::Invalid("trailing bytes after the index"));
+        }
+        Ok(ArchiveIndex { manifest, entries })
+    }
+}
+
+/// A frame table must describe exactly the entry's bytes, or reads would run
+/// off the entry (into a neighbour's data) or past the end of the file.
+fn validate_frames(e: &Entry) -> Result<(), FormatError> {
+    if e.frames.is_empty() {
+        return Ok(());
+    }
+    if e.compression != Compression::Zstd || e.frame_size == 0 {
+        return Err(FormatError::Invalid("frame table on a non-framed entry"));
+    }
+    let expected_frames = e.size.div_ceil(u64::from(e.frame_size));
+    let compressed: u64 = e.frames.iter().map(|f| u64::from(f.compressed_len)).sum();
+    if expected_frames != e.frames.len() as u64 || compressed > e.compressed_size {
+        return Err(FormatError::Invalid("frame table does not match the entry size"));
+    }
+    Ok(())
+}
+
+/// Lower-case hex SHA-256.
+pub fn digest(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+fn zigzag(v: i64) -> u64 {
+    ((v << 1) ^ (v >> 63)) as u64
+}
+
+fn unzigzag(v: u64) -> i64 {
+    ((v >> 1) as i64) ^ -((v & 1) as i64)
+}
+
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
+    put_varint(out, b.len() as u64);
+    out.extend_from_slice(b);
+}
+
+struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn remaining(&self) -> usize {
+        self.buf.len() - self.pos
+    }
+    fn take(&mut self, n: usize) -> Result<&'a [u8], FormatError> {
+        if n > self.remaining() {
+            return Err(FormatError::Truncated("index"));
+        }
+        let s = &self.buf[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(s)
+    }
+    fn u8(&mut self) -> Result<u8, FormatError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u32(&mut self) -> Result<u32, FormatError> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().unwrap()))
+    }
+    fn varint(&mut self) -> Result<u64, FormatError> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let b = self.u8()?;
+            v |= u64::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err(FormatError::Invalid("index varint too long"))
+    }
+    fn varint_u32(&mut self) -> Result<u32, FormatError> {
+        u32::try_from(self.varint()?).map_err(|_| FormatError::Invalid("index value out of range"))
+    }
+    fn bytes(&mut self) -> Result<&'a [u8], FormatError> {
+        let len = self.varint()?;
+        let len = usize::try_from(len).map_err(|_| FormatError::Truncated("index"))?;
+        self.take(len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn entry(name: &str, size: u64) -> Entry {
+        Entry {
+            name: name.as_bytes().to_vec(),
+            kind: EntryKind::File,
+            mode: 0o644,
+            uid: 1000,
+            gid: 1000,
+            mtime: Timestamp { secs: -5, nanos: 999_999_999 },
+            size,
+            link_target: None,
+            xattrs: vec![(b"user.k".to_vec(), b"v".to_vec())],
+            offset: DataOffset::Data(1234),
+            compressed_size: 10,
+            compression: Compression::Zstd,
+            crc32: 77,
+            frame_size: 4,
+            frames: (0..size.div_ceil(4)).map(|i| Frame { compressed_len: 1, checksum: i as u32 }).collect(),
+            content_hash: Some([7; 32]),
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        let index = ArchiveIndex { manifest: Manifest::default(), entries: vec![entry("_0/a", 9), entry("_0/b", 0)] };
+        let stored = index.to_stored();
+        assert_eq!(ArchiveIndex::from_stored(&stored, &digest(&stored)).unwrap(), index);
+    }
+
+    #[test]
+    fn checksum_mismatch_is_refused() {
+        let stored = ArchiveIndex::default().to_stored();
+        assert!(matches!(
+            ArchiveIndex::from_stored(&stored, &"0".repeat(64)),
+            Err(FormatError::IndexChecksum { .. })
+        ));
+    }
+
+    #[test]
+    fn frame_table_must_cover_the_size() {
+        let mut e = entry("_0/a", 9);
+        e.frames.pop();
+        let index = ArchiveIndex { manifest: Manifest::default(), entries: vec![e] };
+        assert!(ArchiveIndex::decode(&index.encode()).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let mut buf = MAGIC.to_vec();
+            buf.extend(bytes);
+            let _ = ArchiveIndex::decode(&buf);
+        }
+
+        #[test]
+        fn zigzag_round_trips(v in any::<i64>()) {
+            prop_assert_eq!(unzigzag(zigzag(v)), v);
+        }
+    }
+}

@@ -1,0 +1,262 @@
+//! Opening an archive from any byte-range source: find the EOCD in the tail,
+//! then either follow the comment to cachemount's index, or build an index
+//! from the central directory (foreign zips).
+//!
+//! The logic is sans-IO ([`Opener`]): it says which byte range it needs next
+//! ([`OpenStep::Need`]) and the caller fetches it — from S3, a local store or a
+//! file — so the same code serves the mount, restore and the fuzzers. A
+//! cachemount archive opens with the tail read plus at most one more (the
+//! index, when it is not in the tail).
+
+use std::future::Future;
+use std::ops::Range;
+
+use bytes::Bytes;
+
+use super::index::{ArchiveIndex, Compression, DataOffset, Entry, EntryKind, Timestamp};
+use super::manifest::Manifest;
+use super::zip::{self, CentralRecord};
+use super::{FormatError, INDEX_NAME, MANIFEST_NAME};
+
+/// How much of the end of an archive the first read takes: the EOCD with the
+/// longest possible comment, and for most caches the index too.
+pub const TAIL_LEN: u64 = 512 * 1024;
+
+const COMMENT_PREFIX: &str = "cachemount:index:v1:";
+
+pub enum OpenStep {
+    Done(ArchiveIndex),
+    Need(Range<u64>),
+}
+
+/// Holds the byte ranges fetched so far and turns them into an index.
+pub struct Opener {
+    size: u64,
+    pieces: Vec<(u64, Bytes)>,
+}
+
+impl Opener {
+    /// Starts opening an archive of `size` bytes; the first range to fetch is
+    /// [`Opener::first_range`].
+    pub fn new(size: u64) -> Self {
+        Opener { size, pieces: Vec::new() }
+    }
+
+    pub fn first_range(&self) -> Range<u64> {
+        self.size.saturating_sub(TAIL_LEN)..self.size
+    }
+
+    /// Adds fetched bytes that start at `offset`.
+    pub fn add(&mut self, offset: u64, bytes: Bytes) {
+        self.pieces.push((offset, bytes));
+    }
+
+    fn find(&self, range: &Range<u64>) -> Option<&[u8]> {
+        self.pieces.iter().find_map(|(start, bytes)| {
+            let end = start + bytes.len() as u64;
+            (*start <= range.start && range.end <= end)
+                .then(|| &bytes[(range.start - start) as usize..(range.end - start) as usize])
+        })
+    }
+
+    /// The next step: the index, or the range still missing.
+    pub fn step(&self) -> Result<OpenStep, FormatError> {
+        if self.size < zip::EOCD_LEN as u64 {
+            return Err(FormatError::NotZip("too short to be a zip archive"));
+        }
+        let tail_range = self.size.saturating_sub(TAIL_LEN.min(self.size))..self.size;
+        let tail_range = self.first_range().start.min(tail_range.start)..self.size;
+        let Some(tail) = self.find(&tail_range) else { return Ok(OpenStep::Need(tail_range)) };
+        let mut eocd = zip::find_eocd(tail, self.size)?;
+        if let Some(off) = eocd.zip64_eocd_offset {
+            let range = off..off + zip::ZIP64_EOCD_LEN as u64;
+            let Some(record) = self.find(&range) else { return Ok(OpenStep::Need(range)) };
+            zip::apply_zip64_eocd(&mut eocd, record)?;
+        }
+        if let Some(pointer) = IndexPointer::parse(&eocd.comment)? {
+            let range = pointer.offset..pointer.offset.checked_add(pointer.len).ok_or(FormatError::Invalid("index pointer"))?;
+            if range.end > eocd.eocd_offset {
+                return Err(FormatError::Invalid("index pointer past the end of the archive"));
+            }
+            let Some(stored) = self.find(&range) else { return Ok(OpenStep::Need(range)) };
+            let index = ArchiveIndex::from_stored(stored, &pointer.sha256)?;
+            check_bounds(&index, range.start)?;
+            return Ok(OpenStep::Done(index));
+        }
+        let cd_range = eocd.cd_offset..eocd.cd_offset.checked_add(eocd.cd_size).ok_or(FormatError::Invalid("central directory size"))?;
+        if cd_range.end > eocd.eocd_offset {
+            return Err(FormatError::Truncated("central directory"));
+        }
+        let Some(cd) = self.find(&cd_range) else { return Ok(OpenStep::Need(cd_range)) };
+        let records = zip::decode_central_directory(cd, eocd.entries)?;
+        let manifest = match records.iter().find(|r| r.name == MANIFEST_NAME.as_bytes()) {
+            Some(r) => {
+                // Local header + name + extra (≤ 64 KiB each) + data: one read covers it.
+                let end = (r.local_header_offset + 30 + 2 * 65_535 + r.compressed_size).min(self.size);
+                let range = r.local_header_offset..end;
+                let Some(bytes) = self.find(&range) else { return Ok(OpenStep::Need(range)) };
+                let start = zip::local_header_data_start(bytes)? as usize;
+                let data = bytes
+                    .get(start..start + r.compressed_size as usize)
+                    .ok_or(FormatError::Truncated("manifest entry"))?;
+                let entry = foreign_entry(r, self.size)?;
+                let json = super::decode::decode_entry(&entry, data)
+                    .map_err(|_| FormatError::Invalid("manifest entry does not decode"))?;
+                Manifest::parse(&json)?
+            }
+            None => Manifest { mappings: Default::default(), ..Manifest::default() },
+        };
+        let mut entries = Vec::with_capacity(records.len());
+        for r in &records {
+            if r.name == MANIFEST_NAME.as_bytes() || r.name == INDEX_NAME.as_bytes() {
+                continue;
+            }
+            entries.push(foreign_entry(r, cd_range.start)?);
+        }
+        entries.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(OpenStep::Done(ArchiveIndex { manifest, entries }))
+    }
+}
+
+/// Every entry's data must lie before `limit` (the index or central directory).
+fn check_bounds(index: &ArchiveIndex, limit: u64) -> Result<(), FormatError> {
+    for e in &index.entries {
+        let DataOffset::Data(off) = e.offset else { continue };
+        if off.checked_add(e.compressed_size).is_none_or(|end| end > limit) {
+            return Err(FormatError::Invalid("entry data lies outside the archive"));
+        }
+    }
+    Ok(())
+}
+
+/// `cachemount:index:v1:<offset>:<len>:<sha256>` in the EOCD comment.
+struct IndexPointer {
+    offset: u64,
+    len: u64,
+    sha256: String,
+}
+
+impl IndexPointer {
+    fn parse(comment: &[u8]) -> Result<Option<Self>, FormatError> {
+        let Some(rest) = comment.strip_prefix(COMMENT_PREFIX.as_bytes()) else { return Ok(None) };
+        let bad = FormatError::Invalid("index pointer in the zip comment");
+        let text = std::str::from_utf8(rest).map_err(|_| FormatError::Invalid("index pointer in the zip comment"))?;
+        let mut parts = text.split(':');
+        let (Some(offset), Some(len), Some(sha256), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+            return Err(bad);
+        };
+        let offset = offset.parse().map_err(|_| FormatError::Invalid("index offset"))?;
+        let len: u64 = len.parse().map_err(|_| FormatError::Invalid("index length"))?;
+        if sha256.len() != 64 || len > super::index::MAX_INDEX_LEN as u64 {
+            return Err(bad);
+        }
+        Ok(Some(IndexPointer { offset, len, sha256: sha256.to_string() }))
+    }
+}
+
+/// An index entry for a central directory record of a foreign zip.
+fn foreign_entry(r: &CentralRecord, limit: u64) -> Result<Entry, FormatError> {
+    let compression = match r.method {
+        zip::METHOD_STORED => Compression::Stored,
+        zip::METHOD_DEFLATE => Compression::Deflate,
+        zip::METHOD_ZSTD => Compression::Zstd,
+        m => {
+            return Err(FormatError::Unsupported(format!(
+                "compression method {m} of {}",
+                String::from_utf8_lossy(&r.name)
+            )))
+        }
+    };
+    if r.local_header_offset.checked_add(r.compressed_size).is_none_or(|end| end > limit) {
+        return Err(FormatError::Invalid("entry data lies outside the archive"));
+    }
+    let is_dir_name = r.name.ends_with(b"/");
+    let mode = r.unix_mode();
+    let kind = match mode.map(|m| m & libc::S_IFMT) {
+        Some(libc::S_IFDIR) => EntryKind::Dir,
+        Some(libc::S_IFLNK) => EntryKind::Symlink,
+        _ if is_dir_name => EntryKind::Dir,
+        _ => EntryKind::File,
+    };
+    let default_mode = if kind == EntryKind::Dir { 0o755 } else { 0o644 };
+    let secs = r.mtime_secs.unwrap_or_else(|| zip::dos_to_unix(r.dos_time, r.dos_date));
+    let mut name = r.name.clone();
+    while name.ends_with(b"/") {
+        name.pop();
+    }
+    // SAFETY: geteuid/getegid cannot fail.
+    let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    Ok(Entry {
+        name,
+        kind,
+        mode: mode.map_or(default_mode, |m| m & 0o7777),
+        uid,
+        gid,
+        mtime: Timestamp { secs, nanos: 0 },
+        size: r.uncompressed_size,
+        link_target: None,
+        xattrs: Vec::new(),
+        offset: DataOffset::LocalHeader(r.local_header_offset),
+        compressed_size: r.compressed_size,
+        compression,
+        crc32: r.crc32,
+        frame_size: 0,
+        frames: Vec::new(),
+        content_hash: None,
+    })
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError<E> {
+    #[error(transparent)]
+    Format(#[from] FormatError),
+    #[error(transparent)]
+    Source(E),
+}
+
+/// Opens an archive of `size` bytes, reading ranges with `fetch`.
+pub async fn open_archive<F, Fut, E>(size: u64, mut fetch: F) -> Result<ArchiveIndex, OpenError<E>>
+where
+    F: FnMut(Range<u64>) -> Fut,
+    Fut: Future<Output = Result<Bytes, E>>,
+{
+    let mut opener = Opener::new(size);
+    // A well-formed archive needs at most: tail, zip64 record, index or CD, manifest.
+    for _ in 0..5 {
+        match opener.step()? {
+            OpenStep::Done(index) => return Ok(index),
+            OpenStep::Need(range) => {
+                let bytes = fetch(range.clone()).await.map_err(OpenError::Source)?;
+                if bytes.len() as u64 != range.end - range.start {
+                    return Err(FormatError::Truncated("archive read").into());
+                }
+                opener.add(range.start, bytes);
+            }
+        }
+    }
+    Err(FormatError::Invalid("archive structure needs too many reads").into())
+}
+
+/// Opens an archive in a local file.
+pub fn open_file(file: &std::fs::File) -> Result<ArchiveIndex, OpenError<std::io::Error>> {
+    use std::os::unix::fs::FileExt;
+    let size = file.metadata().map_err(OpenError::Source)?.len();
+    let fetch = |range: Range<u64>| {
+        let mut buf = vec![0u8; (range.end - range.start) as usize];
+        let res = file.read_exact_at(&mut buf, range.start).map(|_| Bytes::from(buf));
+        std::future::ready(res)
+    };
+    futures::executor::block_on(open_archive(size, fetch))
+}
+
+/// Where `entry`'s data starts, reading its local header with `read_at` when
+/// only that is known (foreign archives).
+pub fn resolve_data_offset(entry: &Entry, read_at: impl FnOnce(u64, usize) -> std::io::Result<Vec<u8>>) -> Result<u64, OpenError<std::io::Error>> {
+    match entry.offset {
+        DataOffset::Data(off) => Ok(off),
+        DataOffset::LocalHeader(off) => {
+            let header = read_at(off, zip::LOCAL_HEADER_LEN).map_err(OpenError::Source)?;
+            Ok(off + zip::local_header_data_start(&header)?)
+        }
+    }
+}

@@ -1,0 +1,133 @@
+//! Object stores: the one trait between cachemount and where archives live.
+//!
+//! Everything above this module (save, restore, the mount) speaks [`ObjectStore`];
+//! the two implementations are a local directory ([`local::LocalStore`], the
+//! embedded default) and S3 ([`s3::S3Store`]). Keys are relative to the store's
+//! prefix (`blobs/sha256/<hex>`, `keys/<escaped key>`, or a raw object's name).
+//!
+//! Reads can be pinned to one version of an object ([`ObjectVersion`]): the
+//! store then answers [`StoreError::PreconditionFailed`] instead of returning
+//! bytes of another version, which is what lets a reader never mix versions.
+
+pub mod layout;
+pub mod local;
+pub mod s3;
+pub mod url;
+
+use std::future::Future;
+use std::ops::Range;
+use std::path::PathBuf;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+
+pub use url::StoreUrl;
+
+/// What a HEAD tells about an object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectMeta {
+    pub size: u64,
+    pub version: ObjectVersion,
+    pub last_modified: SystemTime,
+}
+
+/// Identifies one version of an object: the ETag (quotes stripped), and the
+/// version id when the bucket is versioned (which pins exactly).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ObjectVersion {
+    pub etag: String,
+    pub version_id: Option<String>,
+}
+
+/// One object found by [`ObjectStore::list`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListedObject {
+    /// Key relative to the store prefix.
+    pub key: String,
+    pub size: u64,
+    pub last_modified: SystemTime,
+}
+
+/// What to upload.
+#[derive(Debug, Clone)]
+pub enum PutSource {
+    /// Small bodies (key pointers).
+    Bytes(Bytes),
+    /// A file on local disk (archives); large ones go up as concurrent multipart parts.
+    File(PathBuf),
+}
+
+/// Result of a lifetime refresh.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefreshOutcome {
+    /// The object was rewritten (its LastModified is now).
+    Refreshed,
+    /// The object was modified more recently than the threshold; nothing done.
+    StillFresh,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("no object at {0}")]
+    NotFound(String),
+    #[error("{0} changed while being read (precondition failed: its ETag is no longer the pinned one)")]
+    PreconditionFailed(String),
+    #[error("bucket {0:?} does not exist (create it, or check --store and --endpoint-url)")]
+    NoSuchBucket(String),
+    #[error("no usable AWS credentials: {0} (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or run on a host with an instance role)")]
+    Credentials(String),
+    #[error("access denied to {0}: check the credentials' permissions on the bucket")]
+    AccessDenied(String),
+    #[error("cannot reach the store at {endpoint}: {message}")]
+    Unreachable { endpoint: String, message: String },
+    #[error("invalid range {range:?} for {key} (object has {size} bytes)")]
+    InvalidRange { key: String, range: Range<u64>, size: u64 },
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("store error on {key}: {message}")]
+    Other { key: String, message: String },
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// The operations cachemount needs from a place that holds archives.
+///
+/// Implementations must be cheap to share (`Send + Sync`); callers hold them in
+/// an `Arc`. Methods return `Send` futures so they can run on the tokio runtime.
+pub trait ObjectStore: Send + Sync + 'static {
+    /// A human-readable URL of the store (`s3://bucket/prefix`, `file:///dir`), for messages.
+    fn describe(&self) -> String;
+
+    /// Size, version and modification time of `key`.
+    fn head(&self, key: &str) -> impl Future<Output = StoreResult<ObjectMeta>> + Send;
+
+    /// The bytes in `range` of `key`. With `pin`, fails with
+    /// [`StoreError::PreconditionFailed`] if the object is no longer that version.
+    fn get_range(
+        &self,
+        key: &str,
+        range: Range<u64>,
+        pin: Option<&ObjectVersion>,
+    ) -> impl Future<Output = StoreResult<Bytes>> + Send;
+
+    /// Writes `key` atomically: readers see the old object or the whole new one.
+    fn put(&self, key: &str, source: PutSource) -> impl Future<Output = StoreResult<ObjectMeta>> + Send;
+
+    /// Rewrites `key` in place (server-side) to reset its age for lifecycle
+    /// expiry, if it was last modified before `older_than`. Best effort for callers.
+    fn refresh(
+        &self,
+        key: &str,
+        older_than: SystemTime,
+    ) -> impl Future<Output = StoreResult<RefreshOutcome>> + Send;
+
+    /// Every object whose key starts with `prefix`.
+    fn list(&self, prefix: &str) -> impl Future<Output = StoreResult<Vec<ListedObject>>> + Send;
+
+    /// Removes `key`; removing a missing key is not an error.
+    fn delete(&self, key: &str) -> impl Future<Output = StoreResult<()>> + Send;
+}
