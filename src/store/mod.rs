@@ -9,6 +9,7 @@
 //! store then answers [`StoreError::PreconditionFailed`] instead of returning
 //! bytes of another version, which is what lets a reader never mix versions.
 
+mod any;
 pub mod layout;
 pub mod local;
 pub mod s3;
@@ -21,6 +22,7 @@ use std::time::SystemTime;
 
 use bytes::Bytes;
 
+pub use any::AnyStore;
 pub use url::StoreUrl;
 
 /// What a HEAD tells about an object.
@@ -70,7 +72,9 @@ pub enum RefreshOutcome {
 pub enum StoreError {
     #[error("no object at {0}")]
     NotFound(String),
-    #[error("{0} changed while being read (precondition failed: its ETag is no longer the pinned one)")]
+    #[error(
+        "{0} changed while being read (precondition failed: its ETag is no longer the pinned one)"
+    )]
     PreconditionFailed(String),
     #[error("bucket {0:?} does not exist (create it, or check --store and --endpoint-url)")]
     NoSuchBucket(String),
@@ -81,7 +85,11 @@ pub enum StoreError {
     #[error("cannot reach the store at {endpoint}: {message}")]
     Unreachable { endpoint: String, message: String },
     #[error("invalid range {range:?} for {key} (object has {size} bytes)")]
-    InvalidRange { key: String, range: Range<u64>, size: u64 },
+    InvalidRange {
+        key: String,
+        range: Range<u64>,
+        size: u64,
+    },
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -115,7 +123,11 @@ pub trait ObjectStore: Send + Sync + 'static {
     ) -> impl Future<Output = StoreResult<Bytes>> + Send;
 
     /// Writes `key` atomically: readers see the old object or the whole new one.
-    fn put(&self, key: &str, source: PutSource) -> impl Future<Output = StoreResult<ObjectMeta>> + Send;
+    fn put(
+        &self,
+        key: &str,
+        source: PutSource,
+    ) -> impl Future<Output = StoreResult<ObjectMeta>> + Send;
 
     /// Rewrites `key` in place (server-side) to reset its age for lifecycle
     /// expiry, if it was last modified before `older_than`. Best effort for callers.

@@ -1,0 +1,478 @@
+//! [`LocalStore`]: an object store over a local directory, the embedded default.
+//!
+//! It behaves like S3 where cachemount depends on it: writes are atomic
+//! (temp file + fsync + rename), and every object has an ETag that changes
+//! whenever the object is replaced or touched — emulated from the file's
+//! (inode, size, mtime in ns) — so the pinned-read / 412 path works and is
+//! tested the same way on both stores.
+
+use std::fs::{self, File};
+use std::io;
+use std::ops::Range;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::SystemTime;
+
+use bytes::Bytes;
+
+use super::{
+    ListedObject, ObjectMeta, ObjectStore, ObjectVersion, PutSource, RefreshOutcome, StoreError,
+    StoreResult,
+};
+
+/// Names of in-flight writes start with this; `list` skips them.
+const TEMP_PREFIX: &str = ".cachemount-tmp-";
+
+/// A directory holding objects as files; keys map to relative paths (`/`-separated).
+#[derive(Debug, Clone)]
+pub struct LocalStore {
+    root: PathBuf,
+}
+
+impl LocalStore {
+    /// A store rooted at `root`. The directory is created by the first `put`, so
+    /// opening a store that does not exist yet is fine (reads answer NotFound).
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        LocalStore { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Maps a key to its file, refusing keys that could escape the root.
+    fn path_of(&self, key: &str) -> StoreResult<PathBuf> {
+        let invalid = |why: &str| StoreError::Other {
+            key: key.to_string(),
+            message: format!("invalid key: {why}"),
+        };
+        if key.is_empty() || key.starts_with('/') || key.ends_with('/') {
+            return Err(invalid("must be a non-empty relative path"));
+        }
+        for part in key.split('/') {
+            if part.is_empty() || part == "." || part == ".." || part.starts_with(TEMP_PREFIX) {
+                return Err(invalid("empty, `.`, `..` or temp-file component"));
+            }
+        }
+        if !Path::new(key)
+            .components()
+            .all(|c| matches!(c, Component::Normal(_)))
+        {
+            return Err(invalid("not a plain relative path"));
+        }
+        Ok(self.root.join(key))
+    }
+
+    fn location(&self, key: &str) -> String {
+        self.root.join(key).display().to_string()
+    }
+
+    /// Maps an io error on `key`: a missing file (or store dir) is NotFound.
+    fn io_err(&self, key: &str, what: &str, e: io::Error) -> StoreError {
+        match e.kind() {
+            io::ErrorKind::NotFound => StoreError::NotFound(self.location(key)),
+            io::ErrorKind::PermissionDenied => StoreError::AccessDenied(self.location(key)),
+            _ => StoreError::Io {
+                context: format!("{what} {}", self.location(key)),
+                source: e,
+            },
+        }
+    }
+}
+
+/// The emulated ETag: any rewrite (new inode), size change, or touch (new mtime)
+/// gives a new one, like S3 where every PUT or self-copy is a new version.
+fn version_of(meta: &fs::Metadata) -> ObjectVersion {
+    let mtime_ns = (meta.mtime() as i128) * 1_000_000_000 + meta.mtime_nsec() as i128;
+    ObjectVersion {
+        etag: format!("{:x}-{:x}-{:x}", meta.ino(), meta.size(), mtime_ns),
+        version_id: None,
+    }
+}
+
+fn object_meta(meta: &fs::Metadata) -> ObjectMeta {
+    ObjectMeta {
+        size: meta.size(),
+        version: version_of(meta),
+        last_modified: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+    }
+}
+
+/// Runs blocking file-system work off the async executor threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> StoreResult<T> + Send + 'static,
+) -> StoreResult<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| StoreError::Other {
+            key: String::new(),
+            message: format!("file-system task failed: {e}"),
+        })?
+}
+
+/// A name unique among concurrent writers (in this and other processes).
+fn temp_name() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!(
+        "{TEMP_PREFIX}{}-{}-{nanos:x}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+impl LocalStore {
+    fn put_blocking(&self, key: &str, source: PutSource) -> StoreResult<ObjectMeta> {
+        let path = self.path_of(key)?;
+        let dir = path
+            .parent()
+            .expect("a joined key has a parent")
+            .to_path_buf();
+        fs::create_dir_all(&dir).map_err(|e| self.io_err(key, "creating the directory of", e))?;
+        let tmp = dir.join(temp_name());
+        let result = (|| {
+            let mut out = File::create(&tmp)?;
+            match &source {
+                PutSource::Bytes(bytes) => io::Write::write_all(&mut out, bytes)?,
+                PutSource::File(src) => {
+                    io::copy(&mut File::open(src)?, &mut out)?;
+                }
+            }
+            out.sync_all()?;
+            // rename keeps the inode and mtime, so this is the version readers will see.
+            let meta = out.metadata()?;
+            fs::rename(&tmp, &path)?;
+            // Make the rename itself durable.
+            File::open(&dir)?.sync_all()?;
+            Ok(object_meta(&meta))
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result.map_err(|e: io::Error| {
+            let what = match &source {
+                PutSource::File(src) => format!("writing {} to", src.display()),
+                PutSource::Bytes(_) => "writing".to_string(),
+            };
+            StoreError::Io {
+                context: format!("{what} {}", self.location(key)),
+                source: e,
+            }
+        })
+    }
+
+    fn get_range_blocking(
+        &self,
+        key: &str,
+        range: Range<u64>,
+        pin: Option<ObjectVersion>,
+    ) -> StoreResult<Bytes> {
+        let path = self.path_of(key)?;
+        // Everything below uses this one fd: a concurrent replace cannot make us
+        // check one version and read another.
+        let file = File::open(&path).map_err(|e| self.io_err(key, "opening", e))?;
+        let meta = file
+            .metadata()
+            .map_err(|e| self.io_err(key, "stat of", e))?;
+        if let Some(pin) = pin {
+            if version_of(&meta) != pin {
+                return Err(StoreError::PreconditionFailed(self.location(key)));
+            }
+        }
+        if range.start > range.end || range.end > meta.size() {
+            return Err(StoreError::InvalidRange {
+                key: self.location(key),
+                range,
+                size: meta.size(),
+            });
+        }
+        let mut buf = vec![0u8; (range.end - range.start) as usize];
+        file.read_exact_at(&mut buf, range.start)
+            .map_err(|e| self.io_err(key, "reading", e))?;
+        Ok(Bytes::from(buf))
+    }
+
+    fn refresh_blocking(&self, key: &str, older_than: SystemTime) -> StoreResult<RefreshOutcome> {
+        let path = self.path_of(key)?;
+        let meta = fs::metadata(&path).map_err(|e| self.io_err(key, "stat of", e))?;
+        let modified = meta
+            .modified()
+            .map_err(|e| self.io_err(key, "mtime of", e))?;
+        if modified > older_than {
+            return Ok(RefreshOutcome::StillFresh);
+        }
+        // A new mtime is a new emulated ETag, as AWS's self-copy gives a new ETag.
+        filetime::set_file_mtime(&path, filetime::FileTime::now())
+            .map_err(|e| self.io_err(key, "touching", e))?;
+        Ok(RefreshOutcome::Refreshed)
+    }
+
+    fn list_blocking(&self, prefix: &str) -> StoreResult<Vec<ListedObject>> {
+        // Walk only the deepest directory the prefix names; the rest is a name filter.
+        let dir_part = prefix.rsplit_once('/').map_or("", |(dir, _)| dir);
+        let start = if dir_part.is_empty() {
+            self.root.clone()
+        } else {
+            self.path_of(dir_part)?
+        };
+        let mut out = Vec::new();
+        let mut stack = vec![(start, dir_part.to_string())];
+        while let Some((dir, key_dir)) = stack.pop() {
+            let entries = match fs::read_dir(&dir) {
+                Ok(entries) => entries,
+                Err(e)
+                    if e.kind() == io::ErrorKind::NotFound
+                        || e.kind() == io::ErrorKind::NotADirectory =>
+                {
+                    continue
+                }
+                Err(e) => return Err(self.io_err(&key_dir, "listing", e)),
+            };
+            for entry in entries {
+                let entry = entry.map_err(|e| self.io_err(&key_dir, "listing", e))?;
+                let Some(name) = entry.file_name().to_str().map(str::to_string) else {
+                    continue;
+                };
+                if name.starts_with(TEMP_PREFIX) {
+                    continue;
+                }
+                let key = if key_dir.is_empty() {
+                    name
+                } else {
+                    format!("{key_dir}/{name}")
+                };
+                let file_type = entry
+                    .file_type()
+                    .map_err(|e| self.io_err(&key, "listing", e))?;
+                if file_type.is_dir() {
+                    // Descend only where keys under this directory can match.
+                    if prefix.starts_with(&format!("{key}/")) || key.starts_with(prefix) {
+                        stack.push((entry.path(), key));
+                    }
+                } else if file_type.is_file() && key.starts_with(prefix) {
+                    let meta = match entry.metadata() {
+                        Ok(meta) => meta,
+                        // Deleted between readdir and stat: not there any more.
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                        Err(e) => return Err(self.io_err(&key, "stat of", e)),
+                    };
+                    out.push(ListedObject {
+                        key,
+                        size: meta.size(),
+                        last_modified: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                    });
+                }
+            }
+        }
+        // S3 lists in key order; callers may rely on a stable order.
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+}
+
+impl ObjectStore for LocalStore {
+    fn describe(&self) -> String {
+        format!("file://{}", self.root.display())
+    }
+
+    async fn head(&self, key: &str) -> StoreResult<ObjectMeta> {
+        let (this, key) = (self.clone(), key.to_string());
+        blocking(move || {
+            let meta =
+                fs::metadata(this.path_of(&key)?).map_err(|e| this.io_err(&key, "stat of", e))?;
+            if !meta.is_file() {
+                return Err(StoreError::NotFound(this.location(&key)));
+            }
+            Ok(object_meta(&meta))
+        })
+        .await
+    }
+
+    async fn get_range(
+        &self,
+        key: &str,
+        range: Range<u64>,
+        pin: Option<&ObjectVersion>,
+    ) -> StoreResult<Bytes> {
+        let (this, key, pin) = (self.clone(), key.to_string(), pin.cloned());
+        blocking(move || this.get_range_blocking(&key, range, pin)).await
+    }
+
+    async fn put(&self, key: &str, source: PutSource) -> StoreResult<ObjectMeta> {
+        let (this, key) = (self.clone(), key.to_string());
+        blocking(move || this.put_blocking(&key, source)).await
+    }
+
+    async fn refresh(&self, key: &str, older_than: SystemTime) -> StoreResult<RefreshOutcome> {
+        let (this, key) = (self.clone(), key.to_string());
+        blocking(move || this.refresh_blocking(&key, older_than)).await
+    }
+
+    async fn list(&self, prefix: &str) -> StoreResult<Vec<ListedObject>> {
+        let (this, prefix) = (self.clone(), prefix.to_string());
+        blocking(move || this.list_blocking(&prefix)).await
+    }
+
+    async fn delete(&self, key: &str) -> StoreResult<()> {
+        let (this, key) = (self.clone(), key.to_string());
+        blocking(move || match fs::remove_file(this.path_of(&key)?) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            other => other.map_err(|e| this.io_err(&key, "deleting", e)),
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn store() -> (tempfile::TempDir, LocalStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::new(dir.path().join("store"));
+        (dir, store)
+    }
+
+    #[tokio::test]
+    async fn missing_root_reads_as_not_found_and_lists_empty() {
+        let (_dir, store) = store();
+        assert!(matches!(
+            store.head("a").await,
+            Err(StoreError::NotFound(_))
+        ));
+        assert!(matches!(
+            store.get_range("a", 0..1, None).await,
+            Err(StoreError::NotFound(_))
+        ));
+        assert!(store.list("").await.unwrap().is_empty());
+        store.delete("a").await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn rejects_keys_escaping_the_root() {
+        let (_dir, store) = store();
+        for key in [
+            "../x",
+            "/abs",
+            "a//b",
+            "a/./b",
+            "",
+            "dir/",
+            ".cachemount-tmp-1",
+        ] {
+            let put = store
+                .put(key, PutSource::Bytes(Bytes::from_static(b"x")))
+                .await;
+            assert!(
+                matches!(put, Err(StoreError::Other { .. })),
+                "{key:?}: {put:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn put_leaves_no_temp_files_and_replace_changes_the_etag() {
+        let (_dir, store) = store();
+        let first = store
+            .put("k/a", PutSource::Bytes(Bytes::from_static(b"one")))
+            .await
+            .unwrap();
+        assert_eq!(store.head("k/a").await.unwrap(), first);
+        let second = store
+            .put("k/a", PutSource::Bytes(Bytes::from_static(b"two")))
+            .await
+            .unwrap();
+        assert_ne!(
+            first.version, second.version,
+            "same size, new inode: new ETag"
+        );
+        let names: Vec<_> = fs::read_dir(store.root().join("k"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec!["a"]);
+    }
+
+    #[tokio::test]
+    async fn pinned_read_uses_the_opened_version() {
+        let (_dir, store) = store();
+        let meta = store
+            .put("a", PutSource::Bytes(Bytes::from_static(b"hello world")))
+            .await
+            .unwrap();
+        assert_eq!(
+            store
+                .get_range("a", 6..11, Some(&meta.version))
+                .await
+                .unwrap(),
+            &b"world"[..]
+        );
+        assert_eq!(
+            store
+                .get_range("a", 3..3, Some(&meta.version))
+                .await
+                .unwrap(),
+            &b""[..]
+        );
+        assert!(matches!(
+            store.get_range("a", 6..12, None).await,
+            Err(StoreError::InvalidRange { size: 11, .. })
+        ));
+        // A touch alone (same content, same inode) is a new version, as a self-copy is on S3.
+        let past =
+            filetime::FileTime::from_system_time(SystemTime::now() - Duration::from_secs(60));
+        filetime::set_file_mtime(store.root().join("a"), past).unwrap();
+        let pinned = store.get_range("a", 0..1, Some(&meta.version)).await;
+        assert!(
+            matches!(pinned, Err(StoreError::PreconditionFailed(_))),
+            "{pinned:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn put_from_file_copies_it() {
+        let (dir, store) = store();
+        let src = dir.path().join("src.bin");
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        fs::write(&src, &data).unwrap();
+        let meta = store.put("blobs/x", PutSource::File(src)).await.unwrap();
+        assert_eq!(meta.size, data.len() as u64);
+        let all = store
+            .get_range("blobs/x", 0..meta.size, Some(&meta.version))
+            .await
+            .unwrap();
+        assert_eq!(&all[..], &data[..]);
+    }
+
+    #[tokio::test]
+    async fn list_walks_subdirectories_and_filters_by_name_prefix() {
+        let (_dir, store) = store();
+        for key in [
+            "keys/node-1",
+            "keys/node-2",
+            "keys/nodejs",
+            "keys/py-1",
+            "keys/sub/deep",
+            "blobs/sha256/ab",
+        ] {
+            store
+                .put(key, PutSource::Bytes(Bytes::from_static(b"{}")))
+                .await
+                .unwrap();
+        }
+        let keys = |v: Vec<ListedObject>| v.into_iter().map(|o| o.key).collect::<Vec<_>>();
+        assert_eq!(
+            keys(store.list("keys/node-").await.unwrap()),
+            ["keys/node-1", "keys/node-2"]
+        );
+        assert_eq!(keys(store.list("keys/s").await.unwrap()), ["keys/sub/deep"]);
+        assert_eq!(store.list("").await.unwrap().len(), 6);
+        assert!(store.list("nothing/here").await.unwrap().is_empty());
+    }
+}

@@ -1,0 +1,111 @@
+//! Test support: the real S3-compatible server that `scripts/s3-server.sh`
+//! starts, as seen from a test.
+//!
+//! Tests that need S3 call [`s3_store`] (or [`TestS3::from_env`]). Each call gets
+//! a prefix of its own, so tests running in parallel (or re-runs against the same
+//! server) never see each other's objects. Without `CACHEMOUNT_TEST_S3_ENDPOINT`
+//! a test is skipped with a line on stderr — except in CI (`CI` set), where the
+//! server is always started, so a missing endpoint is a failure, not a silent skip.
+
+// Each test binary uses its own subset of these helpers.
+#![allow(dead_code)]
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use cachemount::store::s3::S3Store;
+use cachemount::store::StoreUrl;
+
+/// Where one test's objects live on a running test server.
+#[derive(Debug, Clone)]
+pub struct TestS3 {
+    pub endpoint: String,
+    pub bucket: String,
+    /// Unique to this test run, without a trailing `/`.
+    pub prefix: String,
+}
+
+impl TestS3 {
+    /// The SeaweedFS server (`scripts/s3-server.sh start`), or `None` to skip `test`.
+    pub fn from_env(test: &str) -> Option<TestS3> {
+        Self::from_vars(
+            test,
+            "CACHEMOUNT_TEST_S3_ENDPOINT",
+            "CACHEMOUNT_TEST_S3_BUCKET",
+            "",
+            true,
+        )
+    }
+
+    /// The moto server (`scripts/s3-server.sh start moto`), which rewrites ETags on
+    /// refresh as AWS does. Optional even in CI: skipped when not started.
+    pub fn moto_from_env(test: &str) -> Option<TestS3> {
+        Self::from_vars(
+            test,
+            "CACHEMOUNT_TEST_MOTO_ENDPOINT",
+            "CACHEMOUNT_TEST_MOTO_BUCKET",
+            " moto",
+            false,
+        )
+    }
+
+    fn from_vars(
+        test: &str,
+        endpoint_var: &str,
+        bucket_var: &str,
+        which: &str,
+        required_in_ci: bool,
+    ) -> Option<Self> {
+        let Ok(endpoint) = std::env::var(endpoint_var) else {
+            if required_in_ci && std::env::var_os("CI").is_some() {
+                panic!("{test}: {endpoint_var} is not set, but CI must run the S3 tests (scripts/s3-server.sh start{which})");
+            }
+            eprintln!(
+                "SKIP {test}: {endpoint_var} not set (run scripts/s3-server.sh start{which})"
+            );
+            return None;
+        };
+        let bucket = std::env::var(bucket_var).unwrap_or_else(|_| "test-bucket".to_string());
+        Some(TestS3 {
+            endpoint,
+            bucket,
+            prefix: unique_prefix(test),
+        })
+    }
+
+    /// A store on this test's prefix.
+    pub async fn store(&self) -> S3Store {
+        S3Store::new(
+            &self.bucket,
+            &self.prefix,
+            Some(self.endpoint.clone()),
+            None,
+        )
+        .await
+    }
+
+    /// The `--store` URL of this test's prefix.
+    pub fn url(&self) -> StoreUrl {
+        StoreUrl::S3 {
+            bucket: self.bucket.clone(),
+            prefix: self.prefix.clone(),
+        }
+    }
+}
+
+/// A store on a fresh prefix of the SeaweedFS test server, or `None` to skip `test`.
+pub async fn s3_store(test: &str) -> Option<S3Store> {
+    Some(TestS3::from_env(test)?.store().await)
+}
+
+fn unique_prefix(test: &str) -> String {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!(
+        "cachemount-test/{test}-{}-{nanos:x}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
