@@ -557,7 +557,10 @@ fn copy_source(bucket: &str, key: &str) -> String {
 
 impl ObjectStore for S3Store {
     fn describe(&self) -> String {
-        format!("s3://{}/{}", self.bucket, self.prefix.trim_end_matches('/'))
+        match self.prefix.trim_end_matches('/') {
+            "" => format!("s3://{}", self.bucket),
+            prefix => format!("s3://{}/{prefix}", self.bucket),
+        }
     }
 
     async fn head(&self, key: &str) -> StoreResult<ObjectMeta> {
