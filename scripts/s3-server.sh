@@ -5,6 +5,7 @@
 #   scripts/s3-server.sh start [seaweedfs|moto]   install if needed, start, wait until ready
 #   scripts/s3-server.sh stop  [seaweedfs|moto]   kill by PID and clean up
 #   scripts/s3-server.sh env   [seaweedfs|moto]   print the `export` line tests read
+#   scripts/s3-server.sh status [seaweedfs|moto]  exit 0 when it is running and answers
 #
 # SeaweedFS (the default) serves bucket `test-bucket` on 127.0.0.1:8433; moto
 # serves on 127.0.0.1:5000 (it refreshes a multipart object into a plain-MD5 ETag,
@@ -166,5 +167,6 @@ case "$cmd" in
 start) start "$server" ;;
 stop) stop "$server" ;;
 env) print_env "$server" ;;
-*) die "usage: $0 start|stop|env [seaweedfs|moto]" ;;
+status) is_running "$server" && bucket_answers "$server" ;;
+*) die "usage: $0 start|stop|status|env [seaweedfs|moto]" ;;
 esac

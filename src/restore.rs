@@ -40,9 +40,16 @@ pub struct Source<'a, S> {
 }
 
 /// Downloads the whole object into `dest`, pinned to one version at a time.
-pub async fn download<S: ObjectStore>(source: &Source<'_, S>, dest: &File, progress: &Progress) -> anyhow::Result<ObjectMeta> {
+pub async fn download<S: ObjectStore>(
+    source: &Source<'_, S>,
+    dest: &File,
+    progress: &Progress,
+) -> anyhow::Result<ObjectMeta> {
     let store = source.store;
-    let mut meta = store.head(&source.key).await.with_context(|| format!("cannot read {}", source.key))?;
+    let mut meta = store
+        .head(&source.key)
+        .await
+        .with_context(|| format!("cannot read {}", source.key))?;
     dest.set_len(meta.size)?;
     progress.start(meta.size);
     let chunks = meta.size.div_ceil(DOWNLOAD_CHUNK);
@@ -60,7 +67,10 @@ pub async fn download<S: ObjectStore>(source: &Source<'_, S>, dest: &File, progr
                         Ok(bytes) => dest
                             .write_all_at(&bytes, range.start)
                             .map(|_| progress.advance(bytes.len() as u64))
-                            .map_err(|e| StoreError::Io { context: "writing the download".into(), source: e }),
+                            .map_err(|e| StoreError::Io {
+                                context: "writing the download".into(),
+                                source: e,
+                            }),
                         Err(e) => Err(e),
                     };
                     (c, res)
@@ -80,7 +90,10 @@ pub async fn download<S: ObjectStore>(source: &Source<'_, S>, dest: &File, progr
         if !changed {
             return Ok(meta);
         }
-        let new_meta = store.head(&source.key).await.with_context(|| format!("cannot read {}", source.key))?;
+        let new_meta = store
+            .head(&source.key)
+            .await
+            .with_context(|| format!("cannot read {}", source.key))?;
         tracing::info!(key = %source.key, old = %meta.version.etag, new = %new_meta.version.etag, "object changed during download");
         if !source.content_addressed || new_meta.size != meta.size {
             done.iter_mut().for_each(|d| *d = false);
@@ -89,7 +102,11 @@ pub async fn download<S: ObjectStore>(source: &Source<'_, S>, dest: &File, progr
         }
         meta = new_meta;
     }
-    bail!("{} kept changing during the download ({} times); try again", source.key, MAX_VERSION_CHANGES + 1)
+    bail!(
+        "{} kept changing during the download ({} times); try again",
+        source.key,
+        MAX_VERSION_CHANGES + 1
+    )
 }
 
 /// Refreshes the blob's lifetime, best effort (never fails the command).
@@ -97,8 +114,12 @@ pub async fn refresh_lifetime<S: ObjectStore>(store: &S, key: &str) {
     let threshold = SystemTime::now() - REFRESH_AFTER;
     match store.refresh(key, threshold).await {
         Ok(RefreshOutcome::Refreshed) => tracing::info!(%key, "refreshed the cache's lifetime"),
-        Ok(RefreshOutcome::StillFresh) => tracing::debug!(%key, "cache is young; no lifetime refresh"),
-        Err(e) => tracing::warn!(%key, error = %e, "could not refresh the cache's lifetime (the restore is fine)"),
+        Ok(RefreshOutcome::StillFresh) => {
+            tracing::debug!(%key, "cache is young; no lifetime refresh")
+        }
+        Err(e) => {
+            tracing::warn!(%key, error = %e, "could not refresh the cache's lifetime (the restore is fine)")
+        }
     }
 }
 
@@ -112,76 +133,131 @@ pub struct Target {
 /// Which archive names go where. With `specs`, those paths; otherwise every
 /// top-level path of the archive at its anchor. A zip without a Buildkite
 /// manifest extracts whole into the one path given.
-pub fn plan_targets(index: &ArchiveIndex, specs: &[PathSpec], anchors: &Anchors) -> anyhow::Result<Vec<Target>> {
+pub fn plan_targets(
+    index: &ArchiveIndex,
+    specs: &[PathSpec],
+    anchors: &Anchors,
+) -> anyhow::Result<Vec<Target>> {
     let has = |name: &[u8]| {
-        index.entries.iter().any(|e| e.name == name || (e.name.starts_with(name) && e.name.get(name.len()) == Some(&b'/')))
+        index.entries.iter().any(|e| {
+            e.name == name || (e.name.starts_with(name) && e.name.get(name.len()) == Some(&b'/'))
+        })
     };
     if index.manifest.mappings.is_empty() {
         let [spec] = specs else {
             bail!("this zip has no Buildkite cache manifest, so it does not say where its files belong: give exactly one PATH to extract it into");
         };
-        return Ok(vec![Target { name: Vec::new(), local: spec.local_path(anchors) }]);
+        return Ok(vec![Target {
+            name: Vec::new(),
+            local: spec.local_path(anchors),
+        }]);
     }
     if !specs.is_empty() {
         return specs
             .iter()
             .map(|spec| {
-                let name = spec.existing_archive_name(&index.manifest).filter(|n| has(n));
+                let name = spec
+                    .existing_archive_name(&index.manifest)
+                    .filter(|n| has(n));
                 let Some(name) = name else {
-                    bail!("path {:?} is not in this cache (it holds: {})", spec.given, describe_roots(index, anchors));
+                    bail!(
+                        "path {:?} is not in this cache (it holds: {})",
+                        spec.given,
+                        describe_roots(index, anchors)
+                    );
                 };
-                Ok(Target { name, local: spec.local_path(anchors) })
+                Ok(Target {
+                    name,
+                    local: spec.local_path(anchors),
+                })
             })
             .collect();
     }
     roots(index)
         .into_iter()
-        .map(|name| Ok(Target { local: local_path_of(&index.manifest, &name, anchors)?, name }))
+        .map(|name| {
+            Ok(Target {
+                local: local_path_of(&index.manifest, &name, anchors)?,
+                name,
+            })
+        })
         .collect()
 }
 
-/// Top-level names: entries whose parent is not an entry itself.
+/// Top-level names: entries with no ancestor entry. Foreign zips often have
+/// no directory entries; there a deep file's root is the first directory of
+/// its namespace (restoring `_0/deps/a/b.js` replaces `./deps`), while a
+/// cachemount archive always has an entry for each saved path itself.
 pub fn roots(index: &ArchiveIndex) -> Vec<Vec<u8>> {
-    let names: std::collections::HashSet<&[u8]> = index.entries.iter().map(|e| e.name.as_slice()).collect();
-    let mut roots: Vec<Vec<u8>> = Vec::new();
+    use std::collections::{BTreeSet, HashSet};
+    let names: HashSet<&[u8]> = index.entries.iter().map(|e| e.name.as_slice()).collect();
+    let parents = |name: &[u8]| -> Vec<usize> {
+        name.iter()
+            .enumerate()
+            .filter(|(_, b)| **b == b'/')
+            .map(|(i, _)| i)
+            .collect()
+    };
+    let mut candidates: BTreeSet<&[u8]> = BTreeSet::new();
     for e in &index.entries {
-        let mut parent = e.name.as_slice();
-        let mut top = true;
-        while let Some(slash) = parent.iter().rposition(|b| *b == b'/') {
-            parent = &parent[..slash];
-            if names.contains(parent) {
-                top = false;
-                break;
-            }
+        let slashes = parents(&e.name);
+        if slashes.iter().any(|&i| names.contains(&e.name[..i])) {
+            continue;
         }
-        if top && !roots.iter().any(|r| e.name.starts_with(r) && e.name.get(r.len()) == Some(&b'/')) {
-            roots.push(e.name.clone());
-        }
+        let implied_dirs = e.content_hash.is_none() && slashes.len() >= 2;
+        candidates.insert(if implied_dirs {
+            &e.name[..slashes[1]]
+        } else {
+            &e.name
+        });
     }
-    roots
+    candidates
+        .iter()
+        .filter(|c| !parents(c).iter().any(|&i| candidates.contains(&c[..i])))
+        .map(|c| c.to_vec())
+        .collect()
 }
 
 fn describe_roots(index: &ArchiveIndex, anchors: &Anchors) -> String {
     roots(index)
         .iter()
-        .map(|r| local_path_of(&index.manifest, r, anchors).map_or_else(|_| String::from_utf8_lossy(r).into_owned(), |p| p.display().to_string()))
+        .map(|r| {
+            local_path_of(&index.manifest, r, anchors).map_or_else(
+                |_| String::from_utf8_lossy(r).into_owned(),
+                |p| p.display().to_string(),
+            )
+        })
         .collect::<Vec<_>>()
         .join(", ")
 }
 
 /// Where archive name `_i/rel` belongs on this machine.
-pub fn local_path_of(manifest: &Manifest, name: &[u8], anchors: &Anchors) -> anyhow::Result<PathBuf> {
+pub fn local_path_of(
+    manifest: &Manifest,
+    name: &[u8],
+    anchors: &Anchors,
+) -> anyhow::Result<PathBuf> {
     let (ns, rel) = match name.iter().position(|b| *b == b'/') {
         Some(i) => (&name[..i], &name[i + 1..]),
         None => (name, &b""[..]),
     };
     let ns = std::str::from_utf8(ns).unwrap_or_default();
     let Some(anchor) = manifest.anchor_of(ns) else {
-        bail!("archive entry {:?} is in no namespace of the cache manifest", String::from_utf8_lossy(name));
+        bail!(
+            "archive entry {:?} is in no namespace of the cache manifest",
+            String::from_utf8_lossy(name)
+        );
     };
     let rel = Path::new(std::ffi::OsStr::from_bytes(rel));
-    if rel.is_absolute() || rel.components().any(|c| !matches!(c, std::path::Component::Normal(_))) {
-        bail!("refusing archive entry {:?}: it would land outside its base", String::from_utf8_lossy(name));
+    if rel.is_absolute()
+        || rel
+            .components()
+            .any(|c| !matches!(c, std::path::Component::Normal(_)))
+    {
+        bail!(
+            "refusing archive entry {:?}: it would land outside its base",
+            String::from_utf8_lossy(name)
+        );
     }
     Ok(anchors.resolve(anchor).join(rel))
 }
@@ -196,19 +272,28 @@ fn plan_entries<'a>(index: &'a ArchiveIndex, target: &Target) -> Vec<Planned<'a>
                 &e.name
             } else if e.name == target.name {
                 b""
-            } else if e.name.starts_with(&target.name) && e.name.get(target.name.len()) == Some(&b'/') {
+            } else if e.name.starts_with(&target.name)
+                && e.name.get(target.name.len()) == Some(&b'/')
+            {
                 &e.name[target.name.len() + 1..]
             } else {
                 return None;
             };
-            Some(Planned { entry: e, relative: PathBuf::from(std::ffi::OsStr::from_bytes(rel)) })
+            Some(Planned {
+                entry: e,
+                relative: PathBuf::from(std::ffi::OsStr::from_bytes(rel)),
+            })
         })
         .collect()
 }
 
 /// Extracts every target from the downloaded `archive` and swaps them in.
 /// Nothing is swapped unless every target extracted and verified.
-pub fn extract_targets(archive: &File, index: &ArchiveIndex, targets: &[Target]) -> anyhow::Result<()> {
+pub fn extract_targets(
+    archive: &File,
+    index: &ArchiveIndex,
+    targets: &[Target],
+) -> anyhow::Result<()> {
     let preserve_owner = unsafe { libc::geteuid() } == 0;
     let mut staged: Vec<(PathBuf, &Target)> = Vec::new();
     let result = (|| -> anyhow::Result<()> {
@@ -216,10 +301,12 @@ pub fn extract_targets(archive: &File, index: &ArchiveIndex, targets: &[Target])
             let planned = plan_entries(index, t);
             check_safe(&planned)?;
             let parent = t.local.parent().unwrap_or(Path::new("/"));
-            std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("cannot create {}", parent.display()))?;
             let tmp = sibling(&t.local, "restoring");
             staged.push((tmp.clone(), t));
-            extract(archive, &planned, &tmp, preserve_owner).with_context(|| format!("cannot restore {}", t.local.display()))?;
+            extract(archive, &planned, &tmp, preserve_owner)
+                .with_context(|| format!("cannot restore {}", t.local.display()))?;
         }
         Ok(())
     })();
@@ -233,14 +320,17 @@ pub fn extract_targets(archive: &File, index: &ArchiveIndex, targets: &[Target])
         let old = sibling(&t.local, "old");
         let had_old = std::fs::symlink_metadata(&t.local).is_ok();
         if had_old {
-            std::fs::rename(&t.local, &old).with_context(|| format!("cannot move {} aside", t.local.display()))?;
+            std::fs::rename(&t.local, &old)
+                .with_context(|| format!("cannot move {} aside", t.local.display()))?;
         }
         if let Err(e) = std::fs::rename(&tmp, &t.local) {
             if had_old {
                 let _ = std::fs::rename(&old, &t.local);
             }
             remove_any(&tmp);
-            return Err(e).with_context(|| format!("cannot move the restored {} into place", t.local.display()));
+            return Err(e).with_context(|| {
+                format!("cannot move the restored {} into place", t.local.display())
+            });
         }
         if had_old {
             remove_any(&old);
@@ -250,20 +340,30 @@ pub fn extract_targets(archive: &File, index: &ArchiveIndex, targets: &[Target])
 }
 
 fn sibling(path: &Path, what: &str) -> PathBuf {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "root".into());
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "root".into());
     let nonce: u32 = rand_nonce();
-    path.with_file_name(format!(".{name}.cachemount-{what}-{}-{nonce:08x}", std::process::id()))
+    path.with_file_name(format!(
+        ".{name}.cachemount-{what}-{}-{nonce:08x}",
+        std::process::id()
+    ))
 }
 
 fn rand_nonce() -> u32 {
-    let t = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    let t = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
     t.subsec_nanos() ^ (t.as_secs() as u32).rotate_left(16)
 }
 
 /// Removes a file or a tree, making read-only directories writable first.
 fn remove_any(path: &Path) {
     use std::os::unix::fs::PermissionsExt;
-    let Ok(md) = std::fs::symlink_metadata(path) else { return };
+    let Ok(md) = std::fs::symlink_metadata(path) else {
+        return;
+    };
     if md.is_dir() {
         let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700));
         if let Ok(rd) = std::fs::read_dir(path) {
@@ -285,21 +385,31 @@ pub struct RestoreReport {
 }
 
 /// Restores `source` into the paths `specs` name (all its paths when empty).
-pub async fn restore<S: ObjectStore>(source: Source<'_, S>, specs: &[PathSpec], anchors: &Anchors, progress: Progress) -> anyhow::Result<RestoreReport> {
+pub async fn restore<S: ObjectStore>(
+    source: Source<'_, S>,
+    specs: &[PathSpec],
+    anchors: &Anchors,
+    progress: Progress,
+) -> anyhow::Result<RestoreReport> {
     let tmp = tempfile::tempfile().context("cannot create a temporary file for the download")?;
     let meta = download(&source, &tmp, &progress).await?;
     progress.finish();
     let archive = Arc::new(tmp);
-    let index = archive::open_file(&archive).map_err(|e| anyhow::anyhow!("{} is not a readable cache archive: {e}", source.key))?;
+    let index = archive::open_file(&archive)
+        .map_err(|e| anyhow::anyhow!("{} is not a readable cache archive: {e}", source.key))?;
     if let Some(expected) = &source.expected_digest {
-        verify_digest(&archive, &meta, expected).with_context(|| format!("{} does not match its name", source.key))?;
+        verify_digest(&archive, &meta, expected)
+            .with_context(|| format!("{} does not match its name", source.key))?;
     }
     let targets = plan_targets(&index, specs, anchors)?;
     let archive2 = archive.clone();
     let targets2 = targets.clone();
     tokio::task::spawn_blocking(move || extract_targets(&archive2, &index, &targets2)).await??;
     refresh_lifetime(source.store, &source.key).await;
-    Ok(RestoreReport { restored: targets.into_iter().map(|t| t.local).collect(), archive_size: meta.size })
+    Ok(RestoreReport {
+        restored: targets.into_iter().map(|t| t.local).collect(),
+        archive_size: meta.size,
+    })
 }
 
 /// A cachemount blob's name is the SHA-256 of its index; the index's own
@@ -335,4 +445,3 @@ fn verify_digest(archive: &File, meta: &ObjectMeta, expected: &str) -> anyhow::R
     }
     Ok(())
 }
-

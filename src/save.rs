@@ -26,20 +26,27 @@ const SMALL_BATCH_ENTRIES: usize = 4096;
 pub const FORMAT_VERSION: u32 = 1;
 
 /// Walks `specs` into a list of entries (the manifest gains their namespaces).
-pub fn collect(specs: &[PathSpec], anchors: &Anchors, manifest: &mut Manifest) -> anyhow::Result<(Vec<SourceEntry>, Skipped)> {
+pub fn collect(
+    specs: &[PathSpec],
+    anchors: &Anchors,
+    manifest: &mut Manifest,
+) -> anyhow::Result<(Vec<SourceEntry>, Skipped)> {
     let mut entries = Vec::new();
     let mut skipped = Skipped::default();
     let mut names: Vec<Vec<u8>> = Vec::new();
     for spec in specs {
         let name = spec.archive_name(manifest);
         // A path inside (or equal to) another saved path is already covered.
-        let covered = names.iter().any(|n| name == *n || (name.starts_with(n) && name.get(n.len()) == Some(&b'/')));
+        let covered = names
+            .iter()
+            .any(|n| name == *n || (name.starts_with(n) && name.get(n.len()) == Some(&b'/')));
         if covered {
             continue;
         }
         names.push(name.clone());
         let local = spec.local_path(anchors);
-        walk(&local, &name, &mut entries, &mut skipped).with_context(|| format!("cannot save path {:?}", spec.given))?;
+        walk(&local, &name, &mut entries, &mut skipped)
+            .with_context(|| format!("cannot save path {:?}", spec.given))?;
     }
     // A saved path that contains an earlier one: drop the earlier copy.
     let mut seen = std::collections::HashSet::new();
@@ -48,7 +55,13 @@ pub fn collect(specs: &[PathSpec], anchors: &Anchors, manifest: &mut Manifest) -
 }
 
 /// Writes the archive of `entries` to `out`, compressing on all cores.
-pub fn write_archive(entries: &[SourceEntry], manifest: Manifest, options: WriterOptions, out: &File, progress: &Progress) -> anyhow::Result<FinishedArchive> {
+pub fn write_archive(
+    entries: &[SourceEntry],
+    manifest: Manifest,
+    options: WriterOptions,
+    out: &File,
+    progress: &Progress,
+) -> anyhow::Result<FinishedArchive> {
     let mut writer = ArchiveWriter::new(BufWriter::with_capacity(1 << 20, out), manifest, options)?;
     let frame_size = u64::from(options.frame_size);
     let mut i = 0;
@@ -57,14 +70,19 @@ pub fn write_archive(entries: &[SourceEntry], manifest: Manifest, options: Write
             SourceKind::File { size } if size > frame_size => {
                 let e = &entries[i];
                 let frames = large_file_frames(&e.path, size, options, progress);
-                writer.add_file(e.meta.clone(), size, frames).with_context(|| format!("cannot save {}", e.path.display()))?;
+                writer
+                    .add_file(e.meta.clone(), size, frames)
+                    .with_context(|| format!("cannot save {}", e.path.display()))?;
                 i += 1;
             }
             _ => {
                 // A run of small entries, compressed in parallel, written in order.
                 let mut end = i;
                 let mut bytes = 0;
-                while end < entries.len() && end - i < SMALL_BATCH_ENTRIES && bytes < SMALL_BATCH_BYTES {
+                while end < entries.len()
+                    && end - i < SMALL_BATCH_ENTRIES
+                    && bytes < SMALL_BATCH_BYTES
+                {
                     match entries[end].kind {
                         SourceKind::File { size } if size > frame_size => break,
                         SourceKind::File { size } => bytes += size,
@@ -76,7 +94,9 @@ pub fn write_archive(entries: &[SourceEntry], manifest: Manifest, options: Write
                 let compressed: Vec<Option<CompressedFrame>> = batch
                     .par_iter()
                     .map(|e| match e.kind {
-                        SourceKind::File { size } => read_small(&e.path, size, options.level).map(Some),
+                        SourceKind::File { size } => {
+                            read_small(&e.path, size, options.level).map(Some)
+                        }
                         _ => Ok(None),
                     })
                     .collect::<io::Result<_>>()
@@ -84,12 +104,16 @@ pub fn write_archive(entries: &[SourceEntry], manifest: Manifest, options: Write
                 for (e, frame) in batch.iter().zip(compressed) {
                     match (&e.kind, frame) {
                         (SourceKind::Dir, _) => writer.add_dir(e.meta.clone())?,
-                        (SourceKind::Symlink { target }, _) => writer.add_symlink(e.meta.clone(), target)?,
+                        (SourceKind::Symlink { target }, _) => {
+                            writer.add_symlink(e.meta.clone(), target)?
+                        }
                         (SourceKind::File { size }, Some(frame)) => {
                             writer.add_file(e.meta.clone(), *size, [Ok(frame)])?;
                             progress.advance(*size);
                         }
-                        (SourceKind::File { .. }, None) => unreachable!("files are compressed above"),
+                        (SourceKind::File { .. }, None) => {
+                            unreachable!("files are compressed above")
+                        }
                     }
                 }
                 i = end;
@@ -100,15 +124,24 @@ pub fn write_archive(entries: &[SourceEntry], manifest: Manifest, options: Write
 }
 
 fn read_small(path: &Path, size: u64, level: i32) -> io::Result<CompressedFrame> {
-    let content = std::fs::read(path).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+    let content = std::fs::read(path)
+        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
     if content.len() as u64 != size {
-        return Err(io::Error::other(format!("{} changed size while being saved", path.display())));
+        return Err(io::Error::other(format!(
+            "{} changed size while being saved",
+            path.display()
+        )));
     }
     compress_frame(&content, level, true)
 }
 
 /// The frames of a large file, compressed a chunk of frames at a time in parallel.
-fn large_file_frames<'a>(path: &'a Path, size: u64, options: WriterOptions, progress: &'a Progress) -> impl Iterator<Item = io::Result<CompressedFrame>> + 'a {
+fn large_file_frames<'a>(
+    path: &'a Path,
+    size: u64,
+    options: WriterOptions,
+    progress: &'a Progress,
+) -> impl Iterator<Item = io::Result<CompressedFrame>> + 'a {
     let frame_size = u64::from(options.frame_size);
     let frame_count = size.div_ceil(frame_size);
     let chunk = (rayon::current_num_threads() as u64 * 4).max(8);
@@ -116,16 +149,26 @@ fn large_file_frames<'a>(path: &'a Path, size: u64, options: WriterOptions, prog
     (0..frame_count.div_ceil(chunk)).flat_map(move |c| {
         let file = match &file {
             Ok(f) => f.clone(),
-            Err(e) => return vec![Err(io::Error::new(e.kind(), format!("{}: {e}", path.display())))],
+            Err(e) => {
+                return vec![Err(io::Error::new(
+                    e.kind(),
+                    format!("{}: {e}", path.display()),
+                ))]
+            }
         };
-        let frames: Vec<io::Result<CompressedFrame>> = (c * chunk..((c + 1) * chunk).min(frame_count))
+        let frames: Vec<io::Result<CompressedFrame>> = (c * chunk
+            ..((c + 1) * chunk).min(frame_count))
             .into_par_iter()
             .map(|f| {
                 let start = f * frame_size;
                 let len = frame_size.min(size - start) as usize;
                 let mut buf = vec![0u8; len];
-                file.read_exact_at(&mut buf, start)
-                    .map_err(|e| io::Error::new(e.kind(), format!("{} changed while being saved: {e}", path.display())))?;
+                file.read_exact_at(&mut buf, start).map_err(|e| {
+                    io::Error::new(
+                        e.kind(),
+                        format!("{} changed while being saved: {e}", path.display()),
+                    )
+                })?;
                 progress.advance(len as u64);
                 compress_frame(&buf, options.level, false)
             })
@@ -144,19 +187,36 @@ pub struct SaveReport {
 }
 
 /// Saves `specs` under `key` in `store`.
-pub async fn save<S: ObjectStore>(store: &S, key: &str, specs: &[PathSpec], anchors: &Anchors, options: WriterOptions, progress: Progress) -> anyhow::Result<SaveReport> {
+pub async fn save<S: ObjectStore>(
+    store: &S,
+    key: &str,
+    specs: &[PathSpec],
+    anchors: &Anchors,
+    options: WriterOptions,
+    progress: Progress,
+) -> anyhow::Result<SaveReport> {
     layout::pointer_key(key)?;
     if specs.is_empty() {
         bail!("nothing to save: name at least one PATH");
     }
     let specs_owned = specs.to_vec();
     let anchors_owned = anchors.clone();
-    let tmp = tempfile::NamedTempFile::new().context("cannot create a temporary file for the archive")?;
+    let tmp =
+        tempfile::NamedTempFile::new().context("cannot create a temporary file for the archive")?;
     let tmp_file = tmp.as_file().try_clone()?;
     let (finished, skipped) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
         let mut manifest = Manifest::default();
         let (entries, skipped) = collect(&specs_owned, &anchors_owned, &mut manifest)?;
-        let total: u64 = entries.iter().map(|e| if let SourceKind::File { size } = e.kind { size } else { 0 }).sum();
+        let total: u64 = entries
+            .iter()
+            .map(|e| {
+                if let SourceKind::File { size } = e.kind {
+                    size
+                } else {
+                    0
+                }
+            })
+            .sum();
         progress.start(total);
         let finished = write_archive(&entries, manifest, options, &tmp_file, &progress)?;
         progress.finish();
@@ -164,13 +224,19 @@ pub async fn save<S: ObjectStore>(store: &S, key: &str, specs: &[PathSpec], anch
     })
     .await??;
     for path in &skipped.special {
-        tracing::warn!("skipped {} (sockets, devices and FIFOs cannot be cached)", path.display());
+        tracing::warn!(
+            "skipped {} (sockets, devices and FIFOs cannot be cached)",
+            path.display()
+        );
     }
     let blob = layout::blob_key(&finished.digest);
     let uploaded = match store.head(&blob).await {
         Ok(meta) if meta.size == finished.size => false,
         _ => {
-            store.put(&blob, PutSource::File(tmp.path().to_path_buf())).await.with_context(|| format!("cannot upload the archive to {}", store.describe()))?;
+            store
+                .put(&blob, PutSource::File(tmp.path().to_path_buf()))
+                .await
+                .with_context(|| format!("cannot upload the archive to {}", store.describe()))?;
             true
         }
     };
@@ -181,6 +247,13 @@ pub async fn save<S: ObjectStore>(store: &S, key: &str, specs: &[PathSpec], anch
         paths: specs.iter().map(|s| s.given.clone()).collect(),
         format_version: FORMAT_VERSION,
     };
-    layout::write_pointer(store, key, &pointer).await.with_context(|| format!("cannot write key {key:?}"))?;
-    Ok(SaveReport { digest: finished.digest, archive_size: finished.size, entries: finished.index.entries.len(), uploaded })
+    layout::write_pointer(store, key, &pointer)
+        .await
+        .with_context(|| format!("cannot write key {key:?}"))?;
+    Ok(SaveReport {
+        digest: finished.digest,
+        archive_size: finished.size,
+        entries: finished.index.entries.len(),
+        uploaded,
+    })
 }

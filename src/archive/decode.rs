@@ -14,33 +14,50 @@ use super::FormatError;
 /// most `max_len` decoded bytes.
 pub fn zstd_stream(data: &[u8], max_len: usize) -> io::Result<Vec<u8>> {
     let mut out = Vec::new();
-    zstd::stream::read::Decoder::new(data)?.take(max_len as u64 + 1).read_to_end(&mut out)?;
+    zstd::stream::read::Decoder::new(data)?
+        .take(max_len as u64 + 1)
+        .read_to_end(&mut out)?;
     if out.len() > max_len {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, "decoded data exceeds its bound"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "decoded data exceeds its bound",
+        ));
     }
     Ok(out)
 }
 
 fn corrupt(entry: &Entry, reason: impl Into<String>) -> FormatError {
-    FormatError::CorruptEntry { name: String::from_utf8_lossy(&entry.name).into_owned(), reason: reason.into() }
+    FormatError::CorruptEntry {
+        name: String::from_utf8_lossy(&entry.name).into_owned(),
+        reason: reason.into(),
+    }
 }
 
 /// Decodes frame `i` of `entry` from its compressed bytes, checking its length
 /// and both checksums.
 pub fn decode_frame(entry: &Entry, i: usize, compressed: &[u8]) -> Result<Vec<u8>, FormatError> {
-    let frame = entry.frames.get(i).ok_or_else(|| corrupt(entry, format!("no frame {i}")))?;
+    let frame = entry
+        .frames
+        .get(i)
+        .ok_or_else(|| corrupt(entry, format!("no frame {i}")))?;
     let (_, len) = entry.frame_span(i);
     if compressed.len() != frame.compressed_len as usize || compressed.len() < 4 {
         return Err(corrupt(entry, format!("frame {i} has the wrong length")));
     }
     let trailer = u32::from_le_bytes(compressed[compressed.len() - 4..].try_into().unwrap());
     if trailer != frame.checksum {
-        return Err(corrupt(entry, format!("frame {i} checksum does not match the index")));
+        return Err(corrupt(
+            entry,
+            format!("frame {i} checksum does not match the index"),
+        ));
     }
     let out = zstd::bulk::decompress(compressed, len as usize)
         .map_err(|e| corrupt(entry, format!("frame {i}: {e}")))?;
     if out.len() as u64 != len {
-        return Err(corrupt(entry, format!("frame {i} decodes to {} bytes, expected {len}", out.len())));
+        return Err(corrupt(
+            entry,
+            format!("frame {i} decodes to {} bytes, expected {len}", out.len()),
+        ));
     }
     Ok(out)
 }
@@ -67,13 +84,21 @@ impl<W: Write> Write for Checked<W> {
 /// Decodes a whole entry from `data` (its compressed bytes, exactly) into
 /// `out`, streaming, and verifies size and CRC-32. Errors writing `out` are
 /// returned as they are; errors in the data name the entry.
-pub fn decode_entry_to<R: Read, W: Write>(entry: &Entry, mut data: R, out: W) -> Result<(), DecodeError> {
-    let mut out = Checked { inner: out, crc: crc32fast::Hasher::new(), written: 0 };
+pub fn decode_entry_to<R: Read, W: Write>(
+    entry: &Entry,
+    mut data: R,
+    out: W,
+) -> Result<(), DecodeError> {
+    let mut out = Checked {
+        inner: out,
+        crc: crc32fast::Hasher::new(),
+        written: 0,
+    };
     if !entry.frames.is_empty() {
         let mut buf = Vec::new();
         for (i, f) in entry.frames.iter().enumerate() {
             buf.resize(f.compressed_len as usize, 0);
-            data.read_exact(&mut buf).map_err(|e| DecodeError::Read(e))?;
+            data.read_exact(&mut buf).map_err(DecodeError::Read)?;
             let content = decode_frame(entry, i, &buf)?;
             out.write_all(&content).map_err(DecodeError::Write)?;
         }
@@ -81,23 +106,35 @@ pub fn decode_entry_to<R: Read, W: Write>(entry: &Entry, mut data: R, out: W) ->
         let limited = (&mut data).take(entry.compressed_size);
         let copied = match entry.compression {
             Compression::Stored => copy_decoded(limited, &mut out),
-            Compression::Deflate => copy_decoded(flate2::read::DeflateDecoder::new(limited), &mut out),
+            Compression::Deflate => {
+                copy_decoded(flate2::read::DeflateDecoder::new(limited), &mut out)
+            }
             Compression::Zstd => match zstd::stream::read::Decoder::new(limited) {
                 Ok(d) => copy_decoded(d, &mut out),
                 Err(e) => Err(DecodeError::Corrupt(corrupt(entry, e.to_string()))),
             },
         };
         copied.map_err(|e| match e {
-            DecodeError::Corrupt(FormatError::CorruptEntry { reason, .. }) => DecodeError::Corrupt(corrupt(entry, reason)),
+            DecodeError::Corrupt(FormatError::CorruptEntry { reason, .. }) => {
+                DecodeError::Corrupt(corrupt(entry, reason))
+            }
             other => other,
         })?;
     }
     if out.written != entry.size {
-        return Err(corrupt(entry, format!("decodes to {} bytes, expected {}", out.written, entry.size)).into());
+        return Err(corrupt(
+            entry,
+            format!("decodes to {} bytes, expected {}", out.written, entry.size),
+        )
+        .into());
     }
     let crc = out.crc.clone().finalize();
     if crc != entry.crc32 {
-        return Err(corrupt(entry, format!("CRC-32 {crc:08x} does not match {:08x}", entry.crc32)).into());
+        return Err(corrupt(
+            entry,
+            format!("CRC-32 {crc:08x} does not match {:08x}", entry.crc32),
+        )
+        .into());
     }
     Ok(())
 }
@@ -112,7 +149,10 @@ fn copy_decoded<R: Read, W: Write>(mut from: R, to: &mut W) -> Result<(), Decode
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => {
-                return Err(DecodeError::Corrupt(FormatError::CorruptEntry { name: String::new(), reason: e.to_string() }))
+                return Err(DecodeError::Corrupt(FormatError::CorruptEntry {
+                    name: String::new(),
+                    reason: e.to_string(),
+                }))
             }
         };
         to.write_all(&buf[..n]).map_err(DecodeError::Write)?;

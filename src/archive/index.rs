@@ -91,8 +91,12 @@ impl Entry {
     /// Byte offset (within the entry's compressed data) and uncompressed
     /// length of frame `i`.
     pub fn frame_span(&self, i: usize) -> (u64, u64) {
-        let start: u64 = self.frames[..i].iter().map(|f| u64::from(f.compressed_len)).sum();
-        let len = (self.size - i as u64 * u64::from(self.frame_size)).min(u64::from(self.frame_size));
+        let start: u64 = self.frames[..i]
+            .iter()
+            .map(|f| u64::from(f.compressed_len))
+            .sum();
+        let len =
+            (self.size - i as u64 * u64::from(self.frame_size)).min(u64::from(self.frame_size));
         (start, len)
     }
 }
@@ -110,7 +114,10 @@ impl ArchiveIndex {
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(64 + self.entries.len() * 96);
         out.extend_from_slice(MAGIC);
-        put_bytes(&mut out, &serde_json::to_vec(&self.manifest).expect("manifest serialises"));
+        put_bytes(
+            &mut out,
+            &serde_json::to_vec(&self.manifest).expect("manifest serialises"),
+        );
         put_varint(&mut out, self.entries.len() as u64);
         for e in &self.entries {
             put_bytes(&mut out, &e.name);
@@ -133,7 +140,9 @@ impl ArchiveIndex {
             }
             let offset = match e.offset {
                 DataOffset::Data(o) => o,
-                DataOffset::LocalHeader(_) => unreachable!("only foreign archives have unresolved offsets"),
+                DataOffset::LocalHeader(_) => {
+                    unreachable!("only foreign archives have unresolved offsets")
+                }
             };
             out.push(match e.compression {
                 Compression::Stored => 0,
@@ -163,7 +172,10 @@ impl ArchiveIndex {
     pub fn from_stored(stored: &[u8], sha256_hex: &str) -> Result<Self, FormatError> {
         let actual = digest(stored);
         if !actual.eq_ignore_ascii_case(sha256_hex) {
-            return Err(FormatError::IndexChecksum { expected: sha256_hex.to_string(), actual });
+            return Err(FormatError::IndexChecksum {
+                expected: sha256_hex.to_string(),
+                actual,
+            });
         }
         let raw = super::decode::zstd_stream(stored, MAX_INDEX_LEN)
             .map_err(|_| FormatError::Invalid("index is not valid zstd"))?;
@@ -175,8 +187,8 @@ impl ArchiveIndex {
         if r.take(MAGIC.len())? != MAGIC {
             return Err(FormatError::Invalid("index magic"));
         }
-        let manifest: Manifest =
-            serde_json::from_slice(r.bytes()?).map_err(|_| FormatError::Invalid("index manifest"))?;
+        let manifest: Manifest = serde_json::from_slice(r.bytes()?)
+            .map_err(|_| FormatError::Invalid("index manifest"))?;
         let count = r.varint()?;
         // Every entry takes at least 20 bytes: a larger count is corrupt.
         if count > (r.remaining() / 20) as u64 {
@@ -224,7 +236,12 @@ impl ArchiveIndex {
                 return Err(FormatError::Invalid("index frame count"));
             }
             let frames = (0..frame_count)
-                .map(|_| Ok(Frame { compressed_len: r.varint_u32()?, checksum: r.u32()? }))
+                .map(|_| {
+                    Ok(Frame {
+                        compressed_len: r.varint_u32()?,
+                        checksum: r.u32()?,
+                    })
+                })
                 .collect::<Result<Vec<_>, FormatError>>()?;
             let content_hash: [u8; 32] = r.take(32)?.try_into().unwrap();
             let entry = Entry {
@@ -267,7 +284,9 @@ fn validate_frames(e: &Entry) -> Result<(), FormatError> {
     let expected_frames = e.size.div_ceil(u64::from(e.frame_size));
     let compressed: u64 = e.frames.iter().map(|f| u64::from(f.compressed_len)).sum();
     if expected_frames != e.frames.len() as u64 || compressed > e.compressed_size {
-        return Err(FormatError::Invalid("frame table does not match the entry size"));
+        return Err(FormatError::Invalid(
+            "frame table does not match the entry size",
+        ));
     }
     Ok(())
 }
@@ -354,7 +373,10 @@ mod tests {
             mode: 0o644,
             uid: 1000,
             gid: 1000,
-            mtime: Timestamp { secs: -5, nanos: 999_999_999 },
+            mtime: Timestamp {
+                secs: -5,
+                nanos: 999_999_999,
+            },
             size,
             link_target: None,
             xattrs: vec![(b"user.k".to_vec(), b"v".to_vec())],
@@ -363,16 +385,27 @@ mod tests {
             compression: Compression::Zstd,
             crc32: 77,
             frame_size: 4,
-            frames: (0..size.div_ceil(4)).map(|i| Frame { compressed_len: 1, checksum: i as u32 }).collect(),
+            frames: (0..size.div_ceil(4))
+                .map(|i| Frame {
+                    compressed_len: 1,
+                    checksum: i as u32,
+                })
+                .collect(),
             content_hash: Some([7; 32]),
         }
     }
 
     #[test]
     fn round_trip() {
-        let index = ArchiveIndex { manifest: Manifest::default(), entries: vec![entry("_0/a", 9), entry("_0/b", 0)] };
+        let index = ArchiveIndex {
+            manifest: Manifest::default(),
+            entries: vec![entry("_0/a", 9), entry("_0/b", 0)],
+        };
         let stored = index.to_stored();
-        assert_eq!(ArchiveIndex::from_stored(&stored, &digest(&stored)).unwrap(), index);
+        assert_eq!(
+            ArchiveIndex::from_stored(&stored, &digest(&stored)).unwrap(),
+            index
+        );
     }
 
     #[test]
@@ -388,7 +421,10 @@ mod tests {
     fn frame_table_must_cover_the_size() {
         let mut e = entry("_0/a", 9);
         e.frames.pop();
-        let index = ArchiveIndex { manifest: Manifest::default(), entries: vec![e] };
+        let index = ArchiveIndex {
+            manifest: Manifest::default(),
+            entries: vec![e],
+        };
         assert!(ArchiveIndex::decode(&index.encode()).is_err());
     }
 

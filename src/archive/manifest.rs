@@ -60,32 +60,52 @@ pub struct Manifest {
 
 impl Default for Manifest {
     fn default() -> Self {
-        Manifest { version: MANIFEST_VERSION, mappings: BTreeMap::new() }
+        Manifest {
+            version: MANIFEST_VERSION,
+            mappings: BTreeMap::new(),
+        }
     }
 }
 
 impl Manifest {
     /// The namespace for `anchor`, adding one if this manifest has none yet.
     pub fn namespace_for(&mut self, anchor: Anchor) -> String {
-        if let Some((ns, _)) = self.mappings.iter().find(|(_, a)| a.as_str() == anchor.symbol()) {
+        if let Some((ns, _)) = self
+            .mappings
+            .iter()
+            .find(|(_, a)| a.as_str() == anchor.symbol())
+        {
             return ns.clone();
         }
         let ns = format!("_{}", self.mappings.len());
-        self.mappings.insert(ns.clone(), anchor.symbol().to_string());
+        self.mappings
+            .insert(ns.clone(), anchor.symbol().to_string());
         ns
     }
 
     pub fn anchor_of(&self, namespace: &str) -> Option<Anchor> {
-        self.mappings.get(namespace).and_then(|a| Anchor::from_symbol(a))
+        self.mappings
+            .get(namespace)
+            .and_then(|a| Anchor::from_symbol(a))
     }
 
     pub fn parse(bytes: &[u8]) -> Result<Self, FormatError> {
-        let m: Manifest = serde_json::from_slice(bytes).map_err(|_| FormatError::Invalid("manifest is not valid JSON"))?;
+        let m: Manifest = serde_json::from_slice(bytes)
+            .map_err(|_| FormatError::Invalid("manifest is not valid JSON"))?;
         if m.version != MANIFEST_VERSION {
-            return Err(FormatError::Unsupported(format!("cache manifest version {}", m.version)));
+            return Err(FormatError::Unsupported(format!(
+                "cache manifest version {}",
+                m.version
+            )));
         }
-        if let Some((ns, a)) = m.mappings.iter().find(|(_, a)| Anchor::from_symbol(a).is_none()) {
-            return Err(FormatError::Unsupported(format!("anchor {a:?} of namespace {ns}")));
+        if let Some((ns, a)) = m
+            .mappings
+            .iter()
+            .find(|(_, a)| Anchor::from_symbol(a).is_none())
+        {
+            return Err(FormatError::Unsupported(format!(
+                "anchor {a:?} of namespace {ns}"
+            )));
         }
         Ok(m)
     }

@@ -43,7 +43,9 @@ pub enum FormatError {
     Invalid(&'static str),
     #[error("unsupported archive feature: {0}")]
     Unsupported(String),
-    #[error("archive index does not match its checksum (expected sha256 {expected}, got {actual})")]
+    #[error(
+        "archive index does not match its checksum (expected sha256 {expected}, got {actual})"
+    )]
     IndexChecksum { expected: String, actual: String },
     #[error("corrupt data in {name}: {reason}")]
     CorruptEntry { name: String, reason: String },

@@ -39,7 +39,10 @@ impl Opener {
     /// Starts opening an archive of `size` bytes; the first range to fetch is
     /// [`Opener::first_range`].
     pub fn new(size: u64) -> Self {
-        Opener { size, pieces: Vec::new() }
+        Opener {
+            size,
+            pieces: Vec::new(),
+        }
     }
 
     pub fn first_range(&self) -> Range<u64> {
@@ -66,35 +69,56 @@ impl Opener {
         }
         let tail_range = self.size.saturating_sub(TAIL_LEN.min(self.size))..self.size;
         let tail_range = self.first_range().start.min(tail_range.start)..self.size;
-        let Some(tail) = self.find(&tail_range) else { return Ok(OpenStep::Need(tail_range)) };
+        let Some(tail) = self.find(&tail_range) else {
+            return Ok(OpenStep::Need(tail_range));
+        };
         let mut eocd = zip::find_eocd(tail, self.size)?;
         if let Some(off) = eocd.zip64_eocd_offset {
             let range = off..off + zip::ZIP64_EOCD_LEN as u64;
-            let Some(record) = self.find(&range) else { return Ok(OpenStep::Need(range)) };
+            let Some(record) = self.find(&range) else {
+                return Ok(OpenStep::Need(range));
+            };
             zip::apply_zip64_eocd(&mut eocd, record)?;
         }
         if let Some(pointer) = IndexPointer::parse(&eocd.comment)? {
-            let range = pointer.offset..pointer.offset.checked_add(pointer.len).ok_or(FormatError::Invalid("index pointer"))?;
+            let range = pointer.offset
+                ..pointer
+                    .offset
+                    .checked_add(pointer.len)
+                    .ok_or(FormatError::Invalid("index pointer"))?;
             if range.end > eocd.eocd_offset {
-                return Err(FormatError::Invalid("index pointer past the end of the archive"));
+                return Err(FormatError::Invalid(
+                    "index pointer past the end of the archive",
+                ));
             }
-            let Some(stored) = self.find(&range) else { return Ok(OpenStep::Need(range)) };
+            let Some(stored) = self.find(&range) else {
+                return Ok(OpenStep::Need(range));
+            };
             let index = ArchiveIndex::from_stored(stored, &pointer.sha256)?;
             check_bounds(&index, range.start)?;
             return Ok(OpenStep::Done(index));
         }
-        let cd_range = eocd.cd_offset..eocd.cd_offset.checked_add(eocd.cd_size).ok_or(FormatError::Invalid("central directory size"))?;
+        let cd_range = eocd.cd_offset
+            ..eocd
+                .cd_offset
+                .checked_add(eocd.cd_size)
+                .ok_or(FormatError::Invalid("central directory size"))?;
         if cd_range.end > eocd.eocd_offset {
             return Err(FormatError::Truncated("central directory"));
         }
-        let Some(cd) = self.find(&cd_range) else { return Ok(OpenStep::Need(cd_range)) };
+        let Some(cd) = self.find(&cd_range) else {
+            return Ok(OpenStep::Need(cd_range));
+        };
         let records = zip::decode_central_directory(cd, eocd.entries)?;
         let manifest = match records.iter().find(|r| r.name == MANIFEST_NAME.as_bytes()) {
             Some(r) => {
                 // Local header + name + extra (≤ 64 KiB each) + data: one read covers it.
-                let end = (r.local_header_offset + 30 + 2 * 65_535 + r.compressed_size).min(self.size);
+                let end =
+                    (r.local_header_offset + 30 + 2 * 65_535 + r.compressed_size).min(self.size);
                 let range = r.local_header_offset..end;
-                let Some(bytes) = self.find(&range) else { return Ok(OpenStep::Need(range)) };
+                let Some(bytes) = self.find(&range) else {
+                    return Ok(OpenStep::Need(range));
+                };
                 let start = zip::local_header_data_start(bytes)? as usize;
                 let data = bytes
                     .get(start..start + r.compressed_size as usize)
@@ -104,7 +128,10 @@ impl Opener {
                     .map_err(|_| FormatError::Invalid("manifest entry does not decode"))?;
                 Manifest::parse(&json)?
             }
-            None => Manifest { mappings: Default::default(), ..Manifest::default() },
+            None => Manifest {
+                mappings: Default::default(),
+                ..Manifest::default()
+            },
         };
         let mut entries = Vec::with_capacity(records.len());
         for r in &records {
@@ -121,8 +148,13 @@ impl Opener {
 /// Every entry's data must lie before `limit` (the index or central directory).
 fn check_bounds(index: &ArchiveIndex, limit: u64) -> Result<(), FormatError> {
     for e in &index.entries {
-        let DataOffset::Data(off) = e.offset else { continue };
-        if off.checked_add(e.compressed_size).is_none_or(|end| end > limit) {
+        let DataOffset::Data(off) = e.offset else {
+            continue;
+        };
+        if off
+            .checked_add(e.compressed_size)
+            .is_none_or(|end| end > limit)
+        {
             return Err(FormatError::Invalid("entry data lies outside the archive"));
         }
     }
@@ -138,19 +170,32 @@ struct IndexPointer {
 
 impl IndexPointer {
     fn parse(comment: &[u8]) -> Result<Option<Self>, FormatError> {
-        let Some(rest) = comment.strip_prefix(COMMENT_PREFIX.as_bytes()) else { return Ok(None) };
+        let Some(rest) = comment.strip_prefix(COMMENT_PREFIX.as_bytes()) else {
+            return Ok(None);
+        };
         let bad = FormatError::Invalid("index pointer in the zip comment");
-        let text = std::str::from_utf8(rest).map_err(|_| FormatError::Invalid("index pointer in the zip comment"))?;
+        let text = std::str::from_utf8(rest)
+            .map_err(|_| FormatError::Invalid("index pointer in the zip comment"))?;
         let mut parts = text.split(':');
-        let (Some(offset), Some(len), Some(sha256), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+        let (Some(offset), Some(len), Some(sha256), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
             return Err(bad);
         };
-        let offset = offset.parse().map_err(|_| FormatError::Invalid("index offset"))?;
-        let len: u64 = len.parse().map_err(|_| FormatError::Invalid("index length"))?;
+        let offset = offset
+            .parse()
+            .map_err(|_| FormatError::Invalid("index offset"))?;
+        let len: u64 = len
+            .parse()
+            .map_err(|_| FormatError::Invalid("index length"))?;
         if sha256.len() != 64 || len > super::index::MAX_INDEX_LEN as u64 {
             return Err(bad);
         }
-        Ok(Some(IndexPointer { offset, len, sha256: sha256.to_string() }))
+        Ok(Some(IndexPointer {
+            offset,
+            len,
+            sha256: sha256.to_string(),
+        }))
     }
 }
 
@@ -167,7 +212,10 @@ fn foreign_entry(r: &CentralRecord, limit: u64) -> Result<Entry, FormatError> {
             )))
         }
     };
-    if r.local_header_offset.checked_add(r.compressed_size).is_none_or(|end| end > limit) {
+    if r.local_header_offset
+        .checked_add(r.compressed_size)
+        .is_none_or(|end| end > limit)
+    {
         return Err(FormatError::Invalid("entry data lies outside the archive"));
     }
     let is_dir_name = r.name.ends_with(b"/");
@@ -179,7 +227,9 @@ fn foreign_entry(r: &CentralRecord, limit: u64) -> Result<Entry, FormatError> {
         _ => EntryKind::File,
     };
     let default_mode = if kind == EntryKind::Dir { 0o755 } else { 0o644 };
-    let secs = r.mtime_secs.unwrap_or_else(|| zip::dos_to_unix(r.dos_time, r.dos_date));
+    let secs = r
+        .mtime_secs
+        .unwrap_or_else(|| zip::dos_to_unix(r.dos_time, r.dos_date));
     let mut name = r.name.clone();
     while name.ends_with(b"/") {
         name.pop();
@@ -243,7 +293,9 @@ pub fn open_file(file: &std::fs::File) -> Result<ArchiveIndex, OpenError<std::io
     let size = file.metadata().map_err(OpenError::Source)?.len();
     let fetch = |range: Range<u64>| {
         let mut buf = vec![0u8; (range.end - range.start) as usize];
-        let res = file.read_exact_at(&mut buf, range.start).map(|_| Bytes::from(buf));
+        let res = file
+            .read_exact_at(&mut buf, range.start)
+            .map(|_| Bytes::from(buf));
         std::future::ready(res)
     };
     futures::executor::block_on(open_archive(size, fetch))
@@ -251,7 +303,10 @@ pub fn open_file(file: &std::fs::File) -> Result<ArchiveIndex, OpenError<std::io
 
 /// Where `entry`'s data starts, reading its local header with `read_at` when
 /// only that is known (foreign archives).
-pub fn resolve_data_offset(entry: &Entry, read_at: impl FnOnce(u64, usize) -> std::io::Result<Vec<u8>>) -> Result<u64, OpenError<std::io::Error>> {
+pub fn resolve_data_offset(
+    entry: &Entry,
+    read_at: impl FnOnce(u64, usize) -> std::io::Result<Vec<u8>>,
+) -> Result<u64, OpenError<std::io::Error>> {
     match entry.offset {
         DataOffset::Data(off) => Ok(off),
         DataOffset::LocalHeader(off) => {

@@ -82,7 +82,11 @@ mod tests {
     #[test]
     fn round_trip() {
         let frames: Vec<_> = (0..5)
-            .map(|i| SeekEntry { compressed_size: 100 + i, decompressed_size: 1 << 20, checksum: i * 7 })
+            .map(|i| SeekEntry {
+                compressed_size: 100 + i,
+                decompressed_size: 1 << 20,
+                checksum: i * 7,
+            })
             .collect();
         let mut buf = b"frames before".to_vec();
         buf.extend(encode(&frames));
@@ -92,7 +96,11 @@ mod tests {
     #[test]
     fn zstd_skips_it() {
         let mut data = zstd::bulk::compress(b"hello world", 3).unwrap();
-        data.extend(encode(&[SeekEntry { compressed_size: 1, decompressed_size: 11, checksum: 0 }]));
+        data.extend(encode(&[SeekEntry {
+            compressed_size: 1,
+            decompressed_size: 11,
+            checksum: 0,
+        }]));
         assert_eq!(zstd::stream::decode_all(&data[..]).unwrap(), b"hello world");
     }
 

@@ -10,7 +10,9 @@ use std::io::{self, Seek, SeekFrom, Write};
 
 use sha2::{Digest, Sha256};
 
-use super::index::{digest, ArchiveIndex, Compression, DataOffset, Entry, EntryKind, Frame, Timestamp};
+use super::index::{
+    digest, ArchiveIndex, Compression, DataOffset, Entry, EntryKind, Frame, Timestamp,
+};
 use super::manifest::Manifest;
 use super::seek_table::{self, SeekEntry};
 use super::zip::{self, HeaderFields};
@@ -31,7 +33,10 @@ pub struct WriterOptions {
 
 impl Default for WriterOptions {
     fn default() -> Self {
-        WriterOptions { frame_size: DEFAULT_FRAME_SIZE, level: 3 }
+        WriterOptions {
+            frame_size: DEFAULT_FRAME_SIZE,
+            level: 3,
+        }
     }
 }
 
@@ -95,9 +100,23 @@ pub struct ArchiveWriter<W: Write + Seek> {
 impl<W: Write + Seek> ArchiveWriter<W> {
     /// Starts an archive at the current position of `out` (expected: 0).
     pub fn new(out: W, manifest: Manifest, options: WriterOptions) -> io::Result<Self> {
-        let mut w = ArchiveWriter { out, pos: 0, options, central: Vec::new(), index: ArchiveIndex::default() };
+        let mut w = ArchiveWriter {
+            out,
+            pos: 0,
+            options,
+            central: Vec::new(),
+            index: ArchiveIndex::default(),
+        };
         let json = serde_json::to_vec(&manifest).expect("manifest serialises");
-        w.write_whole(MANIFEST_NAME.as_bytes(), zip::METHOD_STORED, libc::S_IFREG | 0o644, FIXED_MTIME, &json, crc32fast::hash(&json), json.len() as u64)?;
+        w.write_whole(
+            MANIFEST_NAME.as_bytes(),
+            zip::METHOD_STORED,
+            libc::S_IFREG | 0o644,
+            FIXED_MTIME,
+            &json,
+            crc32fast::hash(&json),
+            json.len() as u64,
+        )?;
         w.index.manifest = manifest;
         Ok(w)
     }
@@ -109,16 +128,52 @@ impl<W: Write + Seek> ArchiveWriter<W> {
     pub fn add_dir(&mut self, meta: EntryMeta) -> io::Result<()> {
         let mut name = meta.name.clone();
         name.push(b'/');
-        let offset = self.write_whole(&name, zip::METHOD_STORED, libc::S_IFDIR | meta.mode, meta.mtime.secs, &[], 0, 0)?;
-        self.push_entry(meta, EntryKind::Dir, offset, Compression::Stored, 0, 0, None, Vec::new(), Some(Sha256::digest(Sha256::digest(b"")).into()));
+        let offset = self.write_whole(
+            &name,
+            zip::METHOD_STORED,
+            libc::S_IFDIR | meta.mode,
+            meta.mtime.secs,
+            &[],
+            0,
+            0,
+        )?;
+        self.push_entry(
+            meta,
+            EntryKind::Dir,
+            offset,
+            Compression::Stored,
+            0,
+            0,
+            None,
+            Vec::new(),
+            Some(Sha256::digest(Sha256::digest(b"")).into()),
+        );
         Ok(())
     }
 
     pub fn add_symlink(&mut self, meta: EntryMeta, target: &[u8]) -> io::Result<()> {
         let crc = crc32fast::hash(target);
-        let offset = self.write_whole(&meta.name, zip::METHOD_STORED, libc::S_IFLNK | meta.mode, meta.mtime.secs, target, crc, target.len() as u64)?;
+        let offset = self.write_whole(
+            &meta.name,
+            zip::METHOD_STORED,
+            libc::S_IFLNK | meta.mode,
+            meta.mtime.secs,
+            target,
+            crc,
+            target.len() as u64,
+        )?;
         let hash = Sha256::digest(Sha256::digest(target)).into();
-        self.push_entry(meta, EntryKind::Symlink, offset, Compression::Stored, target.len() as u64, crc, Some(target.to_vec()), Vec::new(), Some(hash));
+        self.push_entry(
+            meta,
+            EntryKind::Symlink,
+            offset,
+            Compression::Stored,
+            target.len() as u64,
+            crc,
+            Some(target.to_vec()),
+            Vec::new(),
+            Some(hash),
+        );
         Ok(())
     }
 
@@ -150,16 +205,44 @@ impl<W: Write + Seek> ArchiveWriter<W> {
             check_len(&frame, size)?;
             let stored = frame.stored || size == 0;
             let data: &[u8] = if size == 0 { &[] } else { &frame.data };
-            let method = if stored { zip::METHOD_STORED } else { zip::METHOD_ZSTD };
-            let offset = self.write_whole(&meta.name, method, libc::S_IFREG | meta.mode, meta.mtime.secs, data, frame.crc32, size)?;
+            let method = if stored {
+                zip::METHOD_STORED
+            } else {
+                zip::METHOD_ZSTD
+            };
+            let offset = self.write_whole(
+                &meta.name,
+                method,
+                libc::S_IFREG | meta.mode,
+                meta.mtime.secs,
+                data,
+                frame.crc32,
+                size,
+            )?;
             let (compression, table) = if stored {
                 (Compression::Stored, Vec::new())
             } else {
-                (Compression::Zstd, vec![Frame { compressed_len: data.len() as u32, checksum: trailer(data) }])
+                (
+                    Compression::Zstd,
+                    vec![Frame {
+                        compressed_len: data.len() as u32,
+                        checksum: trailer(data),
+                    }],
+                )
             };
             let frame_size = if stored { 0 } else { self.options.frame_size };
             let hash = Sha256::digest(frame.sha256).into();
-            self.push_entry(meta, EntryKind::File, offset, compression, size, frame.crc32, None, table, Some(hash));
+            self.push_entry(
+                meta,
+                EntryKind::File,
+                offset,
+                compression,
+                size,
+                frame.crc32,
+                None,
+                table,
+                Some(hash),
+            );
             self.index.entries.last_mut().unwrap().frame_size = frame_size;
             self.index.entries.last_mut().unwrap().compressed_size = data.len() as u64;
             return Ok(());
@@ -176,14 +259,26 @@ impl<W: Write + Seek> ArchiveWriter<W> {
         for frame in frames {
             let frame = frame?;
             if frame.stored {
-                return Err(io::Error::other("a frame of a multi-frame file must be zstd"));
+                return Err(io::Error::other(
+                    "a frame of a multi-frame file must be zstd",
+                ));
             }
             total += u64::from(frame.len);
-            crc.combine(&crc32fast::Hasher::new_with_initial_len(frame.crc32, u64::from(frame.len)));
+            crc.combine(&crc32fast::Hasher::new_with_initial_len(
+                frame.crc32,
+                u64::from(frame.len),
+            ));
             hasher.update(frame.sha256);
             let checksum = trailer(&frame.data);
-            table.push(Frame { compressed_len: frame.data.len() as u32, checksum });
-            seek.push(SeekEntry { compressed_size: frame.data.len() as u32, decompressed_size: frame.len, checksum });
+            table.push(Frame {
+                compressed_len: frame.data.len() as u32,
+                checksum,
+            });
+            seek.push(SeekEntry {
+                compressed_size: frame.data.len() as u32,
+                decompressed_size: frame.len,
+                checksum,
+            });
             self.write(&frame.data)?;
         }
         if total != size {
@@ -202,7 +297,17 @@ impl<W: Write + Seek> ArchiveWriter<W> {
         let crc32 = fields.crc32;
         let compressed = fields.compressed_size;
         self.central.push(fields);
-        self.push_entry(meta, EntryKind::File, data_offset, Compression::Zstd, size, crc32, None, table, Some(hasher.finalize().into()));
+        self.push_entry(
+            meta,
+            EntryKind::File,
+            data_offset,
+            Compression::Zstd,
+            size,
+            crc32,
+            None,
+            table,
+            Some(hasher.finalize().into()),
+        );
         let e = self.index.entries.last_mut().unwrap();
         e.compressed_size = compressed;
         e.frame_size = self.options.frame_size;
@@ -215,7 +320,15 @@ impl<W: Write + Seek> ArchiveWriter<W> {
         let stored = self.index.to_stored();
         let raw_len = self.index.encode().len() as u64;
         let raw_crc = crc32fast::hash(&self.index.encode());
-        let index_offset = self.write_whole(INDEX_NAME.as_bytes(), zip::METHOD_ZSTD, libc::S_IFREG | 0o644, FIXED_MTIME, &stored, raw_crc, raw_len)?;
+        let index_offset = self.write_whole(
+            INDEX_NAME.as_bytes(),
+            zip::METHOD_ZSTD,
+            libc::S_IFREG | 0o644,
+            FIXED_MTIME,
+            &stored,
+            raw_crc,
+            raw_len,
+        )?;
         let digest = digest(&stored);
         let cd_offset = self.pos;
         for fields in std::mem::take(&mut self.central) {
@@ -224,11 +337,18 @@ impl<W: Write + Seek> ArchiveWriter<W> {
         }
         let cd_size = self.pos - cd_offset;
         let entries = self.index.entries.len() as u64 + 2; // + manifest + index
-        let comment = format!("cachemount:index:v1:{index_offset}:{}:{digest}", stored.len());
+        let comment = format!(
+            "cachemount:index:v1:{index_offset}:{}:{digest}",
+            stored.len()
+        );
         let end = zip::encode_end(entries, cd_offset, cd_size, comment.as_bytes());
         self.write(&end)?;
         self.out.flush()?;
-        Ok(FinishedArchive { digest, size: self.pos, index: self.index })
+        Ok(FinishedArchive {
+            digest,
+            size: self.pos,
+            index: self.index,
+        })
     }
 
     fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
@@ -239,7 +359,16 @@ impl<W: Write + Seek> ArchiveWriter<W> {
 
     /// Writes an entry whose bytes are all known; returns its data offset.
     #[allow(clippy::too_many_arguments)]
-    fn write_whole(&mut self, name: &[u8], method: u16, unix_mode: u32, mtime_secs: i64, data: &[u8], crc32: u32, size: u64) -> io::Result<u64> {
+    fn write_whole(
+        &mut self,
+        name: &[u8],
+        method: u16,
+        unix_mode: u32,
+        mtime_secs: i64,
+        data: &[u8],
+        crc32: u32,
+        size: u64,
+    ) -> io::Result<u64> {
         let fields = HeaderFields {
             name: name.to_vec(),
             method,
@@ -260,7 +389,18 @@ impl<W: Write + Seek> ArchiveWriter<W> {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn push_entry(&mut self, meta: EntryMeta, kind: EntryKind, offset: u64, compression: Compression, size: u64, crc32: u32, link_target: Option<Vec<u8>>, frames: Vec<Frame>, content_hash: Option<[u8; 32]>) {
+    fn push_entry(
+        &mut self,
+        meta: EntryMeta,
+        kind: EntryKind,
+        offset: u64,
+        compression: Compression,
+        size: u64,
+        crc32: u32,
+        link_target: Option<Vec<u8>>,
+        frames: Vec<Frame>,
+        content_hash: Option<[u8; 32]>,
+    ) {
         self.index.entries.push(Entry {
             name: meta.name,
             kind,
@@ -284,7 +424,10 @@ impl<W: Write + Seek> ArchiveWriter<W> {
 
 fn check_len(frame: &CompressedFrame, size: u64) -> io::Result<()> {
     if u64::from(frame.len) != size {
-        return Err(io::Error::other(format!("file changed size while being saved ({size} expected, {} read)", frame.len)));
+        return Err(io::Error::other(format!(
+            "file changed size while being saved ({size} expected, {} read)",
+            frame.len
+        )));
     }
     Ok(())
 }

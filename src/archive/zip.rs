@@ -185,7 +185,11 @@ impl HeaderFields {
             extra.extend_from_slice(&zip64);
         }
         let (time, date) = dos_datetime(self.mtime_secs);
-        let dos_dir = if self.unix_mode & libc::S_IFMT == libc::S_IFDIR { 0x10 } else { 0 };
+        let dos_dir = if self.unix_mode & libc::S_IFMT == libc::S_IFDIR {
+            0x10
+        } else {
+            0
+        };
         let mut h = Vec::with_capacity(CENTRAL_HEADER_LEN + self.name.len() + extra.len());
         h.extend_from_slice(&CENTRAL_HEADER_SIG.to_le_bytes());
         h.extend_from_slice(&(MADE_BY_UNIX | 63).to_le_bytes());
@@ -218,7 +222,7 @@ fn dos_datetime(secs: i64) -> (u16, u16) {
     let days = secs.div_euclid(86_400);
     let rem = secs.rem_euclid(86_400);
     let (y, m, d) = civil_from_days(days);
-    let time = ((rem / 3600) << 11 | ((rem % 3600) / 60) << 5 | (rem % 60) / 2) as u16;
+    let time = (((rem / 3600) << 11) | (((rem % 3600) / 60) << 5) | ((rem % 60) / 2)) as u16;
     let date = (((y - 1980) << 9) | (m << 5) | d) as u16;
     (time, date)
 }
@@ -242,7 +246,15 @@ fn civil_from_days(z: i64) -> (i64, i64, i64) {
     let mp = (5 * doy + 2) / 153;
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    (if m <= 2 { yoe + era * 400 + 1 } else { yoe + era * 400 }, m, d)
+    (
+        if m <= 2 {
+            yoe + era * 400 + 1
+        } else {
+            yoe + era * 400
+        },
+        m,
+        d,
+    )
 }
 
 /// Seconds since the epoch (UTC) of an MS-DOS date and time.
@@ -250,7 +262,9 @@ pub fn dos_to_unix(time: u16, date: u16) -> i64 {
     let y = 1980 + i64::from(date >> 9);
     let m = i64::from((date >> 5) & 0xf).clamp(1, 12);
     let d = i64::from(date & 0x1f).max(1);
-    let secs = i64::from(time >> 11) * 3600 + i64::from((time >> 5) & 0x3f) * 60 + i64::from(time & 0x1f) * 2;
+    let secs = i64::from(time >> 11) * 3600
+        + i64::from((time >> 5) & 0x3f) * 60
+        + i64::from(time & 0x1f) * 2;
     days_from_civil(y, m, d) * 86_400 + secs
 }
 
@@ -324,13 +338,19 @@ pub fn find_eocd(tail: &[u8], archive_size: u64) -> Result<EndOfCentralDirectory
             }
         }
         if pos == 0 || tail.len() - pos >= MAX_EOCD_SEARCH {
-            return Err(FormatError::NotZip("no end of central directory record (not a zip, or truncated)"));
+            return Err(FormatError::NotZip(
+                "no end of central directory record (not a zip, or truncated)",
+            ));
         }
         pos -= 1;
     }
 }
 
-fn decode_eocd(tail: &[u8], pos: usize, tail_start: u64) -> Result<EndOfCentralDirectory, FormatError> {
+fn decode_eocd(
+    tail: &[u8],
+    pos: usize,
+    tail_start: u64,
+) -> Result<EndOfCentralDirectory, FormatError> {
     let mut c = Cursor::new(&tail[pos + 4..]);
     let disk = c.u16()?;
     let cd_disk = c.u16()?;
@@ -353,12 +373,17 @@ fn decode_eocd(tail: &[u8], pos: usize, tail_start: u64) -> Result<EndOfCentralD
         zip64_eocd_offset: None,
     };
     // A zip64 locator sits right before the EOCD.
-    if pos >= ZIP64_LOCATOR_LEN && tail[pos - ZIP64_LOCATOR_LEN..pos - ZIP64_LOCATOR_LEN + 4] == ZIP64_LOCATOR_SIG.to_le_bytes() {
+    if pos >= ZIP64_LOCATOR_LEN
+        && tail[pos - ZIP64_LOCATOR_LEN..pos - ZIP64_LOCATOR_LEN + 4]
+            == ZIP64_LOCATOR_SIG.to_le_bytes()
+    {
         let mut l = Cursor::new(&tail[pos - ZIP64_LOCATOR_LEN + 4..pos]);
         let _disk = l.u32()?;
         let zip64_offset = l.u64()?;
         if zip64_offset + ZIP64_EOCD_LEN as u64 > eocd_offset {
-            return Err(FormatError::Invalid("zip64 end record points past the end record"));
+            return Err(FormatError::Invalid(
+                "zip64 end record points past the end record",
+            ));
         }
         eocd.zip64_eocd_offset = Some(zip64_offset);
         if zip64_offset >= tail_start {
@@ -370,10 +395,15 @@ fn decode_eocd(tail: &[u8], pos: usize, tail_start: u64) -> Result<EndOfCentralD
 }
 
 /// Fills the EOCD's counts and offsets from a zip64 end record at the start of `record`.
-pub fn apply_zip64_eocd(eocd: &mut EndOfCentralDirectory, record: &[u8]) -> Result<(), FormatError> {
+pub fn apply_zip64_eocd(
+    eocd: &mut EndOfCentralDirectory,
+    record: &[u8],
+) -> Result<(), FormatError> {
     let mut c = Cursor::new(record);
     if c.u32()? != ZIP64_EOCD_SIG {
-        return Err(FormatError::Invalid("zip64 end of central directory signature"));
+        return Err(FormatError::Invalid(
+            "zip64 end of central directory signature",
+        ));
     }
     let _size = c.u64()?;
     let _made_by = c.u16()?;
@@ -418,7 +448,9 @@ impl CentralRecord {
 pub fn decode_central_directory(buf: &[u8], count: u64) -> Result<Vec<CentralRecord>, FormatError> {
     // Each record is at least 46 bytes: a count beyond that is a lie, not an allocation size.
     if count > (buf.len() / CENTRAL_HEADER_LEN) as u64 {
-        return Err(FormatError::Invalid("central directory entry count exceeds its size"));
+        return Err(FormatError::Invalid(
+            "central directory entry count exceeds its size",
+        ));
     }
     let mut c = Cursor::new(buf);
     let mut records = Vec::with_capacity(count as usize);
@@ -467,7 +499,9 @@ pub fn decode_central_directory(buf: &[u8], count: u64) -> Result<Vec<CentralRec
                     }
                 }
                 EXTRA_EXT_TIMESTAMP if data.len() >= 5 && data[0] & 1 != 0 => {
-                    mtime_secs = Some(i64::from(u32::from_le_bytes(data[1..5].try_into().unwrap())));
+                    mtime_secs = Some(i64::from(u32::from_le_bytes(
+                        data[1..5].try_into().unwrap(),
+                    )));
                 }
                 _ => {}
             }
@@ -548,6 +582,9 @@ mod tests {
 
     #[test]
     fn garbage_is_not_a_zip() {
-        assert!(matches!(find_eocd(&[0u8; 100], 100), Err(FormatError::NotZip(_))));
+        assert!(matches!(
+            find_eocd(&[0u8; 100], 100),
+            Err(FormatError::NotZip(_))
+        ));
     }
 }

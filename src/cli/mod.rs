@@ -22,7 +22,11 @@ use crate::store::{AnyStore, StoreUrl};
 pub const EXIT_CACHE_MISS: u8 = 3;
 
 #[derive(Parser, Debug)]
-#[command(name = "cachemount", version, about = "Save, restore and lazily mount CI caches (zip + zstd, Buildkite cache v2 compatible)")]
+#[command(
+    name = "cachemount",
+    version,
+    about = "Save, restore and lazily mount CI caches (zip + zstd, Buildkite cache v2 compatible)"
+)]
 pub struct Cli {
     #[command(flatten)]
     pub global: GlobalArgs,
@@ -82,7 +86,7 @@ pub enum Command {
 #[derive(Args, Debug)]
 pub struct SourceArgs {
     /// The cache key.
-    #[arg(long, required_unless_present = "url")]
+    #[arg(long)]
     pub key: Option<String>,
     /// Key prefixes to try, in order, when the key has no cache (newest match wins).
     #[arg(long = "fallback", requires = "key")]
@@ -92,16 +96,31 @@ pub struct SourceArgs {
     pub url: Option<String>,
 }
 
+impl SourceArgs {
+    /// Accepts `COMMAND URL [PATH…]`: without `--key`/`--url`, a first
+    /// positional that looks like a URL names the object.
+    pub fn take_url_from(&mut self, paths: &mut Vec<String>) -> Result<(), clap::Error> {
+        if self.key.is_none() && self.url.is_none() {
+            match paths.first() {
+                Some(first) if first.contains("://") => self.url = Some(paths.remove(0)),
+                _ => {
+                    return Err(<Cli as clap::CommandFactory>::command().error(
+                        clap::error::ErrorKind::MissingRequiredArgument,
+                        "name the cache: --key KEY (with optional --fallback PREFIX…), or an archive URL (s3://bucket/path.zip, file:///path.zip)",
+                    ))
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Runs the command line; returns the process exit code.
 pub fn main() -> ExitCode {
     let mut cli = Cli::parse();
-    // `restore URL [PATH…]`: a first positional that is a URL is the object.
     if let Command::Restore { source, paths } = &mut cli.command {
-        if source.key.is_none() && source.url.is_none() {
-            if let Some(first) = paths.first().filter(|p| p.contains("://")) {
-                source.url = Some(first.clone());
-                paths.remove(0);
-            }
+        if let Err(e) = source.take_url_from(paths) {
+            e.exit();
         }
     }
     init_logging(cli.global.verbose);
@@ -116,7 +135,10 @@ pub fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            if matches!(e.downcast_ref::<LayoutError>(), Some(LayoutError::NoMatch { .. })) {
+            if matches!(
+                e.downcast_ref::<LayoutError>(),
+                Some(LayoutError::NoMatch { .. })
+            ) {
                 ExitCode::from(EXIT_CACHE_MISS)
             } else {
                 ExitCode::FAILURE
@@ -131,9 +153,13 @@ fn init_logging(verbose: u8) {
         1 => "info",
         _ => "debug",
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("cachemount={default},warn")));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(format!("cachemount={default},warn"))
+    });
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 async fn open_store(global: &GlobalArgs) -> anyhow::Result<AnyStore> {
@@ -147,7 +173,10 @@ async fn open_store(global: &GlobalArgs) -> anyhow::Result<AnyStore> {
 }
 
 fn parse_specs(paths: &[String], anchors: &Anchors) -> anyhow::Result<Vec<PathSpec>> {
-    paths.iter().map(|p| PathSpec::parse(p, anchors).map_err(anyhow::Error::from)).collect()
+    paths
+        .iter()
+        .map(|p| PathSpec::parse(p, anchors).map_err(anyhow::Error::from))
+        .collect()
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -156,14 +185,29 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Save { key, level, paths } => {
             let store = open_store(&cli.global).await?;
             let specs = parse_specs(&paths, &anchors)?;
-            let options = WriterOptions { level, ..WriterOptions::default() };
-            let report = save::save(&store, &key, &specs, &anchors, options, Progress::new("saving", cli.global.quiet)).await?;
+            let options = WriterOptions {
+                level,
+                ..WriterOptions::default()
+            };
+            let report = save::save(
+                &store,
+                &key,
+                &specs,
+                &anchors,
+                options,
+                Progress::new("saving", cli.global.quiet),
+            )
+            .await?;
             println!(
                 "saved {key}: {} entries, {} archive sha256:{} ({})",
                 report.entries,
                 human_bytes(report.archive_size),
                 report.digest,
-                if report.uploaded { "uploaded" } else { "already in the store, not uploaded" }
+                if report.uploaded {
+                    "uploaded"
+                } else {
+                    "already in the store, not uploaded"
+                }
             );
         }
         Command::Restore { source, paths } => {
@@ -171,11 +215,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let progress = Progress::new("downloading", cli.global.quiet);
             let (report, what) = if let Some(url) = source.url {
                 let (store_url, object) = split_object_url(&url)?;
-                let store = AnyStore::open(&store_url, cli.global.endpoint_url.clone(), cli.global.region.clone())
-                    .await
-                    .with_context(|| format!("cannot open {url}"))?;
-                let src = Source { store: &store, key: object, content_addressed: false, expected_digest: None };
-                (restore::restore(src, &specs, &anchors, progress).await?, url)
+                let store = AnyStore::open(
+                    &store_url,
+                    cli.global.endpoint_url.clone(),
+                    cli.global.region.clone(),
+                )
+                .await
+                .with_context(|| format!("cannot open {url}"))?;
+                let src = Source {
+                    store: &store,
+                    key: object,
+                    content_addressed: false,
+                    expected_digest: None,
+                };
+                (
+                    restore::restore(src, &specs, &anchors, progress).await?,
+                    url,
+                )
             } else {
                 let key = source.key.expect("clap requires --key or a URL");
                 let store = open_store(&cli.global).await?;
@@ -187,11 +243,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     expected_digest: Some(resolved.pointer.digest.clone()),
                 };
                 let report = restore::restore(src, &specs, &anchors, progress).await?;
-                let what = if resolved.key == key { key } else { format!("{} (fallback for {key})", resolved.key) };
+                let what = if resolved.key == key {
+                    key
+                } else {
+                    format!("{} (fallback for {key})", resolved.key)
+                };
                 (report, what)
             };
-            let paths: Vec<String> = report.restored.iter().map(|p: &PathBuf| p.display().to_string()).collect();
-            println!("restored {what} ({}) into {}", human_bytes(report.archive_size), paths.join(", "));
+            let paths: Vec<String> = report
+                .restored
+                .iter()
+                .map(|p: &PathBuf| p.display().to_string())
+                .collect();
+            println!(
+                "restored {what} ({}) into {}",
+                human_bytes(report.archive_size),
+                paths.join(", ")
+            );
         }
         Command::Keys { prefix } => {
             let store = open_store(&cli.global).await?;
@@ -200,7 +268,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{:<40} {:>10} {:>8}  DIGEST", "KEY", "SIZE", "AGE");
             for k in keys {
                 let age = now.saturating_sub(k.pointer.created);
-                println!("{:<40} {:>10} {:>8}  {}", k.key, human_bytes(k.pointer.size), human_age(age), &k.pointer.digest[..16]);
+                println!(
+                    "{:<40} {:>10} {:>8}  {}",
+                    k.key,
+                    human_bytes(k.pointer.size),
+                    human_age(age),
+                    &k.pointer.digest[..16]
+                );
             }
         }
     }

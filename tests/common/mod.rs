@@ -1,3 +1,5 @@
 //! Support code shared by the integration tests (`mod common;` in a test file).
 
+pub mod cli;
 pub mod s3;
+pub mod tree;

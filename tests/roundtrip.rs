@@ -1,0 +1,129 @@
+//! save → restore round trips through the real binary on the local store, and
+//! the archive read by an independent zip reader.
+
+mod common;
+
+use std::fs;
+use std::io::Read;
+
+use common::cli::{local_blobs, Sandbox};
+use common::tree::{assert_same_tree, feature_tree, small_files_tree};
+
+#[test]
+fn save_then_restore_reproduces_every_detail() {
+    let sb = Sandbox::new();
+    let src = sb.work().join("cache");
+    feature_tree(&src, 1);
+    let home_src = sb.home().join(".tool");
+    small_files_tree(&home_src, 2, 300);
+    let out = sb.ok(&["save", "--key", "k1", "cache", "~/.tool"]);
+    assert!(out.contains("uploaded"), "{out}");
+
+    let expected = sb.dir.path().join("expected");
+    fs::create_dir(&expected).unwrap();
+    fs::rename(&src, expected.join("cache")).unwrap();
+    fs::rename(&home_src, expected.join("tool")).unwrap();
+    let out = sb.ok(&["restore", "--key", "k1"]);
+    assert!(out.contains("restored k1"), "{out}");
+    assert_same_tree(&expected.join("cache"), &src);
+    assert_same_tree(&expected.join("tool"), &home_src);
+}
+
+#[test]
+fn restore_replaces_the_previous_directory_and_only_named_paths() {
+    let sb = Sandbox::new();
+    small_files_tree(&sb.work().join("a"), 3, 50);
+    small_files_tree(&sb.work().join("b"), 4, 50);
+    sb.ok(&["save", "--key", "two", "a", "b"]);
+    let expected = sb.dir.path().join("expected-a");
+    fs::rename(sb.work().join("a"), &expected).unwrap();
+    // A stale directory with other content is replaced whole.
+    fs::create_dir_all(sb.work().join("a/stale")).unwrap();
+    fs::write(sb.work().join("b/untouched"), b"mine").unwrap();
+    sb.ok(&["restore", "--key", "two", "a"]);
+    assert_same_tree(&expected, &sb.work().join("a"));
+    assert_eq!(fs::read(sb.work().join("b/untouched")).unwrap(), b"mine");
+    // No temporary siblings are left behind.
+    let leftovers: Vec<_> = fs::read_dir(sb.work())
+        .unwrap()
+        .filter_map(|e| {
+            let n = e.unwrap().file_name().to_string_lossy().into_owned();
+            n.contains("cachemount").then_some(n)
+        })
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+#[test]
+fn identical_content_is_uploaded_once() {
+    let sb = Sandbox::new();
+    small_files_tree(&sb.work().join("deps"), 5, 100);
+    sb.ok(&["save", "--key", "first", "deps"]);
+    let out = sb.ok(&["save", "--key", "second", "deps"]);
+    assert!(out.contains("not uploaded"), "{out}");
+    assert_eq!(local_blobs(&sb.dir.path().join("store")).len(), 1);
+    let keys = sb.ok(&["keys"]);
+    assert!(keys.contains("first") && keys.contains("second"), "{keys}");
+}
+
+#[test]
+fn fallback_prefix_takes_the_newest_key() {
+    let sb = Sandbox::new();
+    fs::create_dir_all(sb.work().join("d")).unwrap();
+    fs::write(sb.work().join("d/v"), b"old").unwrap();
+    sb.ok(&["save", "--key", "node-aaa", "d"]);
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    fs::write(sb.work().join("d/v"), b"new").unwrap();
+    sb.ok(&["save", "--key", "node-bbb", "d"]);
+    fs::remove_dir_all(sb.work().join("d")).unwrap();
+    let out = sb.ok(&[
+        "restore",
+        "--key",
+        "node-zzz",
+        "--fallback",
+        "other-",
+        "--fallback",
+        "node-",
+    ]);
+    assert!(out.contains("node-bbb (fallback for node-zzz)"), "{out}");
+    assert_eq!(fs::read(sb.work().join("d/v")).unwrap(), b"new");
+}
+
+#[test]
+fn independent_zip_reader_lists_and_decompresses_every_entry() {
+    let sb = Sandbox::new();
+    let src = sb.work().join("cache");
+    feature_tree(&src, 7);
+    sb.ok(&["save", "--key", "z", "cache"]);
+    let blobs = local_blobs(&sb.dir.path().join("store"));
+    let mut zip = zip::ZipArchive::new(fs::File::open(&blobs[0]).unwrap()).unwrap();
+    let mut names = Vec::new();
+    for i in 0..zip.len() {
+        let mut f = zip.by_index(i).unwrap();
+        let name = f.name().to_string();
+        let mut content = Vec::new();
+        f.read_to_end(&mut content)
+            .unwrap_or_else(|e| panic!("{name}: {e}")); // checks the CRC
+        if f.is_file() && name.starts_with("_0/") && !f.is_symlink() {
+            let on_disk = fs::read(src.join(name.strip_prefix("_0/cache/").unwrap())).unwrap();
+            assert_eq!(content, on_disk, "{name}");
+        }
+        if name == "_0/cache/nested/rel-link" {
+            assert!(f.is_symlink());
+            assert_eq!(content, b"deeper/deepest/leaf.txt");
+        }
+        names.push(name);
+    }
+    assert_eq!(names[0], ".buildkite/cache-manifest.json");
+    assert!(
+        names.contains(&"_0/cache/empty-dir/".to_string()),
+        "{names:?}"
+    );
+    assert!(names.contains(&"_0/cache/many-frames.bin".to_string()));
+    let mut manifest = String::new();
+    zip.by_name(".buildkite/cache-manifest.json")
+        .unwrap()
+        .read_to_string(&mut manifest)
+        .unwrap();
+    assert_eq!(manifest, r#"{"version":2,"mappings":{"_0":"."}}"#);
+}
