@@ -60,7 +60,10 @@ impl PathSpec {
         } else {
             (Anchor::Cwd, PathBuf::from(given))
         };
-        let relative = normalise(&rest).ok_or(PathError::Invalid(given.to_string(), "it leads above its base"));
+        let relative = normalise(&rest).ok_or(PathError::Invalid(
+            given.to_string(),
+            "it leads above its base",
+        ));
         // A relative path that climbs out of the working dir (`../x`) is taken as absolute.
         let (anchor, relative) = match (anchor, relative) {
             (_, Ok(rel)) if anchor == Anchor::Root => (Anchor::Root, rel),
@@ -82,7 +85,11 @@ impl PathSpec {
             }
             other => (other, relative),
         };
-        Ok(PathSpec { given: given.to_string(), anchor, relative })
+        Ok(PathSpec {
+            given: given.to_string(),
+            anchor,
+            relative,
+        })
     }
 
     /// Where this path is on this machine.
@@ -99,7 +106,10 @@ impl PathSpec {
 
     /// The archive name if `manifest` already has this path's namespace.
     pub fn existing_archive_name(&self, manifest: &Manifest) -> Option<Vec<u8>> {
-        let (ns, _) = manifest.mappings.iter().find(|(_, a)| Anchor::from_symbol(a) == Some(self.anchor))?;
+        let (ns, _) = manifest
+            .mappings
+            .iter()
+            .find(|(_, a)| Anchor::from_symbol(a) == Some(self.anchor))?;
         Some(join_name(ns.as_bytes(), &self.relative))
     }
 }
@@ -138,22 +148,40 @@ mod tests {
     use super::*;
 
     fn anchors() -> Anchors {
-        Anchors { cwd: "/work/repo".into(), home: "/home/ci".into() }
+        Anchors {
+            cwd: "/work/repo".into(),
+            home: "/home/ci".into(),
+        }
     }
 
     #[test]
     fn anchors_are_chosen_like_buildkite() {
         let a = anchors();
         let p = PathSpec::parse("node_modules", &a).unwrap();
-        assert_eq!((p.anchor, p.relative.to_str().unwrap()), (Anchor::Cwd, "node_modules"));
+        assert_eq!(
+            (p.anchor, p.relative.to_str().unwrap()),
+            (Anchor::Cwd, "node_modules")
+        );
         let p = PathSpec::parse("~/.npm", &a).unwrap();
-        assert_eq!((p.anchor, p.relative.to_str().unwrap()), (Anchor::Home, ".npm"));
+        assert_eq!(
+            (p.anchor, p.relative.to_str().unwrap()),
+            (Anchor::Home, ".npm")
+        );
         let p = PathSpec::parse("/home/ci/.cargo/registry", &a).unwrap();
-        assert_eq!((p.anchor, p.relative.to_str().unwrap()), (Anchor::Home, ".cargo/registry"));
+        assert_eq!(
+            (p.anchor, p.relative.to_str().unwrap()),
+            (Anchor::Home, ".cargo/registry")
+        );
         let p = PathSpec::parse("/opt/tool/", &a).unwrap();
-        assert_eq!((p.anchor, p.relative.to_str().unwrap()), (Anchor::Root, "opt/tool"));
+        assert_eq!(
+            (p.anchor, p.relative.to_str().unwrap()),
+            (Anchor::Root, "opt/tool")
+        );
         let p = PathSpec::parse("../shared/x", &a).unwrap();
-        assert_eq!((p.anchor, p.relative.to_str().unwrap()), (Anchor::Root, "work/shared/x"));
+        assert_eq!(
+            (p.anchor, p.relative.to_str().unwrap()),
+            (Anchor::Root, "work/shared/x")
+        );
         assert_eq!(p.local_path(&a), PathBuf::from("/work/shared/x"));
     }
 
@@ -161,7 +189,13 @@ mod tests {
     fn names_use_namespaces() {
         let a = anchors();
         let mut m = Manifest::default();
-        assert_eq!(PathSpec::parse("target", &a).unwrap().archive_name(&mut m), b"_0/target");
-        assert_eq!(PathSpec::parse("~", &a).unwrap().archive_name(&mut m), b"_1");
+        assert_eq!(
+            PathSpec::parse("target", &a).unwrap().archive_name(&mut m),
+            b"_0/target"
+        );
+        assert_eq!(
+            PathSpec::parse("~", &a).unwrap().archive_name(&mut m),
+            b"_1"
+        );
     }
 }

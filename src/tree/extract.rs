@@ -48,7 +48,10 @@ pub struct Planned<'a> {
 
 /// Checks `relative` names and the entries as a whole; see the module comment.
 pub fn check_safe(planned: &[Planned<'_>]) -> Result<(), ExtractError> {
-    let unsafe_entry = |p: &Planned<'_>, reason| ExtractError::Unsafe { name: String::from_utf8_lossy(&p.entry.name).into_owned(), reason };
+    let unsafe_entry = |p: &Planned<'_>, reason| ExtractError::Unsafe {
+        name: String::from_utf8_lossy(&p.entry.name).into_owned(),
+        reason,
+    };
     let mut names = HashSet::new();
     let mut symlinks = HashSet::new();
     for p in planned {
@@ -56,7 +59,11 @@ pub fn check_safe(planned: &[Planned<'_>]) -> Result<(), ExtractError> {
         if bytes.starts_with(b"/") {
             return Err(unsafe_entry(p, "absolute path"));
         }
-        if !bytes.is_empty() && bytes.split(|b| *b == b'/').any(|c| c.is_empty() || c == b"." || c == b"..") {
+        if !bytes.is_empty()
+            && bytes
+                .split(|b| *b == b'/')
+                .any(|c| c.is_empty() || c == b"." || c == b"..")
+        {
             return Err(unsafe_entry(p, "path with '..', '.' or empty components"));
         }
         if bytes.contains(&0) {
@@ -98,7 +105,10 @@ impl Read for EntryData<'_> {
         }
         let n = self.file.read_at(&mut buf[..want], self.pos)?;
         if n == 0 {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "archive is truncated"));
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "archive is truncated",
+            ));
         }
         self.pos += n as u64;
         Ok(n)
@@ -112,58 +122,99 @@ fn entry_data<'a>(archive: &'a File, entry: &Entry) -> Result<EntryData<'a>, Ext
     };
     let start = resolve_data_offset(entry, read_at).map_err(|e| match e {
         crate::archive::OpenError::Format(f) => ExtractError::Decode(DecodeError::Corrupt(f)),
-        crate::archive::OpenError::Source(s) => ExtractError::Io { context: "reading the archive".into(), source: s },
+        crate::archive::OpenError::Source(s) => ExtractError::Io {
+            context: "reading the archive".into(),
+            source: s,
+        },
     })?;
-    Ok(EntryData { file: archive, pos: start, end: start + entry.compressed_size })
+    Ok(EntryData {
+        file: archive,
+        pos: start,
+        end: start + entry.compressed_size,
+    })
 }
 
 /// Extracts `planned` (already checked with [`check_safe`]) from `archive`
 /// into `root`, which must not exist yet. `preserve_owner`: chown to the
 /// archived uid/gid (as root).
-pub fn extract(archive: &File, planned: &[Planned<'_>], root: &Path, preserve_owner: bool) -> Result<(), ExtractError> {
-    let root_is_dir = planned.iter().any(|p| p.relative.as_os_str().is_empty() && p.entry.kind == EntryKind::Dir)
+pub fn extract(
+    archive: &File,
+    planned: &[Planned<'_>],
+    root: &Path,
+    preserve_owner: bool,
+) -> Result<(), ExtractError> {
+    let root_is_dir = planned
+        .iter()
+        .any(|p| p.relative.as_os_str().is_empty() && p.entry.kind == EntryKind::Dir)
         || !planned.iter().any(|p| p.relative.as_os_str().is_empty());
     if root_is_dir {
         fs::create_dir(root).map_err(io_err(format!("cannot create {}", root.display())))?;
     }
-    let target = |p: &Planned<'_>| if p.relative.as_os_str().is_empty() { root.to_path_buf() } else { root.join(&p.relative) };
+    let target = |p: &Planned<'_>| {
+        if p.relative.as_os_str().is_empty() {
+            root.to_path_buf()
+        } else {
+            root.join(&p.relative)
+        }
+    };
     // Directories first (owner-writable until the end), then files in parallel.
-    for p in planned.iter().filter(|p| p.entry.kind == EntryKind::Dir && !p.relative.as_os_str().is_empty()) {
+    for p in planned
+        .iter()
+        .filter(|p| p.entry.kind == EntryKind::Dir && !p.relative.as_os_str().is_empty())
+    {
         let path = target(p);
         fs::create_dir_all(&path).map_err(io_err(format!("cannot create {}", path.display())))?;
     }
-    planned.par_iter().filter(|p| p.entry.kind == EntryKind::File).try_for_each(|p| {
-        let path = target(p);
-        if let Some(parent) = path.parent() {
-            fs::create_dir_all(parent).map_err(io_err(format!("cannot create {}", parent.display())))?;
-        }
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .mode(0o600)
-            .open(&path)
-            .map_err(io_err(format!("cannot create {}", path.display())))?;
-        decode_entry_to(p.entry, entry_data(archive, p.entry)?, BufWriter::with_capacity(1 << 20, &file))?;
-        apply_metadata(&path, p.entry, preserve_owner, false)
-    })?;
-    for p in planned.iter().filter(|p| p.entry.kind == EntryKind::Symlink) {
+    planned
+        .par_iter()
+        .filter(|p| p.entry.kind == EntryKind::File)
+        .try_for_each(|p| {
+            let path = target(p);
+            if let Some(parent) = path.parent() {
+                fs::create_dir_all(parent)
+                    .map_err(io_err(format!("cannot create {}", parent.display())))?;
+            }
+            let file = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .custom_flags(libc::O_NOFOLLOW)
+                .mode(0o600)
+                .open(&path)
+                .map_err(io_err(format!("cannot create {}", path.display())))?;
+            decode_entry_to(
+                p.entry,
+                entry_data(archive, p.entry)?,
+                BufWriter::with_capacity(1 << 20, &file),
+            )?;
+            apply_metadata(&path, p.entry, preserve_owner, false)
+        })?;
+    for p in planned
+        .iter()
+        .filter(|p| p.entry.kind == EntryKind::Symlink)
+    {
         let path = target(p);
         let link = match &p.entry.link_target {
             Some(t) => t.clone(),
             None => {
                 let mut data = Vec::new();
-                entry_data(archive, p.entry)?.read_to_end(&mut data).map_err(io_err("reading the archive"))?;
+                entry_data(archive, p.entry)?
+                    .read_to_end(&mut data)
+                    .map_err(io_err("reading the archive"))?;
                 decode_entry(p.entry, &data)?
             }
         };
         if let Some(parent) = path.parent() {
-            fs::create_dir_all(parent).map_err(io_err(format!("cannot create {}", parent.display())))?;
+            fs::create_dir_all(parent)
+                .map_err(io_err(format!("cannot create {}", parent.display())))?;
         }
-        std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(&link), &path).map_err(io_err(format!("cannot create symlink {}", path.display())))?;
+        std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(&link), &path)
+            .map_err(io_err(format!("cannot create symlink {}", path.display())))?;
         apply_metadata(&path, p.entry, preserve_owner, true)?;
     }
-    let mut dirs: Vec<&Planned<'_>> = planned.iter().filter(|p| p.entry.kind == EntryKind::Dir).collect();
+    let mut dirs: Vec<&Planned<'_>> = planned
+        .iter()
+        .filter(|p| p.entry.kind == EntryKind::Dir)
+        .collect();
     dirs.sort_by(|a, b| b.relative.cmp(&a.relative));
     for p in dirs {
         apply_metadata(&target(p), p.entry, preserve_owner, false)?;
@@ -171,7 +222,12 @@ pub fn extract(archive: &File, planned: &[Planned<'_>], root: &Path, preserve_ow
     Ok(())
 }
 
-fn apply_metadata(path: &Path, entry: &Entry, preserve_owner: bool, is_link: bool) -> Result<(), ExtractError> {
+fn apply_metadata(
+    path: &Path,
+    entry: &Entry,
+    preserve_owner: bool,
+    is_link: bool,
+) -> Result<(), ExtractError> {
     let ctx = || format!("cannot set metadata of {}", path.display());
     if !is_link {
         for (name, value) in &entry.xattrs {

@@ -44,15 +44,28 @@ pub struct Skipped {
 }
 
 /// Walks `root`, naming entries `name_prefix/<relative path>`.
-pub fn walk(root: &Path, name_prefix: &[u8], out: &mut Vec<SourceEntry>, skipped: &mut Skipped) -> Result<(), WalkError> {
+pub fn walk(
+    root: &Path,
+    name_prefix: &[u8],
+    out: &mut Vec<SourceEntry>,
+    skipped: &mut Skipped,
+) -> Result<(), WalkError> {
     visit(root, name_prefix.to_vec(), out, skipped)
 }
 
 fn unreadable(path: &Path) -> impl FnOnce(std::io::Error) -> WalkError + '_ {
-    move |source| WalkError::Unreadable { path: path.to_path_buf(), source }
+    move |source| WalkError::Unreadable {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
-fn visit(path: &Path, name: Vec<u8>, out: &mut Vec<SourceEntry>, skipped: &mut Skipped) -> Result<(), WalkError> {
+fn visit(
+    path: &Path,
+    name: Vec<u8>,
+    out: &mut Vec<SourceEntry>,
+    skipped: &mut Skipped,
+) -> Result<(), WalkError> {
     let md = fs::symlink_metadata(path).map_err(unreadable(path))?;
     let ft = md.file_type();
     let kind = if ft.is_dir() {
@@ -60,21 +73,38 @@ fn visit(path: &Path, name: Vec<u8>, out: &mut Vec<SourceEntry>, skipped: &mut S
     } else if ft.is_file() {
         SourceKind::File { size: md.len() }
     } else if ft.is_symlink() {
-        SourceKind::Symlink { target: fs::read_link(path).map_err(unreadable(path))?.as_os_str().as_bytes().to_vec() }
+        SourceKind::Symlink {
+            target: fs::read_link(path)
+                .map_err(unreadable(path))?
+                .as_os_str()
+                .as_bytes()
+                .to_vec(),
+        }
     } else {
         skipped.special.push(path.to_path_buf());
         return Ok(());
     };
-    let xattrs = if ft.is_symlink() { Vec::new() } else { user_xattrs(path).map_err(unreadable(path))? };
+    let xattrs = if ft.is_symlink() {
+        Vec::new()
+    } else {
+        user_xattrs(path).map_err(unreadable(path))?
+    };
     let meta = EntryMeta {
         name: name.clone(),
         mode: md.mode() & 0o7777,
         uid: md.uid(),
         gid: md.gid(),
-        mtime: Timestamp { secs: md.mtime(), nanos: md.mtime_nsec() as u32 },
+        mtime: Timestamp {
+            secs: md.mtime(),
+            nanos: md.mtime_nsec() as u32,
+        },
         xattrs,
     };
-    out.push(SourceEntry { path: path.to_path_buf(), kind, meta });
+    out.push(SourceEntry {
+        path: path.to_path_buf(),
+        kind,
+        meta,
+    });
     if ft.is_dir() {
         let mut children = fs::read_dir(path)
             .map_err(unreadable(path))?
