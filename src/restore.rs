@@ -244,7 +244,7 @@ pub fn local_path_of(
     let ns = std::str::from_utf8(ns).unwrap_or_default();
     let Some(anchor) = manifest.anchor_of(ns) else {
         bail!(
-            "archive entry {:?} is in no namespace of the cache manifest",
+            "refusing archive entry {:?}: it is in no namespace of the cache manifest, so it has no place to go",
             String::from_utf8_lossy(name)
         );
     };

@@ -218,13 +218,36 @@ impl S3Store {
     }
 
     async fn head_raw(&self, key: &str) -> StoreResult<HeadObjectOutput> {
-        self.client
+        let result = self
+            .client
             .head_object()
             .bucket(&self.bucket)
             .key(self.full_key(key))
             .send()
             .await
-            .map_err(|e| self.map_err(key, e))
+            .map_err(|e| self.map_err(key, e));
+        match result {
+            // A HEAD's 404 has no body, so it cannot say "no such bucket"; ask
+            // the bucket once on this (rare) path so the user learns which it is.
+            Err(StoreError::NotFound(location)) => Err(self
+                .bucket_missing()
+                .await
+                .unwrap_or(StoreError::NotFound(location))),
+            other => other,
+        }
+    }
+
+    /// `NoSuchBucket` when HeadBucket says 404; None when it exists or cannot tell.
+    async fn bucket_missing(&self) -> Option<StoreError> {
+        let err = self
+            .client
+            .head_bucket()
+            .bucket(&self.bucket)
+            .send()
+            .await
+            .err()?;
+        let status = err.raw_response().map(|r| r.status().as_u16());
+        (status == Some(404)).then(|| StoreError::NoSuchBucket(self.bucket.clone()))
     }
 
     fn etag_of(&self, key: &str, etag: Option<&str>) -> StoreResult<String> {
