@@ -10,7 +10,10 @@
 //! - [`cli`]: the command-line front end.
 
 pub mod archive;
+pub mod cache;
 pub mod cli;
+pub mod fs;
+pub mod mount;
 pub mod paths;
 pub mod progress;
 pub mod restore;

@@ -9,6 +9,9 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
 use crate::archive::WriterOptions;
+use crate::cache::Stats;
+use crate::mount::control;
+use crate::mount::daemon::{self, MountOptions};
 use crate::paths::{Anchors, PathSpec};
 use crate::progress::Progress;
 use crate::restore::{self, Source};
@@ -74,6 +77,45 @@ pub enum Command {
         /// Paths to restore (default: every path the cache holds).
         paths: Vec<String>,
     },
+    /// Mount cached paths lazily (read-only FUSE) instead of restoring them;
+    /// returns once every path answers. `umount` undoes it.
+    Mount {
+        #[command(flatten)]
+        source: SourceArgs,
+        /// Paths to mount (default: every path the cache holds).
+        paths: Vec<String>,
+        /// Mount over a non-empty directory (its content is hidden while mounted).
+        #[arg(long)]
+        force: bool,
+        /// Keep the daemon attached (logs also go to stderr).
+        #[arg(long)]
+        foreground: bool,
+        /// Bound of the decompressed block cache, in bytes (K, M, G suffixes: powers of 1024).
+        #[arg(long, default_value = "1G", value_parser = parse_size)]
+        cache_size: u64,
+        /// The daemon's log file (default: under the user's cache dir; printed).
+        #[arg(long)]
+        log_file: Option<PathBuf>,
+        /// FUSE worker threads per mountpoint.
+        #[arg(long, default_value_t = 4, hide = true)]
+        fuse_threads: usize,
+        /// Internal: this process is the daemon `mount` started.
+        #[arg(long, hide = true)]
+        daemon_child: bool,
+    },
+    /// Unmount paths mounted by `mount` (also stale ones whose daemon died).
+    Umount {
+        /// Detach a busy mount now; it goes away when its last user leaves.
+        #[arg(long)]
+        lazy: bool,
+        #[arg(required = true)]
+        paths: Vec<String>,
+    },
+    /// Print a mount's counters: requests, bytes, cache hits and misses, read-ahead hits.
+    Stats {
+        /// A mounted path (the root of the mount).
+        path: PathBuf,
+    },
     /// List the keys in the store: key, size, age, digest.
     Keys {
         /// Only keys starting with this.
@@ -118,12 +160,16 @@ impl SourceArgs {
 /// Runs the command line; returns the process exit code.
 pub fn main() -> ExitCode {
     let mut cli = Cli::parse();
-    if let Command::Restore { source, paths } = &mut cli.command {
+    if let Command::Restore { source, paths } | Command::Mount { source, paths, .. } = &mut cli.command {
         if let Err(e) = source.take_url_from(paths) {
             e.exit();
         }
     }
-    init_logging(cli.global.verbose);
+    match &cli.command {
+        Command::Mount { foreground: false, daemon_child: false, log_file, .. } => return mount_parent(log_file.clone()),
+        Command::Mount { foreground, log_file, .. } => init_mount_logging(cli.global.verbose, log_file.as_deref(), *foreground),
+        _ => init_logging(cli.global.verbose),
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -261,6 +307,31 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 paths.join(", ")
             );
         }
+        Command::Mount { source, paths, force, cache_size, fuse_threads, daemon_child, .. } => {
+            let options = MountOptions { force, cache_size, fuse_threads, ..MountOptions::default() };
+            let result = mount_and_serve(&cli.global, source, &paths, &anchors, options, daemon_child).await;
+            if let (Err(e), true) = (&result, daemon_child) {
+                print!("{}", control::protocol_line("error", &[&exit_code_of(e).to_string(), &format!("{e:#}")]));
+                let _ = std::io::Write::flush(&mut std::io::stdout());
+            }
+            result?;
+        }
+        Command::Umount { lazy, paths } => {
+            let mut failed = Vec::new();
+            for p in &paths {
+                match control::unmount(std::path::Path::new(p), lazy) {
+                    Ok(()) => println!("unmounted {p}"),
+                    Err(e) => {
+                        eprintln!("error: {e:#}");
+                        failed.push(p.clone());
+                    }
+                }
+            }
+            if !failed.is_empty() {
+                anyhow::bail!("could not unmount {}", failed.join(", "));
+            }
+        }
+        Command::Stats { path } => print!("{}", control::stats(&path)?),
         Command::Keys { prefix } => {
             let store = open_store(&cli.global).await?;
             let keys = layout::list_keys(&store, &prefix).await?;
@@ -279,6 +350,107 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+fn exit_code_of(e: &anyhow::Error) -> u8 {
+    if matches!(e.downcast_ref::<LayoutError>(), Some(LayoutError::NoMatch { .. })) {
+        EXIT_CACHE_MISS
+    } else {
+        1
+    }
+}
+
+/// `mount` without `--foreground`: start the daemon, wait for it, report.
+fn mount_parent(log_file: Option<PathBuf>) -> ExitCode {
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    let log = log_file.unwrap_or_else(|| {
+        let p = control::default_log_path();
+        args.push("--log-file".into());
+        args.push(p.clone().into());
+        p
+    });
+    match control::spawn_daemon(&args, &log, std::time::Duration::from_secs(600)) {
+        Ok(started) => {
+            for (path, nodes) in &started.mounted {
+                println!("mounted {} at {} ({nodes} entries)", started.what, path.display());
+            }
+            println!("daemon pid {}, log {}", started.pid, log.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            match e.downcast_ref::<control::DaemonFailed>() {
+                Some(f) => ExitCode::from(f.code),
+                None => ExitCode::FAILURE,
+            }
+        }
+    }
+}
+
+/// The daemon logs at info level to its log file (its stderr, or in the
+/// foreground both stderr and the file).
+fn init_mount_logging(verbose: u8, log_file: Option<&std::path::Path>, foreground: bool) {
+    use tracing_subscriber::fmt::writer::MakeWriterExt;
+    let default = if verbose > 1 { "debug" } else { "info" };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("cachemount={default},warn")));
+    let file = match (foreground, log_file) {
+        (true, Some(path)) => {
+            if let Some(dir) = path.parent() {
+                let _ = std::fs::create_dir_all(dir);
+            }
+            std::fs::OpenOptions::new().create(true).append(true).open(path).ok()
+        }
+        _ => None,
+    };
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(false);
+    let _ = match file {
+        Some(f) => builder.with_writer(std::io::stderr.and(std::sync::Arc::new(f))).try_init(),
+        None => builder.with_writer(std::io::stderr).try_init(),
+    };
+}
+
+/// Resolves the cache, opens it, mounts every path, reports readiness and
+/// serves until unmounted.
+async fn mount_and_serve(global: &GlobalArgs, source: SourceArgs, paths: &[String], anchors: &Anchors, options: MountOptions, daemon_child: bool) -> anyhow::Result<()> {
+    let specs = parse_specs(paths, anchors)?;
+    let (store, key, digest, what) = if let Some(url) = source.url {
+        let (store_url, object) = split_object_url(&url)?;
+        let store = AnyStore::open(&store_url, global.endpoint_url.clone(), global.region.clone())
+            .await
+            .with_context(|| format!("cannot open {url}"))?;
+        (store, object, None, url)
+    } else {
+        let key = source.key.expect("take_url_from requires --key or a URL");
+        let store = open_store(global).await?;
+        let resolved = layout::resolve(&store, &key, &source.fallbacks).await?;
+        let what = if resolved.key == key { key } else { format!("{} (fallback for {key})", resolved.key) };
+        (store, resolved.pointer.blob_key(), Some(resolved.pointer.digest.clone()), what)
+    };
+    let stats = std::sync::Arc::new(Stats::default());
+    let version = daemon::open_version(&store, &key, digest.as_deref(), &stats).await?;
+    let targets = restore::plan_targets(&version.index, &specs, anchors)?;
+    let runtime = tokio::runtime::Handle::current();
+    let store = std::sync::Arc::new(store);
+    let d = tokio::task::spawn_blocking(move || daemon::mount_all(store, version, &targets, &options, stats, runtime)).await??;
+    if daemon_child {
+        let mut out = String::new();
+        for m in &d.mounted {
+            out += &control::protocol_line("mounted", &[&m.path.to_string_lossy(), &m.nodes.to_string()]);
+        }
+        out += &control::protocol_line("ready", &[&std::process::id().to_string(), &what]);
+        print!("{out}");
+        let _ = std::io::Write::flush(&mut std::io::stdout());
+        control::detach_stdout();
+    } else {
+        for m in &d.mounted {
+            println!("mounted {what} at {} ({} entries)", m.path.display(), m.nodes);
+        }
+    }
+    for m in &d.mounted {
+        tracing::info!("serving {} at {} ({} entries)", what, m.path.display(), m.nodes);
+    }
+    d.serve().await
 }
 
 pub fn human_bytes(n: u64) -> String {
@@ -303,4 +475,25 @@ fn human_age(secs: u64) -> String {
         s if s < 172_800 => format!("{}h", s / 3600),
         s => format!("{}d", s / 86_400),
     }
+}
+
+/// `1073741824`, `512K`, `64M`, `1G` (powers of 1024).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (digits, mult) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m = match c.to_ascii_uppercase() {
+                'K' => 1u64 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                'B' => 1,
+                _ => return Err(format!("unknown size suffix {c:?} (use K, M, G or T)")),
+            };
+            (&s[..i], m)
+        }
+        _ => (s, 1),
+    };
+    let n: u64 = digits.trim().parse().map_err(|_| format!("{s:?} is not a size"))?;
+    n.checked_mul(mult).ok_or_else(|| format!("{s:?} is too large"))
 }

@@ -1,0 +1,162 @@
+//! The block cache: decompressed blocks in an LRU bounded in bytes.
+//!
+//! A block is one zstd frame of a file (or one fixed-size piece of a stored or
+//! single-stream entry). Keys carry the id of the object *version* they were
+//! read from, so after the object changes (the 412 path) nothing read from the
+//! old version can be served for the new one: the new version has a new id,
+//! and [`BlockCache::drop_version`] frees the old blocks.
+
+use bytes::Bytes;
+use lru::LruCache;
+use parking_lot::Mutex;
+
+/// One block: (object version id, entry index in that version's index, block index).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BlockKey {
+    pub version: u64,
+    pub entry: u32,
+    pub block: u32,
+}
+
+struct Cached {
+    data: Bytes,
+    /// Brought in by read-ahead or a neighbour fetch and not read yet: the
+    /// first read of it counts as a read-ahead hit.
+    prefetched: bool,
+}
+
+struct Inner {
+    lru: LruCache<BlockKey, Cached>,
+    bytes: u64,
+}
+
+/// What a lookup found.
+pub struct Hit {
+    pub data: Bytes,
+    /// This was the first read of a prefetched block.
+    pub prefetched: bool,
+}
+
+pub struct BlockCache {
+    inner: Mutex<Inner>,
+    capacity: u64,
+}
+
+impl BlockCache {
+    /// A cache holding at most `capacity` bytes of block data (a block larger
+    /// than the whole cache is not kept at all).
+    pub fn new(capacity: u64) -> Self {
+        BlockCache {
+            inner: Mutex::new(Inner {
+                lru: LruCache::unbounded(),
+                bytes: 0,
+            }),
+            capacity,
+        }
+    }
+
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    /// Bytes of block data held now.
+    pub fn bytes(&self) -> u64 {
+        self.inner.lock().bytes
+    }
+
+    pub fn get(&self, key: &BlockKey) -> Option<Hit> {
+        let mut inner = self.inner.lock();
+        let c = inner.lru.get_mut(key)?;
+        let prefetched = std::mem::take(&mut c.prefetched);
+        Some(Hit {
+            data: c.data.clone(),
+            prefetched,
+        })
+    }
+
+    /// Whether `key` is cached, without touching its recency.
+    pub fn contains(&self, key: &BlockKey) -> bool {
+        self.inner.lock().lru.contains(key)
+    }
+
+    /// Adds a block, evicting the least recently used ones to stay in bounds.
+    pub fn insert(&self, key: BlockKey, data: Bytes, prefetched: bool) {
+        let len = data.len() as u64;
+        if len > self.capacity {
+            return;
+        }
+        let mut inner = self.inner.lock();
+        if let Some(old) = inner.lru.put(key, Cached { data, prefetched }) {
+            inner.bytes -= old.data.len() as u64;
+        }
+        inner.bytes += len;
+        while inner.bytes > self.capacity {
+            match inner.lru.pop_lru() {
+                Some((_, evicted)) => inner.bytes -= evicted.data.len() as u64,
+                None => break,
+            }
+        }
+    }
+
+    /// Frees every block of `version` (after the mount moved to a new version).
+    pub fn drop_version(&self, version: u64) {
+        let mut inner = self.inner.lock();
+        let keys: Vec<BlockKey> = inner
+            .lru
+            .iter()
+            .filter(|(k, _)| k.version == version)
+            .map(|(k, _)| *k)
+            .collect();
+        for k in keys {
+            if let Some(c) = inner.lru.pop(&k) {
+                inner.bytes -= c.data.len() as u64;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(block: u32) -> BlockKey {
+        BlockKey {
+            version: 1,
+            entry: 0,
+            block,
+        }
+    }
+
+    #[test]
+    fn stays_within_its_byte_bound_and_evicts_lru() {
+        let cache = BlockCache::new(100);
+        cache.insert(key(0), Bytes::from(vec![0; 40]), false);
+        cache.insert(key(1), Bytes::from(vec![1; 40]), false);
+        assert!(cache.get(&key(0)).is_some()); // 0 is now most recent
+        cache.insert(key(2), Bytes::from(vec![2; 40]), false);
+        assert!(cache.bytes() <= 100);
+        assert!(cache.contains(&key(0)) && cache.contains(&key(2)) && !cache.contains(&key(1)));
+        cache.insert(key(3), Bytes::from(vec![3; 101]), false);
+        assert!(!cache.contains(&key(3)));
+    }
+
+    #[test]
+    fn prefetched_flag_is_reported_once_and_versions_drop() {
+        let cache = BlockCache::new(1000);
+        cache.insert(key(0), Bytes::from_static(b"abc"), true);
+        assert!(cache.get(&key(0)).unwrap().prefetched);
+        assert!(!cache.get(&key(0)).unwrap().prefetched);
+        cache.insert(
+            BlockKey {
+                version: 2,
+                entry: 0,
+                block: 0,
+            },
+            Bytes::from_static(b"de"),
+            false,
+        );
+        cache.drop_version(1);
+        assert_eq!(cache.bytes(), 2);
+        assert!(!cache.contains(&key(0)));
+    }
+}

@@ -1,0 +1,1085 @@
+//! The fetcher: turns "bytes `offset..offset+len` of entry `i`" into verified,
+//! cached blocks, with as few store requests as it can.
+//!
+//! - A *block* is one zstd frame of a multi-frame file, or a fixed
+//!   [`BLOCK_SIZE`] piece of a stored or single-stream entry.
+//! - Concurrent misses of one block fetch it once: an in-flight map holds a
+//!   shared future per block being fetched, which later readers join.
+//! - Misses of one read, and the speculative pieces added to it, are sorted by
+//!   archive offset and merged into one range GET when they are adjacent
+//!   (gap ≤ [`FetchConfig::merge_gap`]), up to [`FetchConfig::max_get`] bytes.
+//! - A small file's miss also fetches the small files after it in the same
+//!   directory (adjacent in the archive, because entries are in path order),
+//!   so a directory walk that reads every file costs one GET per directory
+//!   rather than one per file.
+//! - Sequential readers get a read-ahead window that doubles per sequential
+//!   read (1 → [`FetchConfig::readahead_max_blocks`] blocks); read-ahead in
+//!   flight is bounded globally by a semaphore of bytes.
+//! - Every block is verified (frame checksum, or CRC-32 of a whole entry)
+//!   before it enters the cache; a failed check is an error for that read only.
+//! - Entries that are one compressed stream and too large to fetch whole
+//!   (foreign deflate / single-frame zstd) are decoded sequentially by a
+//!   per-entry cursor that caches every block it passes; a read behind the
+//!   cursor restarts it from the entry's start (a deflate or zstd stream cannot
+//!   be entered in the middle), blocks still cached are served without that.
+//!
+//! Every GET is pinned to the mount's [`Version`] (If-Match). A 412 fails the
+//! read with [`FetchError::Changed`]; reopening is the job of a later layer,
+//! which swaps in a new `Version` (with a new id, so no old block is served).
+
+use std::collections::HashMap;
+use std::io::{self, Read};
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use futures::future::{BoxFuture, FutureExt, Shared};
+use parking_lot::Mutex;
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
+
+use super::blocks::{BlockCache, BlockKey};
+use super::stats::Stats;
+use crate::archive::decode::{decode_entry, decode_frame};
+use crate::archive::zip::{local_header_data_start, LOCAL_HEADER_LEN};
+use crate::archive::{ArchiveIndex, Compression, DataOffset, Entry, EntryKind};
+use crate::store::{ObjectStore, ObjectVersion, StoreError};
+
+/// Block size of entries that are not split into frames (stored, deflate,
+/// single-stream zstd): the unit of caching and of random access.
+pub const BLOCK_SIZE: u64 = 1 << 20;
+/// Extra bytes fetched after a foreign entry's local header, when its data
+/// offset is not known yet, to cover the header's name and extra fields.
+const LOCAL_HEADER_SLACK: u64 = 1024;
+
+/// Tuning of the fetcher; the defaults are what the benchmark measured best.
+#[derive(Debug, Clone)]
+pub struct FetchConfig {
+    /// Largest merged range GET.
+    pub max_get: u64,
+    /// Largest hole between two wanted ranges that is still fetched through
+    /// (downloading it costs less than the latency of a second request).
+    pub merge_gap: u64,
+    /// A file whose compressed size is at most this is "small": its miss also
+    /// fetches its small neighbours.
+    pub small_file: u64,
+    /// Compressed bytes of neighbours fetched along with a small file's miss.
+    pub neighbour_bytes: u64,
+    /// Most neighbours fetched along with a small file's miss.
+    pub neighbour_files: usize,
+    /// The largest read-ahead window, in blocks.
+    pub readahead_max_blocks: u32,
+    /// Read-ahead bytes in flight at once, over all files and mounts.
+    pub readahead_memory: u64,
+    /// Single-stream entries up to this size (compressed and not) are fetched
+    /// and decoded whole on first read; larger ones are decoded sequentially.
+    pub whole_max: u64,
+    /// Compressed bytes per GET of a sequentially decoded entry.
+    pub stream_chunk: u64,
+    /// Blocks a sequential stream reader decodes ahead of the reads.
+    pub stream_ahead_blocks: u32,
+}
+
+impl Default for FetchConfig {
+    fn default() -> Self {
+        FetchConfig {
+            max_get: 8 << 20,
+            merge_gap: 64 << 10,
+            small_file: 256 << 10,
+            neighbour_bytes: 2 << 20,
+            neighbour_files: 256,
+            readahead_max_blocks: 8,
+            readahead_memory: 256 << 20,
+            whole_max: 16 << 20,
+            stream_chunk: 4 << 20,
+            stream_ahead_blocks: 4,
+        }
+    }
+}
+
+static NEXT_VERSION_ID: AtomicU64 = AtomicU64::new(1);
+
+/// One version of the archive object: what every read of a mount is pinned
+/// to. A mount holds its current `Version` behind a swappable pointer; when
+/// the object changes, a new `Version` (new id) replaces it.
+pub struct Version {
+    /// Unique in this process; part of every block key.
+    pub id: u64,
+    /// The object's key in the store.
+    pub key: String,
+    pub pin: ObjectVersion,
+    pub size: u64,
+    pub index: ArchiveIndex,
+    /// Each entry's data offset; 0 while unknown (a foreign entry whose local
+    /// header has not been read — data never starts at 0).
+    offsets: Vec<AtomicU64>,
+}
+
+impl Version {
+    pub fn new(key: String, pin: ObjectVersion, size: u64, index: ArchiveIndex) -> Self {
+        let offsets = index
+            .entries
+            .iter()
+            .map(|e| {
+                AtomicU64::new(match e.offset {
+                    DataOffset::Data(o) => o,
+                    DataOffset::LocalHeader(_) => 0,
+                })
+            })
+            .collect();
+        Version {
+            id: NEXT_VERSION_ID.fetch_add(1, Ordering::Relaxed),
+            key,
+            pin,
+            size,
+            index,
+            offsets,
+        }
+    }
+
+    pub fn entry(&self, i: u32) -> &Entry {
+        &self.index.entries[i as usize]
+    }
+
+    /// The entry's path, for log lines.
+    pub fn name(&self, i: u32) -> String {
+        String::from_utf8_lossy(&self.entry(i).name).into_owned()
+    }
+
+    fn known_offset(&self, i: u32) -> Option<u64> {
+        match self.offsets[i as usize].load(Ordering::Relaxed) {
+            0 => None,
+            o => Some(o),
+        }
+    }
+
+    /// Where the entry starts in the archive, exactly or (foreign) its local header.
+    fn approx_start(&self, i: u32) -> u64 {
+        self.known_offset(i).unwrap_or(match self.entry(i).offset {
+            DataOffset::Data(o) | DataOffset::LocalHeader(o) => o,
+        })
+    }
+}
+
+/// Why a read failed. Cloneable: one failed fetch fails every read that joined it.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum FetchError {
+    /// The object is no longer the pinned version (HTTP 412).
+    #[error("{0}")]
+    Changed(String),
+    #[error("{0}")]
+    Store(String),
+    /// The data failed its checksum or does not decode.
+    #[error("{0}")]
+    Corrupt(String),
+}
+
+/// How an entry's content is cut into blocks and fetched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Layout {
+    /// One block per zstd frame, fetched and verified independently.
+    Frames,
+    /// Raw bytes: blocks are ranges of the data.
+    Stored,
+    /// One compressed stream small enough to fetch and decode in one go.
+    Whole,
+    /// One large compressed stream, decoded sequentially.
+    Stream,
+}
+
+/// The unit fetched and decoded together: a frame, a stored block, or a whole entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Piece {
+    entry: u32,
+    /// 0 for a whole entry.
+    block: u32,
+}
+
+type Outcome = Result<Arc<Vec<Bytes>>, FetchError>;
+type Pending = Shared<BoxFuture<'static, Outcome>>;
+
+struct Job {
+    piece: Piece,
+    tx: oneshot::Sender<Outcome>,
+    speculative: bool,
+}
+
+/// Sequential-read detection for one entry.
+#[derive(Debug, Clone, Copy, Default)]
+struct Seq {
+    next: u64,
+    window: u32,
+}
+
+/// The decoding position in a [`Layout::Stream`] entry.
+struct StreamCursor {
+    next_block: u32,
+    decoder: Box<dyn Read + Send>,
+    crc: crc32fast::Hasher,
+    /// A store error met by the reader under the decoder (told apart from corruption).
+    source_error: Arc<Mutex<Option<FetchError>>>,
+}
+
+type CursorSlot = Arc<tokio::sync::Mutex<Option<StreamCursor>>>;
+
+/// The fetcher of one mount daemon, shared by all its mountpoints.
+pub struct Fetcher<S> {
+    store: Arc<S>,
+    cache: BlockCache,
+    stats: Arc<Stats>,
+    config: FetchConfig,
+    inflight: Mutex<HashMap<BlockKey, Pending>>,
+    readahead: Arc<Semaphore>,
+    sequential: Mutex<lru::LruCache<(u64, u32), Seq>>,
+    streams: Mutex<HashMap<(u64, u32), CursorSlot>>,
+}
+
+/// Read-ahead memory is counted in units of this many bytes (semaphore permits are u32).
+const PERMIT_UNIT: u64 = 4096;
+
+impl<S: ObjectStore> Fetcher<S> {
+    pub fn new(
+        store: Arc<S>,
+        cache_bytes: u64,
+        stats: Arc<Stats>,
+        config: FetchConfig,
+    ) -> Arc<Self> {
+        let permits =
+            (config.readahead_memory / PERMIT_UNIT).clamp(1, u64::from(u32::MAX >> 4)) as usize;
+        Arc::new(Fetcher {
+            store,
+            cache: BlockCache::new(cache_bytes),
+            stats,
+            readahead: Arc::new(Semaphore::new(permits)),
+            config,
+            inflight: Mutex::new(HashMap::new()),
+            sequential: Mutex::new(lru::LruCache::new(
+                std::num::NonZeroUsize::new(4096).unwrap(),
+            )),
+            streams: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn store(&self) -> &Arc<S> {
+        &self.store
+    }
+
+    pub fn cache(&self) -> &BlockCache {
+        &self.cache
+    }
+
+    pub fn stats(&self) -> &Arc<Stats> {
+        &self.stats
+    }
+
+    /// The counters as `name value` lines.
+    pub fn render_stats(&self) -> String {
+        self.stats.render(self.cache.bytes(), self.cache.capacity())
+    }
+
+    fn layout(&self, e: &Entry) -> Layout {
+        if !e.frames.is_empty() {
+            return Layout::Frames;
+        }
+        match e.compression {
+            Compression::Stored => Layout::Stored,
+            _ if e.size <= self.config.whole_max && e.compressed_size <= self.config.whole_max => {
+                Layout::Whole
+            }
+            _ => Layout::Stream,
+        }
+    }
+
+    fn block_size(e: &Entry, layout: Layout) -> u64 {
+        match layout {
+            Layout::Frames if e.frame_size > 0 => u64::from(e.frame_size),
+            Layout::Frames => e.size.max(1),
+            _ => BLOCK_SIZE,
+        }
+    }
+
+    fn block_count(e: &Entry, layout: Layout) -> u32 {
+        match layout {
+            Layout::Frames => e.frames.len() as u32,
+            _ => e.size.div_ceil(BLOCK_SIZE) as u32,
+        }
+    }
+
+    /// Small enough that fetching its neighbours along with it pays.
+    fn is_small(&self, e: &Entry) -> bool {
+        e.kind == EntryKind::File
+            && e.size > 0
+            && e.compressed_size <= self.config.small_file
+            && match self.layout(e) {
+                Layout::Frames => e.frames.len() == 1,
+                Layout::Stored => e.size <= BLOCK_SIZE,
+                Layout::Whole => true,
+                Layout::Stream => false,
+            }
+    }
+
+    fn piece_key(&self, v: &Version, p: Piece) -> BlockKey {
+        BlockKey {
+            version: v.id,
+            entry: p.entry,
+            block: p.block,
+        }
+    }
+
+    /// Reads `offset..offset+len` of entry `entry` (clamped to its size).
+    pub async fn read(
+        self: &Arc<Self>,
+        v: &Arc<Version>,
+        entry: u32,
+        offset: u64,
+        len: u32,
+    ) -> Result<Bytes, FetchError> {
+        let e = v.entry(entry);
+        if offset >= e.size || len == 0 {
+            return Ok(Bytes::new());
+        }
+        let end = (offset + u64::from(len)).min(e.size);
+        let layout = self.layout(e);
+        let bs = Self::block_size(e, layout);
+        let first = (offset / bs) as u32;
+        let last = ((end - 1) / bs) as u32;
+        let mut blocks: Vec<Option<Bytes>> = vec![None; (last - first + 1) as usize];
+        let mut missing = Vec::new();
+        for b in first..=last {
+            match self.cache.get(&BlockKey {
+                version: v.id,
+                entry,
+                block: b,
+            }) {
+                Some(hit) => {
+                    Stats::inc(&self.stats.hits);
+                    if hit.prefetched {
+                        Stats::inc(&self.stats.readahead_hits);
+                    }
+                    blocks[(b - first) as usize] = Some(hit.data);
+                }
+                None => {
+                    Stats::inc(&self.stats.misses);
+                    missing.push(b);
+                }
+            }
+        }
+        if !missing.is_empty() {
+            if layout == Layout::Stream {
+                let got = self.stream_blocks(v, entry, &missing).await?;
+                for (b, data) in missing.iter().zip(got) {
+                    blocks[(b - first) as usize] = Some(data);
+                }
+            } else {
+                let required: Vec<Piece> = if layout == Layout::Whole {
+                    vec![Piece { entry, block: 0 }]
+                } else {
+                    missing
+                        .iter()
+                        .map(|&block| Piece { entry, block })
+                        .collect()
+                };
+                let optional = if self.is_small(e) {
+                    self.neighbours(v, entry)
+                } else {
+                    Vec::new()
+                };
+                let pending = self.start(v, &required, &optional, None);
+                for (piece, fut) in required.iter().zip(pending) {
+                    let out = fut.await?;
+                    if layout == Layout::Whole {
+                        for &b in &missing {
+                            blocks[(b - first) as usize] = out.get(b as usize).cloned();
+                        }
+                    } else {
+                        blocks[(piece.block - first) as usize] = out.first().cloned();
+                    }
+                }
+            }
+        }
+        self.read_ahead(v, entry, layout, offset, end, last);
+        let mut out = BytesMut::with_capacity((end - offset) as usize);
+        for (i, block) in blocks.into_iter().enumerate() {
+            let block = block.ok_or_else(|| {
+                FetchError::Corrupt(format!(
+                    "{}: block {} is missing after its fetch",
+                    v.name(entry),
+                    first as usize + i
+                ))
+            })?;
+            let block_start = (first as u64 + i as u64) * bs;
+            let from = offset.saturating_sub(block_start) as usize;
+            let to = ((end - block_start) as usize).min(block.len());
+            if from > to {
+                return Err(FetchError::Corrupt(format!(
+                    "{}: block {} is shorter than the index says",
+                    v.name(entry),
+                    first as usize + i
+                )));
+            }
+            if out.is_empty() && to - from == (end - offset) as usize {
+                return Ok(block.slice(from..to));
+            }
+            out.extend_from_slice(&block[from..to]);
+        }
+        if out.len() as u64 != end - offset {
+            return Err(FetchError::Corrupt(format!(
+                "{}: blocks are shorter than the index says",
+                v.name(entry)
+            )));
+        }
+        Ok(out.freeze())
+    }
+
+    /// The small files after `entry` in its directory, adjacent in the archive.
+    fn neighbours(&self, v: &Version, entry: u32) -> Vec<Piece> {
+        let entries = &v.index.entries;
+        let name = &entries[entry as usize].name;
+        let dir_len = name.iter().rposition(|b| *b == b'/').map_or(0, |p| p + 1);
+        let dir = &name[..dir_len];
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        let e = &entries[entry as usize];
+        let mut prev_end = v.approx_start(entry) + e.compressed_size;
+        for (j, n) in entries.iter().enumerate().skip(entry as usize + 1) {
+            if !n.name.starts_with(dir) {
+                break;
+            }
+            let start = v.approx_start(j as u32);
+            if start.saturating_sub(prev_end) > self.config.merge_gap {
+                break;
+            }
+            prev_end = start + n.compressed_size;
+            if n.kind != EntryKind::File || n.name[dir_len..].contains(&b'/') || n.size == 0 {
+                continue;
+            }
+            if !self.is_small(n) {
+                break;
+            }
+            bytes += n.compressed_size;
+            if bytes > self.config.neighbour_bytes || out.len() >= self.config.neighbour_files {
+                break;
+            }
+            out.push(Piece {
+                entry: j as u32,
+                block: 0,
+            });
+        }
+        out
+    }
+
+    /// Sequential readers get the next blocks fetched before they ask.
+    fn read_ahead(
+        self: &Arc<Self>,
+        v: &Arc<Version>,
+        entry: u32,
+        layout: Layout,
+        offset: u64,
+        end: u64,
+        last: u32,
+    ) {
+        let e = v.entry(entry);
+        let window = {
+            let mut seq = self.sequential.lock();
+            let st = seq.get_or_insert_mut((v.id, entry), Seq::default);
+            let bs = Self::block_size(e, layout);
+            let sequential = offset <= st.next + bs && offset + bs >= st.next;
+            st.window = if sequential {
+                (st.window * 2).clamp(1, self.config.readahead_max_blocks)
+            } else {
+                0
+            };
+            st.next = st.next.max(end);
+            if !sequential {
+                st.next = end;
+            }
+            st.window
+        };
+        if window == 0 {
+            return;
+        }
+        match layout {
+            Layout::Frames | Layout::Stored => {}
+            Layout::Stream => {
+                let next = BlockKey {
+                    version: v.id,
+                    entry,
+                    block: last + 1,
+                };
+                if last + 1 < Self::block_count(e, layout) && !self.cache.contains(&next) {
+                    let this = self.clone();
+                    let v = v.clone();
+                    let target = (last + self.config.stream_ahead_blocks)
+                        .min(Self::block_count(e, layout) - 1);
+                    tokio::spawn(async move {
+                        let _ = this.stream_decode(&v, entry, &[], target).await;
+                    });
+                }
+                return;
+            }
+            Layout::Whole => return,
+        }
+        let count = Self::block_count(e, layout);
+        // Keep read-ahead well inside the cache so it does not evict what it prefetched.
+        let cache_blocks = (self.cache.capacity() / Self::block_size(e, layout) / 4).max(1) as u32;
+        let to = (last.saturating_add(window.min(cache_blocks))).min(count.saturating_sub(1));
+        let pieces: Vec<Piece> = (last + 1..=to)
+            .map(|block| Piece { entry, block })
+            .filter(|p| !self.cache.contains(&self.piece_key(v, *p)))
+            .collect();
+        if pieces.is_empty() {
+            return;
+        }
+        let bytes: u64 = pieces.iter().map(|p| self.piece_range_len(v, *p)).sum();
+        let units = bytes.div_ceil(PERMIT_UNIT).min(u64::from(u32::MAX)) as u32;
+        let Ok(permit) = self.readahead.clone().try_acquire_many_owned(units) else {
+            tracing::debug!(
+                "read-ahead memory exhausted; not reading ahead in {}",
+                v.name(entry)
+            );
+            return;
+        };
+        self.start(v, &[], &pieces, Some(permit));
+    }
+
+    fn piece_range_len(&self, v: &Version, p: Piece) -> u64 {
+        let e = v.entry(p.entry);
+        match self.layout(e) {
+            Layout::Frames => u64::from(e.frames[p.block as usize].compressed_len),
+            Layout::Stored => BLOCK_SIZE.min(e.size - u64::from(p.block) * BLOCK_SIZE),
+            _ => e.compressed_size,
+        }
+    }
+
+    /// Registers `required` (awaited by the caller) and `optional` (speculative,
+    /// skipped when already cached or in flight) pieces and starts one task
+    /// fetching every piece nobody is fetching yet. Returns, for each required
+    /// piece, the future of its blocks.
+    fn start(
+        self: &Arc<Self>,
+        v: &Arc<Version>,
+        required: &[Piece],
+        optional: &[Piece],
+        permit: Option<OwnedSemaphorePermit>,
+    ) -> Vec<Pending> {
+        let mut jobs = Vec::new();
+        let mut waits = Vec::with_capacity(required.len());
+        {
+            let mut inflight = self.inflight.lock();
+            for &piece in required {
+                let key = self.piece_key(v, piece);
+                if let Some(f) = inflight.get(&key) {
+                    waits.push(f.clone());
+                    continue;
+                }
+                let (tx, rx) = oneshot::channel();
+                let fut = pending(rx);
+                inflight.insert(key, fut.clone());
+                waits.push(fut);
+                jobs.push(Job {
+                    piece,
+                    tx,
+                    speculative: false,
+                });
+            }
+            for &piece in optional {
+                let key = self.piece_key(v, piece);
+                if inflight.contains_key(&key) || self.cache.contains(&key) {
+                    continue;
+                }
+                let (tx, rx) = oneshot::channel();
+                inflight.insert(key, pending(rx));
+                jobs.push(Job {
+                    piece,
+                    tx,
+                    speculative: true,
+                });
+            }
+        }
+        if !jobs.is_empty() {
+            let this = self.clone();
+            let v = v.clone();
+            tokio::spawn(async move {
+                this.run(&v, jobs).await;
+                drop(permit);
+            });
+        }
+        waits
+    }
+
+    /// Where a piece's bytes are: exact when the entry's data offset is known,
+    /// else from its local header with slack for the header (`true`).
+    fn piece_range(&self, v: &Version, p: Piece) -> (Range<u64>, bool) {
+        let e = v.entry(p.entry);
+        let rel = match self.layout(e) {
+            Layout::Frames => {
+                let (start, _) = e.frame_span(p.block as usize);
+                start..start + u64::from(e.frames[p.block as usize].compressed_len)
+            }
+            Layout::Stored => {
+                let start = u64::from(p.block) * BLOCK_SIZE;
+                start..(start + BLOCK_SIZE).min(e.size)
+            }
+            Layout::Whole | Layout::Stream => 0..e.compressed_size,
+        };
+        match (v.known_offset(p.entry), e.offset) {
+            (Some(off), _) => (off + rel.start..off + rel.end, false),
+            (None, DataOffset::LocalHeader(lh)) | (None, DataOffset::Data(lh)) => {
+                let end = (lh
+                    + LOCAL_HEADER_LEN as u64
+                    + e.name.len() as u64
+                    + 1
+                    + LOCAL_HEADER_SLACK
+                    + rel.end)
+                    .min(v.size);
+                (lh..end, true)
+            }
+        }
+    }
+
+    /// Fetches and decodes `jobs`: merged into as few GETs as the config allows,
+    /// the GETs run concurrently.
+    async fn run(self: &Arc<Self>, v: &Arc<Version>, jobs: Vec<Job>) {
+        let mut planned: Vec<(Range<u64>, Job)> = jobs
+            .into_iter()
+            .map(|j| (self.piece_range(v, j.piece).0, j))
+            .collect();
+        planned.sort_by_key(|(r, _)| r.start);
+        let mut groups: Vec<(Range<u64>, Vec<Job>)> = Vec::new();
+        for (range, job) in planned {
+            match groups.last_mut() {
+                Some((g, members))
+                    if range.start <= g.end + self.config.merge_gap
+                        && range.end.max(g.end) - g.start <= self.config.max_get =>
+                {
+                    g.end = g.end.max(range.end);
+                    members.push(job);
+                }
+                _ => groups.push((range, vec![job])),
+            }
+        }
+        futures::future::join_all(
+            groups
+                .into_iter()
+                .map(|(range, members)| self.run_group(v, range, members)),
+        )
+        .await;
+    }
+
+    async fn run_group(self: &Arc<Self>, v: &Arc<Version>, range: Range<u64>, jobs: Vec<Job>) {
+        let data = match self.get(v, range.clone()).await {
+            Ok(d) => d,
+            Err(e) => {
+                let names: Vec<String> =
+                    jobs.iter().take(3).map(|j| v.name(j.piece.entry)).collect();
+                tracing::error!("read of {} failed: {e}", names.join(", "));
+                for job in jobs {
+                    self.finish(v, job, Err(e.clone()));
+                }
+                return;
+            }
+        };
+        for job in jobs {
+            let piece_bytes = match self.slice_piece(v, job.piece, range.start, &data) {
+                Some(b) => Ok(b),
+                None => {
+                    // The local header was longer than the slack allowed for: fetch exactly.
+                    match self.data_offset(v, job.piece.entry).await {
+                        Ok(_) => self.get(v, self.piece_range(v, job.piece).0).await,
+                        Err(e) => Err(e),
+                    }
+                }
+            };
+            let outcome = match piece_bytes {
+                Ok(bytes) => {
+                    let this = self.clone();
+                    let v2 = v.clone();
+                    let piece = job.piece;
+                    // Decompression is CPU work: keep it off the async workers.
+                    match tokio::task::spawn_blocking(move || this.decode(&v2, piece, &bytes)).await
+                    {
+                        Ok(r) => r,
+                        Err(e) => Err(FetchError::Corrupt(format!(
+                            "decoding {} panicked: {e}",
+                            v.name(piece.entry)
+                        ))),
+                    }
+                }
+                Err(e) => Err(e),
+            };
+            if let Err(e @ FetchError::Corrupt(_)) = &outcome {
+                Stats::inc(&self.stats.corrupt_blocks);
+                tracing::error!(
+                    "corrupt data in {}: {e}; reads of it fail with EIO",
+                    v.name(job.piece.entry)
+                );
+            }
+            self.finish(v, job, outcome);
+        }
+    }
+
+    /// The piece's compressed bytes from a fetched buffer starting at `base`,
+    /// resolving a foreign entry's data offset from its local header first.
+    fn slice_piece(&self, v: &Version, p: Piece, base: u64, data: &Bytes) -> Option<Bytes> {
+        let (_, needs_header) = self.piece_range(v, p);
+        if needs_header {
+            let DataOffset::LocalHeader(lh) = v.entry(p.entry).offset else {
+                return None;
+            };
+            let at = (lh - base) as usize;
+            let header = data.get(at..at + LOCAL_HEADER_LEN)?;
+            let start = local_header_data_start(header).ok()?;
+            v.offsets[p.entry as usize].store(lh + start, Ordering::Relaxed);
+        }
+        let (range, _) = self.piece_range(v, p);
+        let from = (range.start.checked_sub(base)?) as usize;
+        let to = (range.end - base) as usize;
+        (to <= data.len()).then(|| data.slice(from..to))
+    }
+
+    fn decode(&self, v: &Version, p: Piece, bytes: &[u8]) -> Outcome {
+        let e = v.entry(p.entry);
+        let corrupt = |reason: String| FetchError::Corrupt(reason);
+        let blocks = match self.layout(e) {
+            Layout::Frames => vec![Bytes::from(
+                decode_frame(e, p.block as usize, bytes).map_err(|err| corrupt(err.to_string()))?,
+            )],
+            Layout::Stored => {
+                // A one-block stored entry is checked whole; larger stored
+                // entries have no per-block checksum to check against.
+                if e.size <= BLOCK_SIZE
+                    && (bytes.len() as u64 != e.size || crc32fast::hash(bytes) != e.crc32)
+                {
+                    return Err(corrupt(format!(
+                        "{}: CRC-32 or size does not match the index",
+                        v.name(p.entry)
+                    )));
+                }
+                vec![Bytes::copy_from_slice(bytes)]
+            }
+            Layout::Whole | Layout::Stream => {
+                let all =
+                    Bytes::from(decode_entry(e, bytes).map_err(|err| corrupt(err.to_string()))?);
+                (0..all.len().div_ceil(BLOCK_SIZE as usize))
+                    .map(|i| {
+                        all.slice(
+                            i * BLOCK_SIZE as usize..((i + 1) * BLOCK_SIZE as usize).min(all.len()),
+                        )
+                    })
+                    .collect()
+            }
+        };
+        Ok(Arc::new(blocks))
+    }
+
+    /// Caches a finished piece's blocks, then wakes its readers.
+    fn finish(&self, v: &Version, job: Job, outcome: Outcome) {
+        let key = self.piece_key(v, job.piece);
+        if let Ok(blocks) = &outcome {
+            let whole = matches!(
+                self.layout(v.entry(job.piece.entry)),
+                Layout::Whole | Layout::Stream
+            );
+            for (i, b) in blocks.iter().enumerate() {
+                let block = if whole { i as u32 } else { job.piece.block };
+                self.cache.insert(
+                    BlockKey {
+                        version: v.id,
+                        entry: job.piece.entry,
+                        block,
+                    },
+                    b.clone(),
+                    job.speculative,
+                );
+                if job.speculative {
+                    Stats::inc(&self.stats.prefetched_blocks);
+                }
+            }
+        }
+        self.inflight.lock().remove(&key);
+        let _ = job.tx.send(outcome);
+    }
+
+    /// One pinned range GET, counted.
+    pub async fn get(&self, v: &Version, range: Range<u64>) -> Result<Bytes, FetchError> {
+        Stats::inc(&self.stats.requests);
+        match self
+            .store
+            .get_range(&v.key, range.clone(), Some(&v.pin))
+            .await
+        {
+            Ok(bytes) => {
+                Stats::add(&self.stats.bytes_fetched, bytes.len() as u64);
+                if bytes.len() as u64 != range.end - range.start {
+                    return Err(FetchError::Store(format!(
+                        "{}: short read of {range:?} ({} bytes)",
+                        v.key,
+                        bytes.len()
+                    )));
+                }
+                Ok(bytes)
+            }
+            Err(StoreError::PreconditionFailed(what)) => {
+                Stats::inc(&self.stats.precondition_failed);
+                tracing::error!(
+                    "{what} changed in the store since it was mounted (HTTP 412 on If-Match {}); reads fail with EIO until it is remounted",
+                    v.pin.etag
+                );
+                Err(FetchError::Changed(format!(
+                    "{what} changed in the store since it was mounted"
+                )))
+            }
+            Err(e) => Err(FetchError::Store(e.to_string())),
+        }
+    }
+
+    /// The entry's data offset, reading its local header if needed.
+    async fn data_offset(&self, v: &Version, entry: u32) -> Result<u64, FetchError> {
+        if let Some(o) = v.known_offset(entry) {
+            return Ok(o);
+        }
+        let DataOffset::LocalHeader(lh) = v.entry(entry).offset else {
+            unreachable!("known offsets are never 0")
+        };
+        let header = self
+            .get(v, lh..(lh + LOCAL_HEADER_LEN as u64).min(v.size))
+            .await?;
+        let start = local_header_data_start(&header)
+            .map_err(|e| FetchError::Corrupt(format!("{}: {e}", v.name(entry))))?;
+        v.offsets[entry as usize].store(lh + start, Ordering::Relaxed);
+        Ok(lh + start)
+    }
+
+    // ---- sequentially decoded entries ----
+
+    /// The blocks `wanted` (ascending) of a stream entry.
+    async fn stream_blocks(
+        self: &Arc<Self>,
+        v: &Arc<Version>,
+        entry: u32,
+        wanted: &[u32],
+    ) -> Result<Vec<Bytes>, FetchError> {
+        let target = *wanted.last().expect("at least one block");
+        let got = self.stream_decode(v, entry, wanted, target).await?;
+        Ok(got)
+    }
+
+    /// Advances the entry's cursor to block `target` (restarting it when it is
+    /// past the first block needed that is not cached), caching every block it
+    /// passes; returns the `wanted` blocks.
+    async fn stream_decode(
+        self: &Arc<Self>,
+        v: &Arc<Version>,
+        entry: u32,
+        wanted: &[u32],
+        target: u32,
+    ) -> Result<Vec<Bytes>, FetchError> {
+        let slot = self
+            .streams
+            .lock()
+            .entry((v.id, entry))
+            .or_default()
+            .clone();
+        let mut guard = slot.lock().await;
+        // Another reader may have decoded what we want while we waited.
+        let mut have: HashMap<u32, Bytes> = HashMap::new();
+        for &b in wanted {
+            if let Some(hit) = self.cache.get(&BlockKey {
+                version: v.id,
+                entry,
+                block: b,
+            }) {
+                have.insert(b, hit.data);
+            }
+        }
+        let first_needed = wanted.iter().copied().find(|b| !have.contains_key(b));
+        let needs_work =
+            first_needed.is_some() || guard.as_ref().is_none_or(|c| c.next_block <= target);
+        if needs_work {
+            let restart_before = first_needed.unwrap_or(target);
+            let mut cursor = match guard.take() {
+                Some(c) if c.next_block <= restart_before => c,
+                _ => self.new_cursor(v, entry).await?,
+            };
+            let this = self.clone();
+            let v2 = v.clone();
+            let wanted_owned: Vec<u32> = wanted
+                .iter()
+                .copied()
+                .filter(|b| !have.contains_key(b))
+                .collect();
+            let res = tokio::task::spawn_blocking(move || {
+                let r = this.advance(&v2, entry, &mut cursor, target, &wanted_owned);
+                (cursor, r)
+            })
+            .await;
+            match res {
+                Ok((cursor, Ok(got))) => {
+                    if cursor.next_block < Self::block_count(v.entry(entry), Layout::Stream) {
+                        *guard = Some(cursor);
+                    }
+                    have.extend(got);
+                }
+                Ok((_, Err(e))) => return Err(e),
+                Err(e) => {
+                    return Err(FetchError::Corrupt(format!(
+                        "decoding {} panicked: {e}",
+                        v.name(entry)
+                    )))
+                }
+            }
+        }
+        wanted
+            .iter()
+            .map(|b| {
+                have.remove(b).ok_or_else(|| {
+                    FetchError::Corrupt(format!(
+                        "{}: block {b} not produced by its stream",
+                        v.name(entry)
+                    ))
+                })
+            })
+            .collect()
+    }
+
+    async fn new_cursor(
+        self: &Arc<Self>,
+        v: &Arc<Version>,
+        entry: u32,
+    ) -> Result<StreamCursor, FetchError> {
+        let e = v.entry(entry);
+        let start = self.data_offset(v, entry).await?;
+        let source_error = Arc::new(Mutex::new(None));
+        let reader = RangeReader {
+            fetcher: self.clone(),
+            version: v.clone(),
+            handle: tokio::runtime::Handle::current(),
+            pos: start,
+            end: start + e.compressed_size,
+            chunk: self.config.stream_chunk,
+            buf: Bytes::new(),
+            error: source_error.clone(),
+        };
+        let decoder: Box<dyn Read + Send> = match e.compression {
+            Compression::Deflate => Box::new(flate2::read::DeflateDecoder::new(reader)),
+            Compression::Zstd => Box::new(
+                zstd::stream::read::Decoder::new(reader)
+                    .map_err(|err| FetchError::Corrupt(format!("{}: {err}", v.name(entry))))?,
+            ),
+            Compression::Stored => Box::new(reader),
+        };
+        tracing::debug!("decoding {} sequentially from its start", v.name(entry));
+        Ok(StreamCursor {
+            next_block: 0,
+            decoder,
+            crc: crc32fast::Hasher::new(),
+            source_error,
+        })
+    }
+
+    /// Blocking: decodes blocks up to `target`, caching each; returns those in `wanted`.
+    fn advance(
+        &self,
+        v: &Version,
+        entry: u32,
+        cursor: &mut StreamCursor,
+        target: u32,
+        wanted: &[u32],
+    ) -> Result<Vec<(u32, Bytes)>, FetchError> {
+        let e = v.entry(entry);
+        let count = Self::block_count(e, Layout::Stream);
+        let mut got = Vec::new();
+        while cursor.next_block <= target && cursor.next_block < count {
+            let b = cursor.next_block;
+            let len = (e.size - u64::from(b) * BLOCK_SIZE).min(BLOCK_SIZE) as usize;
+            let mut buf = vec![0u8; len];
+            if let Err(err) = cursor.decoder.read_exact(&mut buf) {
+                if let Some(source) = cursor.source_error.lock().take() {
+                    return Err(source);
+                }
+                Stats::inc(&self.stats.corrupt_blocks);
+                let msg = format!("corrupt data in {}: {err}", v.name(entry));
+                tracing::error!("{msg}; reads of it fail with EIO");
+                return Err(FetchError::Corrupt(msg));
+            }
+            cursor.crc.update(&buf);
+            cursor.next_block += 1;
+            if cursor.next_block == count {
+                let mut rest = [0u8; 1];
+                let trailing = cursor.decoder.read(&mut rest).unwrap_or(0);
+                let crc = cursor.crc.clone().finalize();
+                if trailing != 0 || crc != e.crc32 {
+                    Stats::inc(&self.stats.corrupt_blocks);
+                    let msg = format!("corrupt data in {}: CRC-32 {crc:08x} does not match {:08x} (or the data is too long)", v.name(entry), e.crc32);
+                    tracing::error!("{msg}; reads of it fail with EIO");
+                    return Err(FetchError::Corrupt(msg));
+                }
+            }
+            let data = Bytes::from(buf);
+            let is_wanted = wanted.contains(&b);
+            if !is_wanted {
+                Stats::inc(&self.stats.prefetched_blocks);
+            }
+            self.cache.insert(
+                BlockKey {
+                    version: v.id,
+                    entry,
+                    block: b,
+                },
+                data.clone(),
+                !is_wanted,
+            );
+            if is_wanted {
+                got.push((b, data));
+            }
+        }
+        Ok(got)
+    }
+}
+
+fn pending(rx: oneshot::Receiver<Outcome>) -> Pending {
+    rx.map(|r| r.unwrap_or_else(|_| Err(FetchError::Store("the fetch was abandoned".into()))))
+        .boxed()
+        .shared()
+}
+
+/// Blocking `Read` over a byte range of the pinned object, in chunks of
+/// pinned range GETs (runs on a blocking thread, drives the runtime by handle).
+struct RangeReader<S> {
+    fetcher: Arc<Fetcher<S>>,
+    version: Arc<Version>,
+    handle: tokio::runtime::Handle,
+    pos: u64,
+    end: u64,
+    chunk: u64,
+    buf: Bytes,
+    error: Arc<Mutex<Option<FetchError>>>,
+}
+
+impl<S: ObjectStore> Read for RangeReader<S> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        if self.buf.is_empty() {
+            if self.pos >= self.end {
+                return Ok(0);
+            }
+            let range = self.pos..(self.pos + self.chunk).min(self.end);
+            match self
+                .handle
+                .block_on(self.fetcher.get(&self.version, range.clone()))
+            {
+                Ok(b) => {
+                    self.pos = range.end;
+                    self.buf = b;
+                }
+                Err(e) => {
+                    *self.error.lock() = Some(e.clone());
+                    return Err(io::Error::other(e.to_string()));
+                }
+            }
+        }
+        let n = out.len().min(self.buf.len());
+        out[..n].copy_from_slice(&self.buf[..n]);
+        self.buf = self.buf.slice(n..);
+        Ok(n)
+    }
+}

@@ -1,0 +1,15 @@
+//! Reading an archive lazily: the block cache ([`blocks`]), the fetcher that
+//! fills it from the store ([`fetch`]) and the counters of both ([`stats`]).
+//!
+//! The shape follows mountpoint-s3: reads ask the fetcher for byte ranges of
+//! an entry; the fetcher serves blocks from the cache, fetches the misses with
+//! as few range GETs as it can (merging, neighbour files, read-ahead), verifies
+//! them and caches them. Nothing here knows about FUSE.
+
+pub mod blocks;
+pub mod fetch;
+pub mod stats;
+
+pub use blocks::{BlockCache, BlockKey};
+pub use fetch::{FetchConfig, FetchError, Fetcher, Version};
+pub use stats::Stats;

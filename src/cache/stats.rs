@@ -1,0 +1,101 @@
+//! Counters of one mount daemon: store requests and bytes, block cache hits
+//! and misses, read-ahead hits, 412s, and FUSE operations by kind.
+//!
+//! Plain relaxed atomics: they are read for `cachemount stats` and the
+//! benchmark, never used to make decisions, so no ordering is needed.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// FUSE operations counted by [`Stats::op`], in the order they are printed.
+pub const OPS: [&str; 12] = [
+    "lookup",
+    "getattr",
+    "readdir",
+    "readdirplus",
+    "readlink",
+    "open",
+    "read",
+    "release",
+    "statfs",
+    "getxattr",
+    "listxattr",
+    "access",
+];
+
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// GET requests sent to the store (range GETs, including the mount's own).
+    pub requests: AtomicU64,
+    /// Bytes received from those requests.
+    pub bytes_fetched: AtomicU64,
+    /// Block reads served from the block cache.
+    pub hits: AtomicU64,
+    /// Block reads that had to wait for a fetch (or joined one in flight).
+    pub misses: AtomicU64,
+    /// Hits on blocks that read-ahead or a neighbour fetch brought in.
+    pub readahead_hits: AtomicU64,
+    /// Blocks fetched speculatively (read-ahead and small neighbours).
+    pub prefetched_blocks: AtomicU64,
+    /// Reads that failed because the object changed under the mount (412).
+    pub precondition_failed: AtomicU64,
+    /// Reads that failed for any reason (returned EIO).
+    pub read_errors: AtomicU64,
+    /// Blocks whose checksum or decoding failed.
+    pub corrupt_blocks: AtomicU64,
+    ops: [AtomicU64; OPS.len()],
+}
+
+impl Stats {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn inc(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts one FUSE operation by name (one of [`OPS`]; others are ignored).
+    pub fn op(&self, name: &str) {
+        if let Some(i) = OPS.iter().position(|o| *o == name) {
+            self.ops[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// `name value` lines, stable names, for `cachemount stats` and scripts.
+    /// `cache_bytes` and `cache_capacity` come from the block cache.
+    pub fn render(&self, cache_bytes: u64, cache_capacity: u64) -> String {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let mut out = String::new();
+        let rows: [(&str, u64); 11] = [
+            ("requests", get(&self.requests)),
+            ("bytes_fetched", get(&self.bytes_fetched)),
+            ("cache_hits", get(&self.hits)),
+            ("cache_misses", get(&self.misses)),
+            ("readahead_hits", get(&self.readahead_hits)),
+            ("prefetched_blocks", get(&self.prefetched_blocks)),
+            ("cache_bytes", cache_bytes),
+            ("cache_capacity", cache_capacity),
+            ("precondition_failed", get(&self.precondition_failed)),
+            ("read_errors", get(&self.read_errors)),
+            ("corrupt_blocks", get(&self.corrupt_blocks)),
+        ];
+        for (name, value) in rows {
+            let _ = writeln!(out, "{name} {value}");
+        }
+        for (name, c) in OPS.iter().zip(&self.ops) {
+            let _ = writeln!(out, "op_{name} {}", get(c));
+        }
+        out
+    }
+}
+
+/// Parses [`Stats::render`] output back into pairs (for tests and the benchmark).
+pub fn parse(text: &str) -> Vec<(String, u64)> {
+    text.lines()
+        .filter_map(|l| {
+            let (k, v) = l.split_once(' ')?;
+            Some((k.to_string(), v.trim().parse().ok()?))
+        })
+        .collect()
+}

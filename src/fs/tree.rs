@@ -1,0 +1,304 @@
+//! The inode table of one mountpoint: the subtree of the archive index under
+//! one saved path (`_0/node_modules`), as numbered nodes with parents and
+//! sorted children, built once at mount time so that every metadata operation
+//! is answered from memory.
+//!
+//! Inode numbers are the node's position in index order (root = 1), so they
+//! are stable for a path across mounts of the same archive. Directories that
+//! the archive implies but does not list (foreign zips often have no
+//! directory entries) are synthesised with mode 0755 and the root's owner and
+//! mtime.
+
+use std::collections::HashMap;
+
+use crate::archive::{ArchiveIndex, EntryKind, Timestamp};
+
+pub const ROOT_INO: u64 = 1;
+
+/// One file, directory or symlink of the mount.
+#[derive(Debug, Clone)]
+pub struct Node {
+    /// The last path component (empty for the root).
+    pub name: Box<[u8]>,
+    pub parent: u64,
+    pub kind: EntryKind,
+    /// Index of the archive entry; None for a synthesised directory.
+    pub entry: Option<u32>,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime: Timestamp,
+    pub size: u64,
+    pub nlink: u32,
+    /// Children sorted by name (directories only).
+    pub children: Vec<u64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TreeError {
+    #[error("{0} is not a directory in the cache, so it cannot be mounted")]
+    NotADirectory(String),
+}
+
+#[derive(Debug)]
+pub struct Tree {
+    nodes: Vec<Node>,
+}
+
+impl Tree {
+    /// The subtree of `index` under the archive name `root` (`_0/node_modules`;
+    /// empty for the whole archive).
+    pub fn build(index: &ArchiveIndex, root: &[u8]) -> Result<Tree, TreeError> {
+        let (euid, egid) = unsafe { (libc::geteuid(), libc::getegid()) };
+        let root_entry = index
+            .entries
+            .binary_search_by(|e| e.name.as_slice().cmp(root))
+            .ok();
+        let mut root_node = Node {
+            name: Box::default(),
+            parent: ROOT_INO,
+            kind: EntryKind::Dir,
+            entry: None,
+            mode: 0o755,
+            uid: euid,
+            gid: egid,
+            mtime: Timestamp::default(),
+            size: 0,
+            nlink: 2,
+            children: Vec::new(),
+        };
+        if let Some(i) = root_entry.filter(|_| !root.is_empty()) {
+            let e = &index.entries[i];
+            if e.kind != EntryKind::Dir {
+                return Err(TreeError::NotADirectory(
+                    String::from_utf8_lossy(root).into_owned(),
+                ));
+            }
+            root_node.entry = Some(i as u32);
+            root_node.mode = e.mode;
+            root_node.uid = e.uid;
+            root_node.gid = e.gid;
+            root_node.mtime = e.mtime;
+        } else {
+            // No root entry: take the newest mtime below it, for a stable answer.
+            root_node.mtime = index
+                .entries
+                .iter()
+                .filter(|e| under(&e.name, root).is_some())
+                .map(|e| e.mtime)
+                .max_by_key(|t| (t.secs, t.nanos))
+                .unwrap_or_default();
+        }
+        let synth = (root_node.uid, root_node.gid, root_node.mtime);
+        let mut tree = Tree {
+            nodes: vec![root_node],
+        };
+        let mut by_path: HashMap<Vec<u8>, u64> = HashMap::new();
+        by_path.insert(Vec::new(), ROOT_INO);
+        for (i, e) in index.entries.iter().enumerate() {
+            let Some(rel) = under(&e.name, root) else {
+                continue;
+            };
+            if rel.is_empty() || by_path.contains_key(rel) {
+                continue;
+            }
+            if rel
+                .split(|b| *b == b'/')
+                .any(|c| c.is_empty() || c == b"." || c == b"..")
+            {
+                tracing::warn!(
+                    "skipping archive entry {:?}: not a plain relative path",
+                    String::from_utf8_lossy(&e.name)
+                );
+                continue;
+            }
+            let (parent_path, name) = split_last(rel);
+            let parent = tree.ensure_dir(&mut by_path, parent_path, synth);
+            if tree.nodes[(parent - 1) as usize].kind != EntryKind::Dir {
+                tracing::warn!(
+                    "skipping archive entry {:?}: its parent is not a directory",
+                    String::from_utf8_lossy(&e.name)
+                );
+                continue;
+            }
+            let ino = tree.push(Node {
+                name: name.into(),
+                parent,
+                kind: e.kind,
+                entry: Some(i as u32),
+                mode: e.mode,
+                uid: e.uid,
+                gid: e.gid,
+                mtime: e.mtime,
+                size: if e.kind == EntryKind::Dir { 0 } else { e.size },
+                nlink: if e.kind == EntryKind::Dir { 2 } else { 1 },
+                children: Vec::new(),
+            });
+            by_path.insert(rel.to_vec(), ino);
+        }
+        // Sort children by name; count subdirectories into nlink.
+        let names: Vec<Box<[u8]>> = tree.nodes.iter().map(|n| n.name.clone()).collect();
+        let dirs: Vec<bool> = tree
+            .nodes
+            .iter()
+            .map(|n| n.kind == EntryKind::Dir)
+            .collect();
+        for node in &mut tree.nodes {
+            node.children
+                .sort_by(|a, b| names[(*a - 1) as usize].cmp(&names[(*b - 1) as usize]));
+            if node.kind == EntryKind::Dir {
+                node.nlink = 2 + node
+                    .children
+                    .iter()
+                    .filter(|c| dirs[(**c - 1) as usize])
+                    .count() as u32;
+            }
+        }
+        Ok(tree)
+    }
+
+    fn push(&mut self, node: Node) -> u64 {
+        let parent = node.parent;
+        self.nodes.push(node);
+        let ino = self.nodes.len() as u64;
+        self.nodes[(parent - 1) as usize].children.push(ino);
+        ino
+    }
+
+    fn ensure_dir(
+        &mut self,
+        by_path: &mut HashMap<Vec<u8>, u64>,
+        path: &[u8],
+        synth: (u32, u32, Timestamp),
+    ) -> u64 {
+        if let Some(&ino) = by_path.get(path) {
+            return ino;
+        }
+        let (parent_path, name) = split_last(path);
+        let parent = self.ensure_dir(by_path, parent_path, synth);
+        let ino = self.push(Node {
+            name: name.into(),
+            parent,
+            kind: EntryKind::Dir,
+            entry: None,
+            mode: 0o755,
+            uid: synth.0,
+            gid: synth.1,
+            mtime: synth.2,
+            size: 0,
+            nlink: 2,
+            children: Vec::new(),
+        });
+        by_path.insert(path.to_vec(), ino);
+        ino
+    }
+
+    pub fn get(&self, ino: u64) -> Option<&Node> {
+        self.nodes.get(ino.checked_sub(1)? as usize)
+    }
+
+    /// The child `name` of directory `parent`.
+    pub fn lookup(&self, parent: u64, name: &[u8]) -> Option<u64> {
+        let dir = self.get(parent)?;
+        dir.children
+            .binary_search_by(|c| self.nodes[(*c - 1) as usize].name.as_ref().cmp(name))
+            .ok()
+            .map(|i| dir.children[i])
+    }
+
+    /// Number of nodes (files, directories, symlinks).
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    /// Sum of the sizes of all files (for statfs).
+    pub fn total_size(&self) -> u64 {
+        self.nodes.iter().map(|n| n.size).sum()
+    }
+}
+
+/// `name` relative to `root` if it is `root` or below it.
+fn under<'a>(name: &'a [u8], root: &[u8]) -> Option<&'a [u8]> {
+    if root.is_empty() {
+        return Some(name);
+    }
+    if name == root {
+        return Some(b"");
+    }
+    name.strip_prefix(root)?.strip_prefix(b"/")
+}
+
+fn split_last(path: &[u8]) -> (&[u8], &[u8]) {
+    match path.iter().rposition(|b| *b == b'/') {
+        Some(i) => (&path[..i], &path[i + 1..]),
+        None => (b"", path),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::archive::{Compression, DataOffset, Entry};
+
+    fn entry(name: &str, kind: EntryKind) -> Entry {
+        Entry {
+            name: name.as_bytes().to_vec(),
+            kind,
+            mode: 0o644,
+            uid: 1,
+            gid: 2,
+            mtime: Timestamp { secs: 5, nanos: 6 },
+            size: 3,
+            link_target: None,
+            xattrs: Vec::new(),
+            offset: DataOffset::Data(0),
+            compressed_size: 3,
+            compression: Compression::Stored,
+            crc32: 0,
+            frame_size: 0,
+            frames: Vec::new(),
+            content_hash: None,
+        }
+    }
+
+    #[test]
+    fn builds_subtree_with_implied_dirs_and_stable_inodes() {
+        let mut index = ArchiveIndex::default();
+        index.entries = vec![
+            entry("_0/a", EntryKind::Dir),
+            entry("_0/a/b/c.txt", EntryKind::File),
+            entry("_0/a/d.txt", EntryKind::File),
+            entry("_0/a/e", EntryKind::Dir),
+            entry("_0/other", EntryKind::File),
+        ];
+        let t = Tree::build(&index, b"_0/a").unwrap();
+        assert_eq!(t.len(), 5); // root, b (synth), c.txt, d.txt, e
+        let b = t.lookup(ROOT_INO, b"b").unwrap();
+        assert_eq!(t.get(b).unwrap().entry, None);
+        let c = t.lookup(b, b"c.txt").unwrap();
+        assert_eq!(t.get(c).unwrap().size, 3);
+        assert!(t.lookup(ROOT_INO, b"other").is_none());
+        assert_eq!(t.get(ROOT_INO).unwrap().nlink, 4);
+        let names: Vec<&[u8]> = t
+            .get(ROOT_INO)
+            .unwrap()
+            .children
+            .iter()
+            .map(|c| &*t.get(*c).unwrap().name)
+            .collect();
+        assert_eq!(names, vec![&b"b"[..], b"d.txt", b"e"]);
+        let again = Tree::build(&index, b"_0/a").unwrap();
+        assert_eq!(
+            again.lookup(ROOT_INO, b"d.txt"),
+            t.lookup(ROOT_INO, b"d.txt")
+        );
+        assert!(matches!(
+            Tree::build(&index, b"_0/other"),
+            Err(TreeError::NotADirectory(_))
+        ));
+    }
+}

@@ -1,0 +1,259 @@
+//! Talking to mounts from outside: starting the daemon and waiting until it
+//! says every mountpoint answers, unmounting (stale mounts included), and
+//! reading a mount's counters.
+//!
+//! The daemon is this same binary re-executed with `--daemon-child` in a new
+//! session (so the terminal's SIGINT does not reach it), its stderr appended to
+//! the log file and its stdout a pipe to the parent that carries the readiness
+//! protocol: `mounted\t<path>\t<files>` lines, then `ready\t<pid>\t<what>`, or
+//! `error\t<exit code>\t<message>`. The daemon closes the pipe once ready.
+
+use std::ffi::OsString;
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+
+use super::preflight;
+use crate::fs::STATS_XATTR;
+
+/// What the daemon reported when it became ready.
+#[derive(Debug, Clone)]
+pub struct Started {
+    pub pid: u32,
+    /// The cache mounted (key, fallback, or URL).
+    pub what: String,
+    /// (mountpoint, number of files/dirs/symlinks) per mounted path.
+    pub mounted: Vec<(PathBuf, u64)>,
+}
+
+/// The daemon reported a failure; `code` is the exit code it chose.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct DaemonFailed {
+    pub code: u8,
+    pub message: String,
+}
+
+/// One readiness-protocol line, tab-separated, with newlines escaped.
+pub fn protocol_line(kind: &str, fields: &[&str]) -> String {
+    let mut line = kind.to_string();
+    for f in fields {
+        line.push('\t');
+        line.push_str(
+            &f.replace('\\', "\\\\")
+                .replace('\n', "\\n")
+                .replace('\t', "\\t"),
+        );
+    }
+    line.push('\n');
+    line
+}
+
+fn unescape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\\' {
+            match chars.next() {
+                Some('n') => out.push('\n'),
+                Some('t') => out.push('\t'),
+                Some(o) => out.push(o),
+                None => {}
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Starts `exe args… --daemon-child` detached, logging to `log`, and waits
+/// (at most `timeout`) until it reports ready or fails.
+pub fn spawn_daemon(args: &[OsString], log: &Path, timeout: Duration) -> anyhow::Result<Started> {
+    let exe = std::env::current_exe().context("cannot find the cachemount executable")?;
+    if let Some(dir) = log.parent() {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create the log directory {}", dir.display()))?;
+    }
+    let log_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("cannot open the log file {}", log.display()))?;
+    let mut cmd = Command::new(exe);
+    cmd.args(args)
+        .arg("--daemon-child")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(log_file));
+    // SAFETY: setsid is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("cannot start the mount daemon")?;
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = std::time::Instant::now() + timeout;
+    let mut mounted = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                let mut parts = line.split('\t').map(unescape);
+                match parts.next().as_deref() {
+                    Some("mounted") => {
+                        let path = PathBuf::from(parts.next().unwrap_or_default());
+                        let files = parts.next().and_then(|n| n.parse().ok()).unwrap_or(0);
+                        mounted.push((path, files));
+                    }
+                    Some("ready") => {
+                        let _pid = parts.next();
+                        let what = parts.next().unwrap_or_default();
+                        return Ok(Started {
+                            pid: child.id(),
+                            what,
+                            mounted,
+                        });
+                    }
+                    Some("error") => {
+                        let code = parts.next().and_then(|c| c.parse().ok()).unwrap_or(1);
+                        let message = parts.next().unwrap_or_default();
+                        let _ = child.wait();
+                        return Err(DaemonFailed { code, message }.into());
+                    }
+                    _ => {}
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                let status = child.wait()?;
+                bail!(
+                    "the mount daemon exited ({status}) before it was ready; see its log {}",
+                    log.display()
+                );
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                // SIGTERM makes the daemon unmount whatever it mounted.
+                unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+                let _ = child.wait();
+                bail!(
+                    "the mount daemon was not ready within {} s; stopped it (see {})",
+                    timeout.as_secs(),
+                    log.display()
+                );
+            }
+        }
+    }
+}
+
+/// After readiness: stdout of the daemon now goes nowhere (the parent has exited).
+pub fn detach_stdout() {
+    if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+        use std::os::fd::AsRawFd;
+        // SAFETY: both fds are valid; dup2 replaces fd 1 atomically.
+        unsafe { libc::dup2(null.as_raw_fd(), 1) };
+    }
+}
+
+/// Unmounts `path`. A stale mount (daemon killed) is detached; a busy mount
+/// is an error unless `lazy` (then it is detached and goes away when the
+/// last user leaves).
+pub fn unmount(path: &Path, lazy: bool) -> anyhow::Result<()> {
+    let path = preflight::absolute(path);
+    let stale = matches!(std::fs::symlink_metadata(&path), Err(e) if e.raw_os_error() == Some(libc::ENOTCONN));
+    if !stale && !preflight::is_mountpoint(&path) {
+        if std::fs::symlink_metadata(&path).is_err() {
+            bail!("{} does not exist", path.display());
+        }
+        bail!("{} is not mounted", path.display());
+    }
+    if !preflight::is_root() {
+        return fusermount_unmount(&path, lazy || stale);
+    }
+    let c = preflight::cstring(&path)?;
+    // SAFETY: c is a valid C string.
+    if unsafe { libc::umount2(c.as_ptr(), 0) } == 0 {
+        return Ok(());
+    }
+    let err = std::io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::EBUSY) if lazy || stale => detach(&c, &path),
+        Some(libc::EBUSY) => bail!(
+            "{} is busy: a process has a file open there or its working directory inside; stop it, or use --lazy to detach now",
+            path.display()
+        ),
+        Some(libc::EPERM) => fusermount_unmount(&path, lazy || stale),
+        _ if stale => detach(&c, &path),
+        _ => Err(err).with_context(|| format!("cannot unmount {}", path.display())),
+    }
+}
+
+fn detach(c: &std::ffi::CStr, path: &Path) -> anyhow::Result<()> {
+    // SAFETY: c is a valid C string.
+    if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 {
+        return Ok(());
+    }
+    Err(std::io::Error::last_os_error())
+        .with_context(|| format!("cannot unmount {}", path.display()))
+}
+
+fn fusermount_unmount(path: &Path, lazy: bool) -> anyhow::Result<()> {
+    let bin = preflight::which("fusermount3").or_else(|| preflight::which("fusermount")).ok_or_else(|| {
+        anyhow::anyhow!("cannot unmount {} as a normal user without fusermount3: install the fuse3 package, or run as root", path.display())
+    })?;
+    let mut cmd = Command::new(bin);
+    cmd.arg("-u");
+    if lazy {
+        cmd.arg("-z");
+    }
+    let out = cmd.arg(path).output().context("cannot run fusermount3")?;
+    if !out.status.success() {
+        bail!(
+            "cannot unmount {}: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// The counters of the mount at `path`.
+pub fn stats(path: &Path) -> anyhow::Result<String> {
+    match xattr::get(path, std::str::from_utf8(STATS_XATTR).expect("ASCII")) {
+        Ok(Some(v)) => Ok(String::from_utf8_lossy(&v).into_owned()),
+        Ok(None) => bail!("{} is not the root of a cachemount mount", path.display()),
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+            bail!("{} is a stale mount (its daemon is gone)", path.display())
+        }
+        Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => {
+            bail!("{} is not the root of a cachemount mount", path.display())
+        }
+        Err(e) => Err(e).with_context(|| format!("cannot read the counters of {}", path.display())),
+    }
+}
+
+/// Where a daemon logs unless `--log-file` says otherwise.
+pub fn default_log_path() -> PathBuf {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let base = dirs::cache_dir().unwrap_or_else(std::env::temp_dir);
+    base.join("cachemount")
+        .join("logs")
+        .join(format!("mount-{secs}-{}.log", std::process::id()))
+}

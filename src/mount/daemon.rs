@@ -1,0 +1,326 @@
+//! The mount daemon: opens the archive once (HEAD, pin, tail, index), mounts
+//! every saved path with its own inode tree but one shared fetcher, block
+//! cache and store client, waits until each mountpoint answers, and then
+//! serves until every mountpoint is unmounted or a signal asks it to stop.
+
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use bytes::Bytes;
+
+use super::control;
+use super::preflight::{self, FUSE_SUPER_MAGIC};
+use crate::archive::{self, ArchiveIndex, OpenError};
+use crate::cache::{FetchConfig, Fetcher, Stats, Version};
+use crate::fs::{Current, FsCore, FuseFs, Tree};
+use crate::restore::Target;
+use crate::store::{ObjectStore, StoreError};
+
+/// Default bound of the block cache.
+pub const DEFAULT_CACHE_SIZE: u64 = 1 << 30;
+/// How long a new mountpoint may take to answer.
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+/// Kernel read-ahead of the mount's backing device, in KiB (the FUSE INIT
+/// reply cannot raise it above the kernel's default of 128 KiB; sysfs can).
+/// `CACHEMOUNT_READ_AHEAD_KB` overrides it, for measuring.
+const BDI_READ_AHEAD_KB: u32 = 1024;
+
+#[derive(Debug, Clone)]
+pub struct MountOptions {
+    pub force: bool,
+    pub cache_size: u64,
+    pub fetch: FetchConfig,
+    /// FUSE worker threads per mountpoint.
+    pub fuse_threads: usize,
+}
+
+impl Default for MountOptions {
+    fn default() -> Self {
+        MountOptions {
+            force: false,
+            cache_size: DEFAULT_CACHE_SIZE,
+            fetch: FetchConfig::default(),
+            fuse_threads: 4,
+        }
+    }
+}
+
+/// HEADs `key`, pins its version and reads its index. With `expected_digest`
+/// (a content-addressed cachemount blob), checks the index is the one the
+/// name commits to.
+pub async fn open_version<S: ObjectStore>(
+    store: &S,
+    key: &str,
+    expected_digest: Option<&str>,
+    stats: &Stats,
+) -> anyhow::Result<Version> {
+    let head = || async {
+        store.head(key).await.map_err(|e| match e {
+            StoreError::NotFound(_) => {
+                anyhow::anyhow!("{key} does not exist in {}", store.describe())
+            }
+            other => anyhow::Error::from(other)
+                .context(format!("cannot read {key} from {}", store.describe())),
+        })
+    };
+    let mut meta = head().await?;
+    // Refresh the lifetime *before* pinning: the rewrite may change the ETag,
+    // which would otherwise fail this mount's own reads. Young objects (the
+    // common case) cost nothing here.
+    if meta.last_modified < std::time::SystemTime::now() - crate::restore::REFRESH_AFTER {
+        crate::restore::refresh_lifetime(store, key).await;
+        meta = head().await?;
+    }
+    // The first range read is the tail: kept to check the index against the name.
+    let tail: parking_lot::Mutex<Option<(u64, Bytes)>> = parking_lot::Mutex::new(None);
+    let tail_ref = &tail;
+    let pin = &meta.version;
+    let fetch = |range: Range<u64>| async move {
+        Stats::inc(&stats.requests);
+        let start = range.start;
+        let r = store.get_range(key, range, Some(pin)).await;
+        if let Ok(b) = &r {
+            Stats::add(&stats.bytes_fetched, b.len() as u64);
+            tail_ref.lock().get_or_insert_with(|| (start, b.clone()));
+        }
+        r
+    };
+    let index: ArchiveIndex =
+        archive::open_archive(meta.size, fetch)
+            .await
+            .map_err(|e| match e {
+                OpenError::Format(f) => {
+                    anyhow::anyhow!("{key} is not a readable cache archive: {f}")
+                }
+                OpenError::Source(s) => {
+                    anyhow::Error::from(s).context(format!("cannot read {key}"))
+                }
+            })?;
+    let tail = tail.into_inner();
+    if let (Some(expected), Some((start, bytes))) = (expected_digest, &tail) {
+        if *start + bytes.len() as u64 == meta.size {
+            let eocd = archive::zip::find_eocd(bytes, meta.size)?;
+            let comment = String::from_utf8_lossy(&eocd.comment);
+            if comment.starts_with("cachemount:index:") && !comment.ends_with(expected) {
+                bail!("{key} does not match its name: its index digest is not {expected}");
+            }
+        }
+    }
+    Ok(Version::new(
+        key.to_string(),
+        meta.version,
+        meta.size,
+        index,
+    ))
+}
+
+/// A mounted path.
+pub struct Mounted {
+    pub path: PathBuf,
+    pub name: Vec<u8>,
+    pub nodes: usize,
+}
+
+/// Every mountpoint of one daemon and the sessions serving them.
+pub struct Daemon<S> {
+    pub mounted: Vec<Mounted>,
+    sessions: Vec<fuser::BackgroundSession>,
+    fetcher: Arc<Fetcher<S>>,
+}
+
+impl<S: ObjectStore> Daemon<S> {
+    pub fn fetcher(&self) -> &Arc<Fetcher<S>> {
+        &self.fetcher
+    }
+
+    /// Serves until every mountpoint is gone (unmounted by `cachemount
+    /// umount` or anyone else), or SIGTERM/SIGINT/SIGHUP, which unmount them.
+    pub async fn serve(self) -> anyhow::Result<()> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut hup = signal(SignalKind::hangup())?;
+        let paths: Vec<PathBuf> = self.mounted.iter().map(|m| m.path.clone()).collect();
+        let joins = futures::future::join_all(
+            self.sessions
+                .into_iter()
+                .map(|s| tokio::task::spawn_blocking(move || s.join())),
+        );
+        tokio::pin!(joins);
+        let signalled = tokio::select! {
+            _ = &mut joins => None,
+            _ = term.recv() => Some("SIGTERM"),
+            _ = int.recv() => Some("SIGINT"),
+            _ = hup.recv() => Some("SIGHUP"),
+        };
+        if let Some(sig) = signalled {
+            tracing::info!(
+                "{sig}: unmounting {}",
+                paths
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            for p in &paths {
+                if let Err(e) = control::unmount(p, true) {
+                    tracing::warn!("cannot unmount {}: {e:#}", p.display());
+                }
+            }
+            if tokio::time::timeout(Duration::from_secs(10), &mut joins)
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    "FUSE sessions did not end within 10 s of unmounting; exiting anyway"
+                );
+            }
+        }
+        tracing::info!(
+            "all mountpoints are gone; exiting. {}",
+            self.fetcher.render_stats().replace('\n', " ")
+        );
+        Ok(())
+    }
+}
+
+/// Mounts every target (blocking: run it off the async workers). On any
+/// failure, whatever was mounted is unmounted again.
+pub fn mount_all<S: ObjectStore>(
+    store: Arc<S>,
+    version: Version,
+    targets: &[Target],
+    options: &MountOptions,
+    stats: Arc<Stats>,
+    runtime: tokio::runtime::Handle,
+) -> anyhow::Result<Daemon<S>> {
+    preflight::check_fuse()?;
+    let targets: Vec<Target> = targets
+        .iter()
+        .map(|t| Target {
+            name: t.name.clone(),
+            local: preflight::absolute(&t.local),
+        })
+        .collect();
+    for (i, t) in targets.iter().enumerate() {
+        if targets[..i].iter().any(|o| o.local == t.local) {
+            bail!("{} is given twice", t.local.display());
+        }
+        preflight::prepare_mountpoint(&t.local, options.force)?;
+    }
+    let fsname = format!("cachemount:{}", version.key);
+    let current = Current::new(version);
+    let fetcher = Fetcher::new(store, options.cache_size, stats, options.fetch.clone());
+    let mut trees = Vec::new();
+    for t in &targets {
+        trees.push(Tree::build(&current.load().index, &t.name)?);
+    }
+    let mut daemon = Daemon {
+        mounted: Vec::new(),
+        sessions: Vec::new(),
+        fetcher: fetcher.clone(),
+    };
+    let result = (|| -> anyhow::Result<()> {
+        for (t, tree) in targets.iter().zip(trees) {
+            let nodes = tree.len();
+            let core = Arc::new(FsCore::new(tree, current.clone(), fetcher.clone()));
+            let fs = FuseFs::new(core, runtime.clone());
+            let mut config = fuser::Config::default();
+            config.mount_options = vec![
+                fuser::MountOption::RO,
+                fuser::MountOption::FSName(fsname.clone()),
+                fuser::MountOption::Subtype("cachemount".into()),
+                fuser::MountOption::DefaultPermissions,
+                fuser::MountOption::NoDev,
+                fuser::MountOption::NoSuid,
+            ];
+            // As root, let the build's (possibly other) user read the mount; the
+            // kernel still checks permission bits (default_permissions).
+            config.acl = if preflight::is_root() {
+                fuser::SessionACL::All
+            } else {
+                fuser::SessionACL::Owner
+            };
+            config.n_threads = Some(options.fuse_threads.max(1));
+            config.clone_fd = true;
+            let session =
+                fuser::Session::new(fs, &t.local, &config).map_err(|e| mount_error(&t.local, e))?;
+            let session = session
+                .spawn()
+                .with_context(|| format!("cannot start serving {}", t.local.display()))?;
+            daemon.sessions.push(session);
+            daemon.mounted.push(Mounted {
+                path: t.local.clone(),
+                name: t.name.clone(),
+                nodes,
+            });
+            wait_ready(&t.local)?;
+            raise_read_ahead(&t.local);
+        }
+        Ok(())
+    })();
+    if let Err(e) = result {
+        for m in &daemon.mounted {
+            let _ = control::unmount(&m.path, true);
+        }
+        for s in daemon.sessions.drain(..) {
+            let _ = s.join();
+        }
+        return Err(e);
+    }
+    Ok(daemon)
+}
+
+fn mount_error(path: &Path, e: std::io::Error) -> anyhow::Error {
+    let hint = match e.raw_os_error() {
+        Some(libc::EPERM) | Some(libc::EACCES) => {
+            " (mounting needs root with CAP_SYS_ADMIN, or the setuid fusermount3 from the fuse3 package; in a container pass --cap-add SYS_ADMIN --device /dev/fuse)"
+        }
+        Some(libc::ENODEV) | Some(libc::ENOENT) => " (is the fuse kernel module loaded? modprobe fuse; install fuse3)",
+        Some(libc::EBUSY) => " (the mountpoint is busy)",
+        _ => "",
+    };
+    anyhow::anyhow!("cannot mount {}: {e}{hint}", path.display())
+}
+
+/// Waits until `path` is served by FUSE (statfs says so and stat answers).
+fn wait_ready(path: &Path) -> anyhow::Result<()> {
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        if preflight::fs_type(path).ok() == Some(FUSE_SUPER_MAGIC)
+            && std::fs::metadata(path).is_ok()
+        {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{} was mounted but does not answer within {} s",
+                path.display(),
+                READY_TIMEOUT.as_secs()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Best effort: raise the kernel's read-ahead for this mount through sysfs.
+fn raise_read_ahead(path: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let kb = std::env::var("CACHEMOUNT_READ_AHEAD_KB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(BDI_READ_AHEAD_KB);
+    let Ok(md) = std::fs::metadata(path) else {
+        return;
+    };
+    let dev = md.dev();
+    let (major, minor) = (libc::major(dev), libc::minor(dev));
+    let sys = format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb");
+    match std::fs::write(&sys, kb.to_string()) {
+        Ok(()) => tracing::debug!("kernel read-ahead of {} set to {kb} KiB", path.display()),
+        Err(e) => tracing::debug!("cannot set {sys}: {e} (kernel read-ahead stays at its default)"),
+    }
+}

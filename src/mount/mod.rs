@@ -1,0 +1,7 @@
+//! The mount lifecycle (DESIGN §5): checking that FUSE is usable, preparing
+//! mountpoints, serving every path of one archive from one daemon, unmounting
+//! and reading a mount's counters.
+
+pub mod control;
+pub mod daemon;
+pub mod preflight;

@@ -1,0 +1,167 @@
+//! Checks made before anything is mounted, each failing with a message that
+//! says what to do: is FUSE usable here (device, privileges, fusermount3), and
+//! is each target a directory we may mount on (not already a mount, empty
+//! unless `--force`, not a stale mount).
+
+use std::ffi::CString;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+
+/// `statfs` type of FUSE mounts.
+pub const FUSE_SUPER_MAGIC: i64 = 0x6573_5546;
+
+/// The FUSE device; `CACHEMOUNT_DEV_FUSE` overrides it (tests of the error path).
+fn dev_fuse() -> PathBuf {
+    std::env::var_os("CACHEMOUNT_DEV_FUSE")
+        .map_or_else(|| PathBuf::from("/dev/fuse"), PathBuf::from)
+}
+
+pub fn is_root() -> bool {
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Finds `name` on PATH.
+pub fn which(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+/// Fails unless this process can mount a FUSE filesystem.
+pub fn check_fuse() -> anyhow::Result<()> {
+    let dev = dev_fuse();
+    match std::fs::OpenOptions::new().read(true).write(true).open(&dev) {
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => bail!(
+            "{} does not exist: FUSE is not available on this machine. Load the kernel module (`modprobe fuse`), install the \
+             fuse3 package (apt-get install fuse3), and in a container pass the device (docker run --device /dev/fuse --cap-add SYS_ADMIN)",
+            dev.display()
+        ),
+        Err(e) if is_root() => {
+            bail!("cannot open {}: {e} (in a container, pass --device /dev/fuse --cap-add SYS_ADMIN)", dev.display())
+        }
+        Err(_) => {
+            // Unprivileged mounts go through the setuid fusermount3, which opens the device itself.
+        }
+    }
+    if !is_root() && which("fusermount3").is_none() && which("fusermount").is_none() {
+        bail!("not running as root and fusermount3 is not installed: install the fuse3 package (apt-get install fuse3), or run cachemount mount as root");
+    }
+    Ok(())
+}
+
+pub fn cstring(path: &Path) -> anyhow::Result<CString> {
+    CString::new(path.as_os_str().as_bytes())
+        .with_context(|| format!("{} contains a NUL byte", path.display()))
+}
+
+/// `statfs(2)` type of the filesystem at `path`.
+pub fn fs_type(path: &Path) -> io::Result<i64> {
+    let c = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: c is a valid C string and st a valid out-pointer.
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st.f_type as i64)
+}
+
+/// Whether `path` is the root of a mount (per /proc/self/mountinfo).
+pub fn is_mountpoint(path: &Path) -> bool {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let want = path.as_os_str().as_bytes();
+    info.lines().any(|l| {
+        l.split(' ')
+            .nth(4)
+            .is_some_and(|mp| unescape_mountinfo(mp) == want)
+    })
+}
+
+fn unescape_mountinfo(s: &str) -> Vec<u8> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    out
+}
+
+/// An absolute, lexically clean path (without following symlinks of the last
+/// component, which may be a dead mount).
+pub fn absolute(path: &Path) -> PathBuf {
+    let abs = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir().unwrap_or_default().join(path)
+    };
+    let mut out = PathBuf::from("/");
+    for c in abs.components() {
+        match c {
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            std::path::Component::Normal(p) => out.push(p),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Makes `path` ready to be mounted on: created when missing; an error when
+/// it is already a mount (live or stale), not a directory, or not empty
+/// without `force`.
+pub fn prepare_mountpoint(path: &Path, force: bool) -> anyhow::Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(path).with_context(|| format!("cannot create the mountpoint {}", path.display()))?;
+            return Ok(());
+        }
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => bail!(
+            "{} is a stale mount (its daemon is gone: \"Transport endpoint is not connected\"); run `cachemount umount {}` first",
+            path.display(),
+            path.display()
+        ),
+        Err(e) => return Err(e).with_context(|| format!("cannot use {} as a mountpoint", path.display())),
+        Ok(md) if !md.is_dir() => bail!("{} exists and is not a directory; cannot mount a cache there", path.display()),
+        Ok(_) => {}
+    }
+    if is_mountpoint(path) {
+        let what = if fs_type(path).ok() == Some(FUSE_SUPER_MAGIC) {
+            "already mounted (a FUSE mount)"
+        } else {
+            "already a mount point"
+        };
+        bail!(
+            "{} is {what}; unmount it first (cachemount umount {})",
+            path.display(),
+            path.display()
+        );
+    }
+    let non_empty = std::fs::read_dir(path)
+        .with_context(|| format!("cannot read {}", path.display()))?
+        .next()
+        .is_some();
+    if non_empty && !force {
+        bail!(
+            "{} exists and is not empty; use --force to mount over it (its current content is hidden while mounted)",
+            path.display()
+        );
+    }
+    Ok(())
+}
