@@ -207,6 +207,9 @@ struct Job {
 /// Sequential-read detection for one entry.
 #[derive(Debug, Clone, Copy, Default)]
 struct Seq {
+    /// Offset of the previous read.
+    last: Option<u64>,
+    /// End of the previous read.
     next: u64,
     window: u32,
 }
@@ -228,7 +231,8 @@ pub struct Fetcher<S> {
     cache: BlockCache,
     stats: Arc<Stats>,
     config: FetchConfig,
-    inflight: Mutex<HashMap<BlockKey, Pending>>,
+    /// Pieces being fetched, and whether speculatively (read-ahead, neighbours).
+    inflight: Mutex<HashMap<BlockKey, (Pending, bool)>>,
     readahead: Arc<Semaphore>,
     sequential: Mutex<lru::LruCache<(u64, u32), Seq>>,
     streams: Mutex<HashMap<(u64, u32), CursorSlot>>,
@@ -483,16 +487,15 @@ impl<S: ObjectStore> Fetcher<S> {
             let mut seq = self.sequential.lock();
             let st = seq.get_or_insert_mut((v.id, entry), Seq::default);
             let bs = Self::block_size(e, layout);
-            let sequential = offset <= st.next + bs && offset + bs >= st.next;
-            st.window = if sequential {
-                (st.window * 2).clamp(1, self.config.readahead_max_blocks)
-            } else {
-                0
+            // Sequential: the first read starts at 0, every later one moves
+            // forward and starts at (or within a block after) the previous end.
+            let sequential = match st.last {
+                None => offset == 0,
+                Some(last) => offset > last && offset <= st.next + bs,
             };
-            st.next = st.next.max(end);
-            if !sequential {
-                st.next = end;
-            }
+            st.window = if sequential { (st.window * 2).clamp(1, self.config.readahead_max_blocks) } else { 0 };
+            st.last = Some(offset);
+            st.next = end;
             st.window
         };
         if window == 0 {
@@ -568,13 +571,17 @@ impl<S: ObjectStore> Fetcher<S> {
             let mut inflight = self.inflight.lock();
             for &piece in required {
                 let key = self.piece_key(v, piece);
-                if let Some(f) = inflight.get(&key) {
+                if let Some((f, speculative)) = inflight.get(&key) {
+                    // Joining a read-ahead in flight is a read-ahead hit too.
+                    if *speculative {
+                        Stats::inc(&self.stats.readahead_hits);
+                    }
                     waits.push(f.clone());
                     continue;
                 }
                 let (tx, rx) = oneshot::channel();
                 let fut = pending(rx);
-                inflight.insert(key, fut.clone());
+                inflight.insert(key, (fut.clone(), false));
                 waits.push(fut);
                 jobs.push(Job {
                     piece,
@@ -588,7 +595,7 @@ impl<S: ObjectStore> Fetcher<S> {
                     continue;
                 }
                 let (tx, rx) = oneshot::channel();
-                inflight.insert(key, pending(rx));
+                inflight.insert(key, (pending(rx), true));
                 jobs.push(Job {
                     piece,
                     tx,

@@ -175,7 +175,7 @@ pub fn detach_stdout() {
 /// last user leaves).
 pub fn unmount(path: &Path, lazy: bool) -> anyhow::Result<()> {
     let path = preflight::absolute(path);
-    let stale = matches!(std::fs::symlink_metadata(&path), Err(e) if e.raw_os_error() == Some(libc::ENOTCONN));
+    let stale = preflight::is_stale(&path);
     if !stale && !preflight::is_mountpoint(&path) {
         if std::fs::symlink_metadata(&path).is_err() {
             bail!("{} does not exist", path.display());

@@ -70,6 +70,13 @@ pub fn fs_type(path: &Path) -> io::Result<i64> {
     Ok(st.f_type as i64)
 }
 
+/// A FUSE mount whose daemon is gone. `statfs` always reaches the daemon
+/// (`stat` may be answered from the kernel's attribute cache), so it is what
+/// tells: ENOTCONN.
+pub fn is_stale(path: &Path) -> bool {
+    matches!(fs_type(path), Err(e) if e.raw_os_error() == Some(libc::ENOTCONN))
+}
+
 /// Whether `path` is the root of a mount (per /proc/self/mountinfo).
 pub fn is_mountpoint(path: &Path) -> bool {
     let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
@@ -127,6 +134,13 @@ pub fn absolute(path: &Path) -> PathBuf {
 /// it is already a mount (live or stale), not a directory, or not empty
 /// without `force`.
 pub fn prepare_mountpoint(path: &Path, force: bool) -> anyhow::Result<()> {
+    if is_stale(path) {
+        bail!(
+            "{} is a stale mount (its daemon is gone: \"Transport endpoint is not connected\"); run `cachemount umount {}` first",
+            path.display(),
+            path.display()
+        );
+    }
     match std::fs::symlink_metadata(path) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             std::fs::create_dir_all(path).with_context(|| format!("cannot create the mountpoint {}", path.display()))?;

@@ -1,0 +1,218 @@
+//! The filesystem core and fetcher without a kernel: a real archive in a
+//! local store, operations called directly, results compared with the source;
+//! GET counting for merged fetches, in-flight de-duplication, neighbour
+//! fetches, read-ahead, a tiny cache, and a corrupt frame.
+
+mod common;
+
+use std::fs;
+use std::path::Path;
+use std::sync::Arc;
+
+use cachemount::archive::EntryKind;
+use cachemount::cache::{FetchConfig, Fetcher, Stats};
+use cachemount::fs::{Current, FsCore, FsError, Tree, ROOT_INO, STATS_XATTR};
+use cachemount::mount::daemon::open_version;
+use cachemount::paths::{Anchors, PathSpec};
+use cachemount::progress::Progress;
+use cachemount::store::layout;
+use cachemount::store::local::LocalStore;
+use common::tree::{feature_tree, small_files_tree, Rng};
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    src: std::path::PathBuf,
+    store: Arc<LocalStore>,
+    blob: String,
+}
+
+async fn fixture(build: impl FnOnce(&Path)) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path().join("work");
+    let src = work.join("cache");
+    build(&src);
+    let anchors = Anchors { cwd: work.clone(), home: dir.path().join("home") };
+    let store = LocalStore::new(dir.path().join("store"));
+    let spec = PathSpec::parse("cache", &anchors).unwrap();
+    cachemount::save::save(&store, "k", &[spec], &anchors, Default::default(), Progress::new("", true)).await.unwrap();
+    let resolved = layout::resolve(&store, "k", &[]).await.unwrap();
+    Fixture { _dir: dir, src, store: Arc::new(store), blob: resolved.pointer.blob_key() }
+}
+
+async fn core(fx: &Fixture, cache: u64, config: FetchConfig) -> Arc<FsCore<LocalStore>> {
+    let stats = Arc::new(Stats::default());
+    let version = open_version(&*fx.store, &fx.blob, None, &stats).await.unwrap();
+    let tree = Tree::build(&version.index, b"_0/cache").unwrap();
+    let fetcher = Fetcher::new(fx.store.clone(), cache, stats, config);
+    Arc::new(FsCore::new(tree, Current::new(version), fetcher))
+}
+
+fn ino_of(core: &FsCore<LocalStore>, rel: &str) -> u64 {
+    let mut ino = ROOT_INO;
+    for c in rel.split('/') {
+        ino = core.lookup(ino, c.as_bytes()).unwrap().ino;
+    }
+    ino
+}
+
+fn requests(core: &FsCore<LocalStore>) -> u64 {
+    core.fetcher().stats().requests.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+async fn read_all(core: &FsCore<LocalStore>, ino: u64, chunk: u32) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let b = core.read(ino, out.len() as u64, chunk).await.unwrap();
+        if b.is_empty() {
+            return out;
+        }
+        out.extend_from_slice(&b);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn core_answers_like_the_source_tree() {
+    let fx = fixture(|p| feature_tree(p, 1)).await;
+    let core = core(&fx, 64 << 20, FetchConfig::default()).await;
+    // readdir: . and .., then sorted children, with attributes.
+    let mut names = Vec::new();
+    core.readdir(ROOT_INO, 0, |e| {
+        names.push(String::from_utf8_lossy(e.name).into_owned());
+        false
+    })
+    .unwrap();
+    let mut expected: Vec<String> = fs::read_dir(&fx.src).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    expected.sort();
+    assert_eq!(names[..2], [".", ".."]);
+    assert_eq!(names[2..], expected[..]);
+    // Resuming at a cookie.
+    let mut resumed = Vec::new();
+    core.readdir(ROOT_INO, 3, |e| {
+        resumed.push(String::from_utf8_lossy(e.name).into_owned());
+        true
+    })
+    .unwrap();
+    assert_eq!(resumed, [names[3].clone()]);
+
+    use std::os::unix::fs::MetadataExt;
+    for rel in ["one-frame.js", "many-frames.bin", "nested/deeper/deepest/leaf.txt", "private/secret", "empty-file", "script.sh"] {
+        let ino = ino_of(&core, rel);
+        let a = core.getattr(ino).unwrap();
+        let md = fs::symlink_metadata(fx.src.join(rel)).unwrap();
+        assert_eq!((a.size, a.perm, a.mtime.secs, i64::from(a.mtime.nanos)), (md.len(), md.mode() & 0o7777, md.mtime(), md.mtime_nsec()), "{rel}");
+        assert_eq!(read_all(&core, ino, 128 << 10).await, fs::read(fx.src.join(rel)).unwrap(), "{rel}");
+    }
+    let link = ino_of(&core, "nested/rel-link");
+    assert_eq!(core.getattr(link).unwrap().kind, EntryKind::Symlink);
+    assert_eq!(&core.readlink(link).await.unwrap()[..], b"deeper/deepest/leaf.txt");
+    assert_eq!(core.lookup(ROOT_INO, b"missing"), Err(FsError::NotFound));
+    assert_eq!(core.read(ino_of(&core, "nested"), 0, 10).await, Err(FsError::IsDir));
+    assert_eq!(core.open(ino_of(&core, "script.sh"), true), Err(FsError::ReadOnly));
+    assert_eq!(core.access(ROOT_INO, libc::W_OK), Err(FsError::ReadOnly));
+    // Reads past the end are empty; a range inside a frame is exact.
+    let big = ino_of(&core, "many-frames.bin");
+    let size = core.getattr(big).unwrap().size;
+    assert!(core.read(big, size, 100).await.unwrap().is_empty());
+    let source = fs::read(fx.src.join("many-frames.bin")).unwrap();
+    let mid = core.read(big, (1 << 20) - 7, 20).await.unwrap();
+    assert_eq!(&mid[..], &source[(1 << 20) - 7..(1 << 20) + 13]);
+    // Counters on the root's hidden xattr; not listed.
+    let stats = String::from_utf8(core.getxattr(ROOT_INO, STATS_XATTR).unwrap()).unwrap();
+    assert!(stats.contains("requests "), "{stats}");
+    assert!(core.listxattr(ROOT_INO).unwrap().is_empty());
+    if common::tree::supports_xattrs(&fx.src) {
+        let js = ino_of(&core, "one-frame.js");
+        assert_eq!(core.getxattr(js, b"user.origin").unwrap(), b"registry.npmjs.org");
+        assert_eq!(core.listxattr(js).unwrap(), b"user.origin\0");
+        assert_eq!(core.getxattr(js, b"user.none"), Err(FsError::NoXattr));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_misses_fetch_once_and_neighbours_come_together() {
+    let fx = fixture(|p| {
+        small_files_tree(p, 2, 200);
+        fs::write(p.join("big.bin"), Rng::new(3).text(6 << 20)).unwrap();
+    })
+    .await;
+    let core = core(&fx, 64 << 20, FetchConfig::default()).await;
+    let big = ino_of(&core, "big.bin");
+    let before = requests(&core);
+    let reads: Vec<_> = (0..16).map(|_| {
+        let core = core.clone();
+        tokio::spawn(async move { core.read(big, (2 << 20) + 5, 4096).await.unwrap() })
+    }).collect();
+    for r in reads {
+        r.await.unwrap();
+    }
+    assert_eq!(requests(&core) - before, 1, "16 concurrent readers of one block must share one GET");
+
+    // Reading one small file brings its directory's neighbours in the same GET.
+    let dir = "pkg-0003/lib/sub-1";
+    let mut files = Vec::new();
+    core.readdir(ino_of(&core, dir), 2, |e| {
+        files.push(String::from_utf8_lossy(e.name).into_owned());
+        false
+    })
+    .unwrap();
+    assert!(files.len() >= 3);
+    let before = requests(&core);
+    for f in &files {
+        let rel = format!("{dir}/{f}");
+        assert_eq!(read_all(&core, ino_of(&core, &rel), 1 << 20).await, fs::read(fx.src.join(&rel)).unwrap());
+    }
+    assert_eq!(requests(&core) - before, 1, "a directory of small files should cost one GET");
+    assert!(core.fetcher().stats().readahead_hits.load(std::sync::atomic::Ordering::Relaxed) >= files.len() as u64 - 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sequential_reads_merge_and_read_ahead_within_a_tiny_cache() {
+    let fx = fixture(|p| {
+        fs::create_dir_all(p).unwrap();
+        fs::write(p.join("seq.bin"), Rng::new(4).text(40 << 20)).unwrap();
+    })
+    .await;
+    let source = fs::read(fx.src.join("seq.bin")).unwrap();
+    // Cache of 4 blocks against a 40-block file.
+    let core = core(&fx, 4 << 20, FetchConfig::default()).await;
+    let ino = ino_of(&core, "seq.bin");
+    assert!(read_all(&core, ino, 128 << 10).await == source);
+    let s = core.fetcher().stats();
+    let get = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(get(&s.readahead_hits) > 20, "read-ahead should serve most blocks: {}", core.fetcher().render_stats());
+    assert!(core.fetcher().cache().bytes() <= 4 << 20);
+    // Random reads still right after all that eviction.
+    let mut rng = Rng::new(9);
+    for _ in 0..50 {
+        let off = rng.below(source.len() as u64);
+        let b = core.read(ino, off, 70_000).await.unwrap();
+        assert!(b[..] == source[off as usize..(off as usize + 70_000).min(source.len())]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_corrupt_frame_fails_that_read_only() {
+    let fx = fixture(|p| feature_tree(p, 5)).await;
+    let core_ok = core(&fx, 64 << 20, FetchConfig::default()).await;
+    let big = ino_of(&core_ok, "many-frames.bin");
+    let blob_path = fx.store.root().join(&fx.blob);
+    let index = cachemount::archive::open_file(&fs::File::open(&blob_path).unwrap()).unwrap();
+    let e = index.entries.iter().find(|e| e.name.ends_with(b"many-frames.bin")).unwrap();
+    let cachemount::archive::DataOffset::Data(off) = e.offset else { unreachable!() };
+    let (start, _) = e.frame_span(2);
+    let mut bytes = fs::read(&blob_path).unwrap();
+    bytes[(off + start + 100) as usize] ^= 1;
+    fs::write(&blob_path, &bytes).unwrap();
+    // A fresh core pinned to the corrupted object.
+    let core = core(&fx, 64 << 20, FetchConfig::default()).await;
+    let err = core.read(big, (2 << 20) + 1, 10).await.unwrap_err();
+    assert!(matches!(err, FsError::Io(ref m) if m.contains("many-frames.bin")), "{err:?}");
+    let source = fs::read(fx.src.join("many-frames.bin")).unwrap();
+    assert_eq!(&core.read(big, 0, 10).await.unwrap()[..], &source[..10]);
+    assert_eq!(&core.read(big, 3 << 20, 10).await.unwrap()[..], &source[3 << 20..(3 << 20) + 10]);
+    // The old core's pin no longer matches: its reads fail instead of mixing versions.
+    let stale = core_ok.read(big, 4 << 20, 10).await;
+    if let Err(e) = stale {
+        assert!(matches!(e, FsError::Changed(_)), "{e:?}");
+    }
+}
