@@ -31,17 +31,36 @@ async fn fixture(build: impl FnOnce(&Path)) -> Fixture {
     let work = dir.path().join("work");
     let src = work.join("cache");
     build(&src);
-    let anchors = Anchors { cwd: work.clone(), home: dir.path().join("home") };
+    let anchors = Anchors {
+        cwd: work.clone(),
+        home: dir.path().join("home"),
+    };
     let store = LocalStore::new(dir.path().join("store"));
     let spec = PathSpec::parse("cache", &anchors).unwrap();
-    cachemount::save::save(&store, "k", &[spec], &anchors, Default::default(), Progress::new("", true)).await.unwrap();
+    cachemount::save::save(
+        &store,
+        "k",
+        &[spec],
+        &anchors,
+        Default::default(),
+        Progress::new("", true),
+    )
+    .await
+    .unwrap();
     let resolved = layout::resolve(&store, "k", &[]).await.unwrap();
-    Fixture { _dir: dir, src, store: Arc::new(store), blob: resolved.pointer.blob_key() }
+    Fixture {
+        _dir: dir,
+        src,
+        store: Arc::new(store),
+        blob: resolved.pointer.blob_key(),
+    }
 }
 
 async fn core(fx: &Fixture, cache: u64, config: FetchConfig) -> Arc<FsCore<LocalStore>> {
     let stats = Arc::new(Stats::default());
-    let version = open_version(&*fx.store, &fx.blob, None, &stats).await.unwrap();
+    let version = open_version(&*fx.store, &fx.blob, None, &stats)
+        .await
+        .unwrap();
     let tree = Tree::build(&version.index, b"_0/cache").unwrap();
     let fetcher = Fetcher::new(fx.store.clone(), cache, stats, config);
     Arc::new(FsCore::new(tree, Current::new(version), fetcher))
@@ -56,7 +75,10 @@ fn ino_of(core: &FsCore<LocalStore>, rel: &str) -> u64 {
 }
 
 fn requests(core: &FsCore<LocalStore>) -> u64 {
-    core.fetcher().stats().requests.load(std::sync::atomic::Ordering::Relaxed)
+    core.fetcher()
+        .stats()
+        .requests
+        .load(std::sync::atomic::Ordering::Relaxed)
 }
 
 async fn read_all(core: &FsCore<LocalStore>, ino: u64, chunk: u32) -> Vec<u8> {
@@ -81,7 +103,10 @@ async fn core_answers_like_the_source_tree() {
         false
     })
     .unwrap();
-    let mut expected: Vec<String> = fs::read_dir(&fx.src).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let mut expected: Vec<String> = fs::read_dir(&fx.src)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
     expected.sort();
     assert_eq!(names[..2], [".", ".."]);
     assert_eq!(names[2..], expected[..]);
@@ -95,19 +120,43 @@ async fn core_answers_like_the_source_tree() {
     assert_eq!(resumed, [names[3].clone()]);
 
     use std::os::unix::fs::MetadataExt;
-    for rel in ["one-frame.js", "many-frames.bin", "nested/deeper/deepest/leaf.txt", "private/secret", "empty-file", "script.sh"] {
+    for rel in [
+        "one-frame.js",
+        "many-frames.bin",
+        "nested/deeper/deepest/leaf.txt",
+        "private/secret",
+        "empty-file",
+        "script.sh",
+    ] {
         let ino = ino_of(&core, rel);
         let a = core.getattr(ino).unwrap();
         let md = fs::symlink_metadata(fx.src.join(rel)).unwrap();
-        assert_eq!((a.size, a.perm, a.mtime.secs, i64::from(a.mtime.nanos)), (md.len(), md.mode() & 0o7777, md.mtime(), md.mtime_nsec()), "{rel}");
-        assert_eq!(read_all(&core, ino, 128 << 10).await, fs::read(fx.src.join(rel)).unwrap(), "{rel}");
+        assert_eq!(
+            (a.size, a.perm, a.mtime.secs, i64::from(a.mtime.nanos)),
+            (md.len(), md.mode() & 0o7777, md.mtime(), md.mtime_nsec()),
+            "{rel}"
+        );
+        assert_eq!(
+            read_all(&core, ino, 128 << 10).await,
+            fs::read(fx.src.join(rel)).unwrap(),
+            "{rel}"
+        );
     }
     let link = ino_of(&core, "nested/rel-link");
     assert_eq!(core.getattr(link).unwrap().kind, EntryKind::Symlink);
-    assert_eq!(&core.readlink(link).await.unwrap()[..], b"deeper/deepest/leaf.txt");
+    assert_eq!(
+        &core.readlink(link).await.unwrap()[..],
+        b"deeper/deepest/leaf.txt"
+    );
     assert_eq!(core.lookup(ROOT_INO, b"missing"), Err(FsError::NotFound));
-    assert_eq!(core.read(ino_of(&core, "nested"), 0, 10).await, Err(FsError::IsDir));
-    assert_eq!(core.open(ino_of(&core, "script.sh"), true), Err(FsError::ReadOnly));
+    assert_eq!(
+        core.read(ino_of(&core, "nested"), 0, 10).await,
+        Err(FsError::IsDir)
+    );
+    assert_eq!(
+        core.open(ino_of(&core, "script.sh"), true),
+        Err(FsError::ReadOnly)
+    );
     assert_eq!(core.access(ROOT_INO, libc::W_OK), Err(FsError::ReadOnly));
     // Reads past the end are empty; a range inside a frame is exact.
     let big = ino_of(&core, "many-frames.bin");
@@ -122,7 +171,10 @@ async fn core_answers_like_the_source_tree() {
     assert!(core.listxattr(ROOT_INO).unwrap().is_empty());
     if common::tree::supports_xattrs(&fx.src) {
         let js = ino_of(&core, "one-frame.js");
-        assert_eq!(core.getxattr(js, b"user.origin").unwrap(), b"registry.npmjs.org");
+        assert_eq!(
+            core.getxattr(js, b"user.origin").unwrap(),
+            b"registry.npmjs.org"
+        );
         assert_eq!(core.listxattr(js).unwrap(), b"user.origin\0");
         assert_eq!(core.getxattr(js, b"user.none"), Err(FsError::NoXattr));
     }
@@ -138,14 +190,20 @@ async fn concurrent_misses_fetch_once_and_neighbours_come_together() {
     let core = core(&fx, 64 << 20, FetchConfig::default()).await;
     let big = ino_of(&core, "big.bin");
     let before = requests(&core);
-    let reads: Vec<_> = (0..16).map(|_| {
-        let core = core.clone();
-        tokio::spawn(async move { core.read(big, (2 << 20) + 5, 4096).await.unwrap() })
-    }).collect();
+    let reads: Vec<_> = (0..16)
+        .map(|_| {
+            let core = core.clone();
+            tokio::spawn(async move { core.read(big, (2 << 20) + 5, 4096).await.unwrap() })
+        })
+        .collect();
     for r in reads {
         r.await.unwrap();
     }
-    assert_eq!(requests(&core) - before, 1, "16 concurrent readers of one block must share one GET");
+    assert_eq!(
+        requests(&core) - before,
+        1,
+        "16 concurrent readers of one block must share one GET"
+    );
 
     // Reading one small file brings its directory's neighbours in the same GET.
     let dir = "pkg-0003/lib/sub-1";
@@ -159,10 +217,23 @@ async fn concurrent_misses_fetch_once_and_neighbours_come_together() {
     let before = requests(&core);
     for f in &files {
         let rel = format!("{dir}/{f}");
-        assert_eq!(read_all(&core, ino_of(&core, &rel), 1 << 20).await, fs::read(fx.src.join(&rel)).unwrap());
+        assert_eq!(
+            read_all(&core, ino_of(&core, &rel), 1 << 20).await,
+            fs::read(fx.src.join(&rel)).unwrap()
+        );
     }
-    assert_eq!(requests(&core) - before, 1, "a directory of small files should cost one GET");
-    assert!(core.fetcher().stats().readahead_hits.load(std::sync::atomic::Ordering::Relaxed) >= files.len() as u64 - 1);
+    assert_eq!(
+        requests(&core) - before,
+        1,
+        "a directory of small files should cost one GET"
+    );
+    assert!(
+        core.fetcher()
+            .stats()
+            .readahead_hits
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= files.len() as u64 - 1
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -179,7 +250,11 @@ async fn sequential_reads_merge_and_read_ahead_within_a_tiny_cache() {
     assert!(read_all(&core, ino, 128 << 10).await == source);
     let s = core.fetcher().stats();
     let get = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
-    assert!(get(&s.readahead_hits) > 20, "read-ahead should serve most blocks: {}", core.fetcher().render_stats());
+    assert!(
+        get(&s.readahead_hits) > 20,
+        "read-ahead should serve most blocks: {}",
+        core.fetcher().render_stats()
+    );
     assert!(core.fetcher().cache().bytes() <= 4 << 20);
     // Random reads still right after all that eviction.
     let mut rng = Rng::new(9);
@@ -197,8 +272,14 @@ async fn a_corrupt_frame_fails_that_read_only() {
     let big = ino_of(&core_ok, "many-frames.bin");
     let blob_path = fx.store.root().join(&fx.blob);
     let index = cachemount::archive::open_file(&fs::File::open(&blob_path).unwrap()).unwrap();
-    let e = index.entries.iter().find(|e| e.name.ends_with(b"many-frames.bin")).unwrap();
-    let cachemount::archive::DataOffset::Data(off) = e.offset else { unreachable!() };
+    let e = index
+        .entries
+        .iter()
+        .find(|e| e.name.ends_with(b"many-frames.bin"))
+        .unwrap();
+    let cachemount::archive::DataOffset::Data(off) = e.offset else {
+        unreachable!()
+    };
     let (start, _) = e.frame_span(2);
     let mut bytes = fs::read(&blob_path).unwrap();
     bytes[(off + start + 100) as usize] ^= 1;
@@ -206,10 +287,16 @@ async fn a_corrupt_frame_fails_that_read_only() {
     // A fresh core pinned to the corrupted object.
     let core = core(&fx, 64 << 20, FetchConfig::default()).await;
     let err = core.read(big, (2 << 20) + 1, 10).await.unwrap_err();
-    assert!(matches!(err, FsError::Io(ref m) if m.contains("many-frames.bin")), "{err:?}");
+    assert!(
+        matches!(err, FsError::Io(ref m) if m.contains("many-frames.bin")),
+        "{err:?}"
+    );
     let source = fs::read(fx.src.join("many-frames.bin")).unwrap();
     assert_eq!(&core.read(big, 0, 10).await.unwrap()[..], &source[..10]);
-    assert_eq!(&core.read(big, 3 << 20, 10).await.unwrap()[..], &source[3 << 20..(3 << 20) + 10]);
+    assert_eq!(
+        &core.read(big, 3 << 20, 10).await.unwrap()[..],
+        &source[3 << 20..(3 << 20) + 10]
+    );
     // The old core's pin no longer matches: its reads fail instead of mixing versions.
     let stale = core_ok.read(big, 4 << 20, 10).await;
     if let Err(e) = stale {

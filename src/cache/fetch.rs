@@ -493,7 +493,11 @@ impl<S: ObjectStore> Fetcher<S> {
                 None => offset == 0,
                 Some(last) => offset > last && offset <= st.next + bs,
             };
-            st.window = if sequential { (st.window * 2).clamp(1, self.config.readahead_max_blocks) } else { 0 };
+            st.window = if sequential {
+                (st.window * 2).clamp(1, self.config.readahead_max_blocks)
+            } else {
+                0
+            };
             st.last = Some(offset);
             st.next = end;
             st.window

@@ -160,14 +160,25 @@ impl SourceArgs {
 /// Runs the command line; returns the process exit code.
 pub fn main() -> ExitCode {
     let mut cli = Cli::parse();
-    if let Command::Restore { source, paths } | Command::Mount { source, paths, .. } = &mut cli.command {
+    if let Command::Restore { source, paths } | Command::Mount { source, paths, .. } =
+        &mut cli.command
+    {
         if let Err(e) = source.take_url_from(paths) {
             e.exit();
         }
     }
     match &cli.command {
-        Command::Mount { foreground: false, daemon_child: false, log_file, .. } => return mount_parent(log_file.clone()),
-        Command::Mount { foreground, log_file, .. } => init_mount_logging(cli.global.verbose, log_file.as_deref(), *foreground),
+        Command::Mount {
+            foreground: false,
+            daemon_child: false,
+            log_file,
+            ..
+        } => return mount_parent(log_file.clone()),
+        Command::Mount {
+            foreground,
+            log_file,
+            ..
+        } => init_mount_logging(cli.global.verbose, log_file.as_deref(), *foreground),
         _ => init_logging(cli.global.verbose),
     }
     let runtime = match tokio::runtime::Runtime::new() {
@@ -307,11 +318,31 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 paths.join(", ")
             );
         }
-        Command::Mount { source, paths, force, cache_size, fuse_threads, daemon_child, .. } => {
-            let options = MountOptions { force, cache_size, fuse_threads, ..MountOptions::default() };
-            let result = mount_and_serve(&cli.global, source, &paths, &anchors, options, daemon_child).await;
+        Command::Mount {
+            source,
+            paths,
+            force,
+            cache_size,
+            fuse_threads,
+            daemon_child,
+            ..
+        } => {
+            let options = MountOptions {
+                force,
+                cache_size,
+                fuse_threads,
+                ..MountOptions::default()
+            };
+            let result =
+                mount_and_serve(&cli.global, source, &paths, &anchors, options, daemon_child).await;
             if let (Err(e), true) = (&result, daemon_child) {
-                print!("{}", control::protocol_line("error", &[&exit_code_of(e).to_string(), &format!("{e:#}")]));
+                print!(
+                    "{}",
+                    control::protocol_line(
+                        "error",
+                        &[&exit_code_of(e).to_string(), &format!("{e:#}")]
+                    )
+                );
                 let _ = std::io::Write::flush(&mut std::io::stdout());
             }
             result?;
@@ -353,7 +384,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn exit_code_of(e: &anyhow::Error) -> u8 {
-    if matches!(e.downcast_ref::<LayoutError>(), Some(LayoutError::NoMatch { .. })) {
+    if matches!(
+        e.downcast_ref::<LayoutError>(),
+        Some(LayoutError::NoMatch { .. })
+    ) {
         EXIT_CACHE_MISS
     } else {
         1
@@ -372,7 +406,11 @@ fn mount_parent(log_file: Option<PathBuf>) -> ExitCode {
     match control::spawn_daemon(&args, &log, std::time::Duration::from_secs(600)) {
         Ok(started) => {
             for (path, nodes) in &started.mounted {
-                println!("mounted {} at {} ({nodes} entries)", started.what, path.display());
+                println!(
+                    "mounted {} at {} ({nodes} entries)",
+                    started.what,
+                    path.display()
+                );
             }
             println!("daemon pid {}, log {}", started.pid, log.display());
             ExitCode::SUCCESS
@@ -392,51 +430,86 @@ fn mount_parent(log_file: Option<PathBuf>) -> ExitCode {
 fn init_mount_logging(verbose: u8, log_file: Option<&std::path::Path>, foreground: bool) {
     use tracing_subscriber::fmt::writer::MakeWriterExt;
     let default = if verbose > 1 { "debug" } else { "info" };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("cachemount={default},warn")));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(format!("cachemount={default},warn"))
+    });
     let file = match (foreground, log_file) {
         (true, Some(path)) => {
             if let Some(dir) = path.parent() {
                 let _ = std::fs::create_dir_all(dir);
             }
-            std::fs::OpenOptions::new().create(true).append(true).open(path).ok()
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .ok()
         }
         _ => None,
     };
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(false);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false);
     let _ = match file {
-        Some(f) => builder.with_writer(std::io::stderr.and(std::sync::Arc::new(f))).try_init(),
+        Some(f) => builder
+            .with_writer(std::io::stderr.and(std::sync::Arc::new(f)))
+            .try_init(),
         None => builder.with_writer(std::io::stderr).try_init(),
     };
 }
 
 /// Resolves the cache, opens it, mounts every path, reports readiness and
 /// serves until unmounted.
-async fn mount_and_serve(global: &GlobalArgs, source: SourceArgs, paths: &[String], anchors: &Anchors, options: MountOptions, daemon_child: bool) -> anyhow::Result<()> {
+async fn mount_and_serve(
+    global: &GlobalArgs,
+    source: SourceArgs,
+    paths: &[String],
+    anchors: &Anchors,
+    options: MountOptions,
+    daemon_child: bool,
+) -> anyhow::Result<()> {
     let specs = parse_specs(paths, anchors)?;
     let (store, key, digest, what) = if let Some(url) = source.url {
         let (store_url, object) = split_object_url(&url)?;
-        let store = AnyStore::open(&store_url, global.endpoint_url.clone(), global.region.clone())
-            .await
-            .with_context(|| format!("cannot open {url}"))?;
+        let store = AnyStore::open(
+            &store_url,
+            global.endpoint_url.clone(),
+            global.region.clone(),
+        )
+        .await
+        .with_context(|| format!("cannot open {url}"))?;
         (store, object, None, url)
     } else {
         let key = source.key.expect("take_url_from requires --key or a URL");
         let store = open_store(global).await?;
         let resolved = layout::resolve(&store, &key, &source.fallbacks).await?;
-        let what = if resolved.key == key { key } else { format!("{} (fallback for {key})", resolved.key) };
-        (store, resolved.pointer.blob_key(), Some(resolved.pointer.digest.clone()), what)
+        let what = if resolved.key == key {
+            key
+        } else {
+            format!("{} (fallback for {key})", resolved.key)
+        };
+        (
+            store,
+            resolved.pointer.blob_key(),
+            Some(resolved.pointer.digest.clone()),
+            what,
+        )
     };
     let stats = std::sync::Arc::new(Stats::default());
     let version = daemon::open_version(&store, &key, digest.as_deref(), &stats).await?;
     let targets = restore::plan_targets(&version.index, &specs, anchors)?;
     let runtime = tokio::runtime::Handle::current();
     let store = std::sync::Arc::new(store);
-    let d = tokio::task::spawn_blocking(move || daemon::mount_all(store, version, &targets, &options, stats, runtime)).await??;
+    let d = tokio::task::spawn_blocking(move || {
+        daemon::mount_all(store, version, &targets, &options, stats, runtime)
+    })
+    .await??;
     if daemon_child {
         let mut out = String::new();
         for m in &d.mounted {
-            out += &control::protocol_line("mounted", &[&m.path.to_string_lossy(), &m.nodes.to_string()]);
+            out += &control::protocol_line(
+                "mounted",
+                &[&m.path.to_string_lossy(), &m.nodes.to_string()],
+            );
         }
         out += &control::protocol_line("ready", &[&std::process::id().to_string(), &what]);
         print!("{out}");
@@ -444,11 +517,20 @@ async fn mount_and_serve(global: &GlobalArgs, source: SourceArgs, paths: &[Strin
         control::detach_stdout();
     } else {
         for m in &d.mounted {
-            println!("mounted {what} at {} ({} entries)", m.path.display(), m.nodes);
+            println!(
+                "mounted {what} at {} ({} entries)",
+                m.path.display(),
+                m.nodes
+            );
         }
     }
     for m in &d.mounted {
-        tracing::info!("serving {} at {} ({} entries)", what, m.path.display(), m.nodes);
+        tracing::info!(
+            "serving {} at {} ({} entries)",
+            what,
+            m.path.display(),
+            m.nodes
+        );
     }
     d.serve().await
 }
@@ -494,6 +576,10 @@ fn parse_size(s: &str) -> Result<u64, String> {
         }
         _ => (s, 1),
     };
-    let n: u64 = digits.trim().parse().map_err(|_| format!("{s:?} is not a size"))?;
-    n.checked_mul(mult).ok_or_else(|| format!("{s:?} is too large"))
+    let n: u64 = digits
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size"))?;
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))
 }

@@ -267,14 +267,16 @@ mod tests {
 
     #[test]
     fn builds_subtree_with_implied_dirs_and_stable_inodes() {
-        let mut index = ArchiveIndex::default();
-        index.entries = vec![
-            entry("_0/a", EntryKind::Dir),
-            entry("_0/a/b/c.txt", EntryKind::File),
-            entry("_0/a/d.txt", EntryKind::File),
-            entry("_0/a/e", EntryKind::Dir),
-            entry("_0/other", EntryKind::File),
-        ];
+        let index = ArchiveIndex {
+            entries: vec![
+                entry("_0/a", EntryKind::Dir),
+                entry("_0/a/b/c.txt", EntryKind::File),
+                entry("_0/a/d.txt", EntryKind::File),
+                entry("_0/a/e", EntryKind::Dir),
+                entry("_0/other", EntryKind::File),
+            ],
+            ..ArchiveIndex::default()
+        };
         let t = Tree::build(&index, b"_0/a").unwrap();
         assert_eq!(t.len(), 5); // root, b (synth), c.txt, d.txt, e
         let b = t.lookup(ROOT_INO, b"b").unwrap();

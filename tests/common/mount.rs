@@ -29,7 +29,9 @@ pub fn fuse_available(test: &str) -> bool {
     };
     match reason {
         None => true,
-        Some(r) if std::env::var_os("CI").is_some() => panic!("{test}: {r}, but CI must run the FUSE tests"),
+        Some(r) if std::env::var_os("CI").is_some() => {
+            panic!("{test}: {r}, but CI must run the FUSE tests")
+        }
         Some(r) => {
             eprintln!("SKIP {test}: {r}");
             false
@@ -39,7 +41,11 @@ pub fn fuse_available(test: &str) -> bool {
 
 /// Runs `cmd`, killing it after `timeout` (then panicking).
 pub fn run_bounded(mut cmd: Command, timeout: Duration) -> Output {
-    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     let deadline = Instant::now() + timeout;
     loop {
         if child.try_wait().unwrap().is_some() {
@@ -48,7 +54,10 @@ pub fn run_bounded(mut cmd: Command, timeout: Duration) -> Output {
         if Instant::now() > deadline {
             let _ = child.kill();
             let out = child.wait_with_output().unwrap();
-            panic!("{cmd:?} did not finish within {timeout:?}; stderr: {}", String::from_utf8_lossy(&out.stderr));
+            panic!(
+                "{cmd:?} did not finish within {timeout:?}; stderr: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -56,7 +65,11 @@ pub fn run_bounded(mut cmd: Command, timeout: Duration) -> Output {
 
 /// Runs `f` on another thread and panics if it takes longer than `timeout`
 /// (a hung FUSE read must fail the test, so the guards can unmount).
-pub fn bounded<T: Send + 'static>(timeout: Duration, what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+pub fn bounded<T: Send + 'static>(
+    timeout: Duration,
+    what: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> T {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let _ = tx.send(std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)));
@@ -84,7 +97,11 @@ impl Mount {
         full.extend_from_slice(args);
         let out = run_bounded(sandbox.command(&full), MOUNT_TIMEOUT);
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(out.status.success(), "cachemount {full:?} failed: {}{stdout}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "cachemount {full:?} failed: {}{stdout}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         Self::parse(&stdout)
     }
 
@@ -105,8 +122,16 @@ impl Mount {
                 log = PathBuf::from(l);
             }
         }
-        assert!(pid != 0 && !paths.is_empty(), "unexpected mount output: {stdout}");
-        Mount { paths, pid, log, stdout: stdout.to_string() }
+        assert!(
+            pid != 0 && !paths.is_empty(),
+            "unexpected mount output: {stdout}"
+        );
+        Mount {
+            paths,
+            pid,
+            log,
+            stdout: stdout.to_string(),
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -117,8 +142,14 @@ impl Mount {
     pub fn stats(&self, sandbox: &Sandbox) -> BTreeMap<String, u64> {
         let p = self.path().display().to_string();
         let out = run_bounded(sandbox.command(&["stats", &p]), Duration::from_secs(20));
-        assert!(out.status.success(), "stats failed: {}", String::from_utf8_lossy(&out.stderr));
-        cachemount::cache::stats::parse(&String::from_utf8_lossy(&out.stdout)).into_iter().collect()
+        assert!(
+            out.status.success(),
+            "stats failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        cachemount::cache::stats::parse(&String::from_utf8_lossy(&out.stdout))
+            .into_iter()
+            .collect()
     }
 
     pub fn log_text(&self) -> String {
@@ -160,7 +191,9 @@ impl Drop for Mount {
 /// Alive and not a zombie (daemons are reparented; nobody may reap them).
 pub fn process_alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z') && !rest.starts_with('X')),
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z') && !rest.starts_with('X')),
         Err(_) => false,
     }
 }
@@ -169,7 +202,8 @@ pub fn process_alive(pid: u32) -> bool {
 pub fn is_mounted(path: &Path) -> bool {
     let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     let want = path.display().to_string().replace(' ', "\\040");
-    info.lines().any(|l| l.split(' ').nth(4) == Some(want.as_str()))
+    info.lines()
+        .any(|l| l.split(' ').nth(4) == Some(want.as_str()))
 }
 
 /// Runs the cachemount binary and expects failure; returns (exit code, stderr).
@@ -177,6 +211,13 @@ pub fn mount_fails(sandbox: &Sandbox, args: &[&str]) -> (i32, String) {
     let mut full = vec!["mount"];
     full.extend_from_slice(args);
     let out = run_bounded(sandbox.command(&full), MOUNT_TIMEOUT);
-    assert!(!out.status.success(), "cachemount {full:?} should have failed; stdout: {}", String::from_utf8_lossy(&out.stdout));
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+    assert!(
+        !out.status.success(),
+        "cachemount {full:?} should have failed; stdout: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
