@@ -408,6 +408,45 @@ fn stats_reports_counters() {
     assert!(err.contains("not the root of a cachemount mount"), "{err}");
 }
 
+#[test]
+fn object_changed_under_the_mount_fails_reads_with_eio() {
+    if !fuse_available("object_changed_under_the_mount_fails_reads_with_eio") {
+        return;
+    }
+    let sb = saved("v1", 9);
+    let raw = sb.dir.path().join("raw.zip");
+    fs::copy(local_blobs(Path::new(&sb.store)).pop().unwrap(), &raw).unwrap();
+    let url = format!("file://{}", raw.display());
+    let m = Mount::new(&sb, &[&url, "cache"]);
+    let root = m.path().to_path_buf();
+    let r = root.clone();
+    bounded(
+        Duration::from_secs(30),
+        "read before the change",
+        move || fs::read(r.join("one-frame.js")).unwrap(),
+    );
+    // Another archive replaces the object (a new file renamed over it: new ETag).
+    let other = saved("v2", 10);
+    let tmp = sb.dir.path().join("raw.zip.tmp");
+    fs::copy(local_blobs(Path::new(&other.store)).pop().unwrap(), &tmp).unwrap();
+    fs::rename(&tmp, &raw).unwrap();
+    let r = root.clone();
+    let e = bounded(
+        Duration::from_secs(30),
+        "read after the change",
+        move || {
+            fs::read(r.join("many-frames.bin"))
+                .err()
+                .and_then(|e| e.raw_os_error())
+        },
+    );
+    assert_eq!(e, Some(libc::EIO));
+    assert!(m.daemon_alive());
+    let log = m.log_text();
+    assert!(log.contains("changed") && log.contains("412"), "{log}");
+    assert!(m.stats(&sb)["precondition_failed"] >= 1);
+}
+
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).rposition(|w| w == needle)
 }

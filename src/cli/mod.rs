@@ -515,6 +515,8 @@ async fn mount_and_serve(
         print!("{out}");
         let _ = std::io::Write::flush(&mut std::io::stdout());
         control::detach_stdout();
+        // Hold no directory busy (every path the daemon uses is absolute now).
+        let _ = std::env::set_current_dir("/");
     } else {
         for m in &d.mounted {
             println!(
