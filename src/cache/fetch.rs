@@ -236,6 +236,9 @@ pub struct Fetcher<S> {
     readahead: Arc<Semaphore>,
     sequential: Mutex<lru::LruCache<(u64, u32), Seq>>,
     streams: Mutex<HashMap<(u64, u32), CursorSlot>>,
+    /// (version, entry) right after the last neighbour batch: a miss there
+    /// means a reader walks the archive in order.
+    walk: Mutex<(u64, u32)>,
 }
 
 /// Read-ahead memory is counted in units of this many bytes (semaphore permits are u32).
@@ -261,6 +264,7 @@ impl<S: ObjectStore> Fetcher<S> {
                 std::num::NonZeroUsize::new(4096).unwrap(),
             )),
             streams: Mutex::new(HashMap::new()),
+            walk: Mutex::new((0, 0)),
         })
     }
 
@@ -384,7 +388,19 @@ impl<S: ObjectStore> Fetcher<S> {
                         .collect()
                 };
                 let optional = if self.is_small(e) {
-                    self.neighbours(v, entry)
+                    // A miss right where the last neighbour batch ended is a
+                    // walk in archive (= path) order: keep going across
+                    // directories. Otherwise stay in this file's directory.
+                    let mut walk = self.walk.lock();
+                    let walking = walk.0 == v.id
+                        && walk.1 <= entry
+                        && entry - walk.1 <= 64
+                        && v.index.entries[walk.1 as usize..entry as usize]
+                            .iter()
+                            .all(|n| n.kind != EntryKind::File || n.size == 0);
+                    let batch = self.neighbours(v, entry, walking);
+                    *walk = (v.id, batch.last().map_or(entry, |p| p.entry) + 1);
+                    batch
                 } else {
                     Vec::new()
                 };
@@ -436,7 +452,7 @@ impl<S: ObjectStore> Fetcher<S> {
     }
 
     /// The small files after `entry` in its directory, adjacent in the archive.
-    fn neighbours(&self, v: &Version, entry: u32) -> Vec<Piece> {
+    fn neighbours(&self, v: &Version, entry: u32, across_dirs: bool) -> Vec<Piece> {
         let entries = &v.index.entries;
         let name = &entries[entry as usize].name;
         let dir_len = name.iter().rposition(|b| *b == b'/').map_or(0, |p| p + 1);
@@ -445,8 +461,9 @@ impl<S: ObjectStore> Fetcher<S> {
         let mut bytes = 0;
         let e = &entries[entry as usize];
         let mut prev_end = v.approx_start(entry) + e.compressed_size;
+        let scale = if across_dirs { 4 } else { 1 };
         for (j, n) in entries.iter().enumerate().skip(entry as usize + 1) {
-            if !n.name.starts_with(dir) {
+            if !across_dirs && !n.name.starts_with(dir) {
                 break;
             }
             let start = v.approx_start(j as u32);
@@ -454,14 +471,17 @@ impl<S: ObjectStore> Fetcher<S> {
                 break;
             }
             prev_end = start + n.compressed_size;
-            if n.kind != EntryKind::File || n.name[dir_len..].contains(&b'/') || n.size == 0 {
+            let in_subdir = !across_dirs && n.name[dir_len..].contains(&b'/');
+            if n.kind != EntryKind::File || in_subdir || n.size == 0 {
                 continue;
             }
             if !self.is_small(n) {
                 break;
             }
             bytes += n.compressed_size;
-            if bytes > self.config.neighbour_bytes || out.len() >= self.config.neighbour_files {
+            if bytes > scale * self.config.neighbour_bytes
+                || out.len() >= scale as usize * self.config.neighbour_files
+            {
                 break;
             }
             out.push(Piece {
