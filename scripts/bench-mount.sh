@@ -28,8 +28,13 @@ while [ $# -gt 0 ]; do
 done
 [ "$(id -u)" = 0 ] || { echo "bench-mount: needs root (FUSE mounts, drop_caches)" >&2; exit 1; }
 
-cargo build --release --quiet
-bin="${CARGO_TARGET_DIR:-$PWD/target}/release/cachemount"
+# CACHEMOUNT_BIN: use that binary instead of building the release one.
+if [ -n "${CACHEMOUNT_BIN:-}" ]; then
+  bin=$CACHEMOUNT_BIN
+else
+  cargo build --release --quiet
+  bin="${CARGO_TARGET_DIR:-$PWD/target}/release/cachemount"
+fi
 work="$(mktemp -d /var/tmp/cachemount-bench-mount.XXXXXX)"
 mounts=()
 cleanup() {
@@ -114,7 +119,7 @@ run_workload() {
   R[$name.sample_r]=$(timed bash -c "tr '\n' '\0' < $w/sample | xargs -0 cat > /dev/null")
   drop_caches
   R[$name.seq_r]=$(timed dd if="$largest" of=/dev/null bs=1M status=none)
-  rm -rf "$w/r"
+  cd "$w" && rm -rf "$w/r"
 
   echo "== $name: raw GET + zstd -d of the largest file" >&2
   zstd -q -T0 -3 -c "$w/src/$largest" > "$w/largest.zst"

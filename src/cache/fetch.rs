@@ -550,11 +550,20 @@ impl<S: ObjectStore> Fetcher<S> {
         // Keep read-ahead well inside the cache so it does not evict what it prefetched.
         let cache_blocks = (self.cache.capacity() / Self::block_size(e, layout) / 4).max(1) as u32;
         let to = (last.saturating_add(window.min(cache_blocks))).min(count.saturating_sub(1));
-        let pieces: Vec<Piece> = (last + 1..=to)
-            .map(|block| Piece { entry, block })
-            .filter(|p| !self.cache.contains(&self.piece_key(v, *p)))
-            .collect();
-        if pieces.is_empty() {
+        let pieces: Vec<Piece> = {
+            let inflight = self.inflight.lock();
+            (last + 1..=to)
+                .map(|block| Piece { entry, block })
+                .filter(|p| {
+                    let key = self.piece_key(v, *p);
+                    !self.cache.contains(&key) && !inflight.contains_key(&key)
+                })
+                .collect()
+        };
+        // Fetch ahead in batches of at least half the window (fewer, larger
+        // GETs), unless the very next block is missing.
+        let next_missing = pieces.first().is_some_and(|p| p.block == last + 1);
+        if pieces.is_empty() || (!next_missing && (pieces.len() as u32) * 2 < window) {
             return;
         }
         let bytes: u64 = pieces.iter().map(|p| self.piece_range_len(v, *p)).sum();
@@ -710,16 +719,17 @@ impl<S: ObjectStore> Fetcher<S> {
                 return;
             }
         };
-        for job in jobs {
-            let piece_bytes = match self.slice_piece(v, job.piece, range.start, &data) {
+        // Decode the pieces in parallel (blocking threads); each is handed to
+        // its readers as soon as it is ready.
+        let data = &data;
+        futures::future::join_all(jobs.into_iter().map(|job| async move {
+            let piece_bytes = match self.slice_piece(v, job.piece, range.start, data) {
                 Some(b) => Ok(b),
-                None => {
-                    // The local header was longer than the slack allowed for: fetch exactly.
-                    match self.data_offset(v, job.piece.entry).await {
-                        Ok(_) => self.get(v, self.piece_range(v, job.piece).0).await,
-                        Err(e) => Err(e),
-                    }
-                }
+                // The local header was longer than the slack allowed for: fetch exactly.
+                None => match self.data_offset(v, job.piece.entry).await {
+                    Ok(_) => self.get(v, self.piece_range(v, job.piece).0).await,
+                    Err(e) => Err(e),
+                },
             };
             let outcome = match piece_bytes {
                 Ok(bytes) => {
@@ -746,7 +756,8 @@ impl<S: ObjectStore> Fetcher<S> {
                 );
             }
             self.finish(v, job, outcome);
-        }
+        }))
+        .await;
     }
 
     /// The piece's compressed bytes from a fetched buffer starting at `base`,
