@@ -51,7 +51,20 @@ pub fn decode_frame(entry: &Entry, i: usize, compressed: &[u8]) -> Result<Vec<u8
             format!("frame {i} checksum does not match the index"),
         ));
     }
-    let out = zstd::bulk::decompress(compressed, len as usize)
+    thread_local! {
+        // One decompression context per thread instead of one per frame.
+        static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { std::cell::RefCell::new(None) };
+    }
+    let out = DECOMPRESSOR
+        .with(|cell| -> io::Result<Vec<u8>> {
+            let mut slot = cell.borrow_mut();
+            if slot.is_none() {
+                *slot = Some(zstd::bulk::Decompressor::new()?);
+            }
+            slot.as_mut()
+                .expect("just set")
+                .decompress(compressed, len as usize)
+        })
         .map_err(|e| corrupt(entry, format!("frame {i}: {e}")))?;
     if out.len() as u64 != len {
         return Err(corrupt(
@@ -105,12 +118,14 @@ pub fn decode_entry_to<R: Read, W: Write>(
     } else {
         let limited = (&mut data).take(entry.compressed_size);
         let copied = match entry.compression {
-            Compression::Stored => copy_decoded(limited, &mut out),
-            Compression::Deflate => {
-                copy_decoded(flate2::read::DeflateDecoder::new(limited), &mut out)
-            }
+            Compression::Stored => copy_decoded(limited, &mut out, entry.size),
+            Compression::Deflate => copy_decoded(
+                flate2::read::DeflateDecoder::new(limited),
+                &mut out,
+                entry.size,
+            ),
             Compression::Zstd => match zstd::stream::read::Decoder::new(limited) {
-                Ok(d) => copy_decoded(d, &mut out),
+                Ok(d) => copy_decoded(d, &mut out, entry.size),
                 Err(e) => Err(DecodeError::Corrupt(corrupt(entry, e.to_string()))),
             },
         };
@@ -141,8 +156,9 @@ pub fn decode_entry_to<R: Read, W: Write>(
 
 /// Copies a decoder's output; a read error is the data's fault (corrupt), a
 /// write error is the destination's.
-fn copy_decoded<R: Read, W: Write>(mut from: R, to: &mut W) -> Result<(), DecodeError> {
-    let mut buf = vec![0u8; 256 * 1024];
+fn copy_decoded<R: Read, W: Write>(mut from: R, to: &mut W, size: u64) -> Result<(), DecodeError> {
+    // Sized to the entry: a fixed large buffer per small file costs an mmap each.
+    let mut buf = vec![0u8; size.clamp(1, 256 * 1024) as usize + 1];
     loop {
         let n = match from.read(&mut buf) {
             Ok(0) => return Ok(()),

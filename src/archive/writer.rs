@@ -65,10 +65,21 @@ pub struct CompressedFrame {
 /// Compresses one frame's worth of content (with zstd's content checksum on).
 /// A lone frame that does not shrink is kept raw.
 pub fn compress_frame(content: &[u8], level: i32, only_frame: bool) -> io::Result<CompressedFrame> {
-    let mut c = zstd::bulk::Compressor::new(level)?;
-    c.include_checksum(true)?;
-    c.include_contentsize(true)?;
-    let zstd = c.compress(content)?;
+    thread_local! {
+        // A zstd context costs more to set up than compressing a small file:
+        // keep one per thread (and level).
+        static COMPRESSOR: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> = const { std::cell::RefCell::new(None) };
+    }
+    let zstd = COMPRESSOR.with(|cell| -> io::Result<Vec<u8>> {
+        let mut slot = cell.borrow_mut();
+        if slot.as_ref().is_none_or(|(l, _)| *l != level) {
+            let mut c = zstd::bulk::Compressor::new(level)?;
+            c.include_checksum(true)?;
+            c.include_contentsize(true)?;
+            *slot = Some((level, c));
+        }
+        slot.as_mut().expect("just set").1.compress(content)
+    })?;
     let stored = only_frame && zstd.len() >= content.len();
     Ok(CompressedFrame {
         data: if stored { content.to_vec() } else { zstd },

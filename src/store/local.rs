@@ -135,13 +135,23 @@ impl LocalStore {
         fs::create_dir_all(&dir).map_err(|e| self.io_err(key, "creating the directory of", e))?;
         let tmp = dir.join(temp_name());
         let result = (|| {
-            let mut out = File::create(&tmp)?;
-            match &source {
-                PutSource::Bytes(bytes) => io::Write::write_all(&mut out, bytes)?,
-                PutSource::File(src) => {
-                    io::copy(&mut File::open(src)?, &mut out)?;
+            let out = match &source {
+                PutSource::Bytes(bytes) => {
+                    let mut out = File::create(&tmp)?;
+                    io::Write::write_all(&mut out, bytes)?;
+                    out
                 }
-            }
+                // Same filesystem: take the file over with a hard link instead of
+                // copying an archive of gigabytes (the caller is done with it).
+                PutSource::File(src) => match fs::hard_link(src, &tmp) {
+                    Ok(()) => File::open(&tmp)?,
+                    Err(_) => {
+                        let mut out = File::create(&tmp)?;
+                        io::copy(&mut File::open(src)?, &mut out)?;
+                        out
+                    }
+                },
+            };
             out.sync_all()?;
             // rename keeps the inode and mtime, so this is the version readers will see.
             let meta = out.metadata()?;

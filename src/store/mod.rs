@@ -56,6 +56,7 @@ pub enum PutSource {
     /// Small bodies (key pointers).
     Bytes(Bytes),
     /// A file on local disk (archives); large ones go up as concurrent multipart parts.
+    /// The local store may take the file over (hard link): do not change it afterwards.
     File(PathBuf),
 }
 

@@ -170,23 +170,34 @@ pub fn extract(
         .filter(|p| p.entry.kind == EntryKind::File)
         .try_for_each(|p| {
             let path = target(p);
-            if let Some(parent) = path.parent() {
-                fs::create_dir_all(parent)
-                    .map_err(io_err(format!("cannot create {}", parent.display())))?;
+            let create = || {
+                OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .custom_flags(libc::O_NOFOLLOW)
+                    .mode(0o600)
+                    .open(&path)
+            };
+            // Parents normally exist (directory entries come first); foreign
+            // zips may have no directory entries, so create them on demand.
+            let file = match create() {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    if let Some(parent) = path.parent() {
+                        fs::create_dir_all(parent)
+                            .map_err(io_err(format!("cannot create {}", parent.display())))?;
+                    }
+                    create()
+                }
+                other => other,
             }
-            let file = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .custom_flags(libc::O_NOFOLLOW)
-                .mode(0o600)
-                .open(&path)
-                .map_err(io_err(format!("cannot create {}", path.display())))?;
+            .map_err(io_err(format!("cannot create {}", path.display())))?;
+            let buffer = p.entry.size.clamp(1, 1 << 20) as usize;
             decode_entry_to(
                 p.entry,
                 entry_data(archive, p.entry)?,
-                BufWriter::with_capacity(1 << 20, &file),
+                BufWriter::with_capacity(buffer, &file),
             )?;
-            apply_metadata(&path, p.entry, preserve_owner, false)
+            apply_file_metadata(&file, &path, p.entry, preserve_owner)
         })?;
     for p in planned
         .iter()
@@ -219,6 +230,30 @@ pub fn extract(
     for p in dirs {
         apply_metadata(&target(p), p.entry, preserve_owner, false)?;
     }
+    Ok(())
+}
+
+/// Like [`apply_metadata`] through the open file (no path lookups: the hot
+/// path when restoring many small files).
+fn apply_file_metadata(
+    file: &File,
+    path: &Path,
+    entry: &Entry,
+    preserve_owner: bool,
+) -> Result<(), ExtractError> {
+    use xattr::FileExt as _;
+    let ctx = || format!("cannot set metadata of {}", path.display());
+    for (name, value) in &entry.xattrs {
+        file.set_xattr(std::ffi::OsStr::from_bytes(name), value)
+            .map_err(io_err(ctx()))?;
+    }
+    if preserve_owner {
+        std::os::unix::fs::fchown(file, Some(entry.uid), Some(entry.gid)).map_err(io_err(ctx()))?;
+    }
+    file.set_permissions(fs::Permissions::from_mode(entry.mode))
+        .map_err(io_err(ctx()))?;
+    let mtime = FileTime::from_unix_time(entry.mtime.secs, entry.mtime.nanos);
+    filetime::set_file_handle_times(file, Some(mtime), Some(mtime)).map_err(io_err(ctx()))?;
     Ok(())
 }
 
