@@ -13,8 +13,9 @@
 //!   so a directory walk that reads every file costs one GET per directory
 //!   rather than one per file.
 //! - Sequential readers get a read-ahead window that doubles per sequential
-//!   read (1 → [`FetchConfig::readahead_max_blocks`] blocks); read-ahead in
-//!   flight is bounded globally by a semaphore of bytes.
+//!   read (1 → [`FetchConfig::readahead_max_blocks`] blocks), fetched in
+//!   batches of at least half the window; read-ahead in flight is bounded
+//!   globally by a semaphore of bytes.
 //! - Every block is verified (frame checksum, or CRC-32 of a whole entry)
 //!   before it enters the cache; a failed check is an error for that read only.
 //! - Entries that are one compressed stream and too large to fetch whole
@@ -80,6 +81,25 @@ pub struct FetchConfig {
     pub stream_ahead_blocks: u32,
 }
 
+impl FetchConfig {
+    /// The defaults, with `CACHEMOUNT_MAX_GET`, `CACHEMOUNT_READAHEAD_BLOCKS`
+    /// and `CACHEMOUNT_NEIGHBOUR_BYTES` overriding them (for benchmarking).
+    pub fn from_env() -> Self {
+        let var = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<u64>().ok());
+        let mut c = FetchConfig::default();
+        if let Some(v) = var("CACHEMOUNT_MAX_GET") {
+            c.max_get = v;
+        }
+        if let Some(v) = var("CACHEMOUNT_READAHEAD_BLOCKS") {
+            c.readahead_max_blocks = v as u32;
+        }
+        if let Some(v) = var("CACHEMOUNT_NEIGHBOUR_BYTES") {
+            c.neighbour_bytes = v;
+        }
+        c
+    }
+}
+
 impl Default for FetchConfig {
     fn default() -> Self {
         FetchConfig {
@@ -88,7 +108,7 @@ impl Default for FetchConfig {
             small_file: 256 << 10,
             neighbour_bytes: 2 << 20,
             neighbour_files: 256,
-            readahead_max_blocks: 8,
+            readahead_max_blocks: 32,
             readahead_memory: 256 << 20,
             whole_max: 16 << 20,
             stream_chunk: 4 << 20,
@@ -507,11 +527,16 @@ impl<S: ObjectStore> Fetcher<S> {
             let mut seq = self.sequential.lock();
             let st = seq.get_or_insert_mut((v.id, entry), Seq::default);
             let bs = Self::block_size(e, layout);
-            // Sequential: the first read starts at 0, every later one moves
-            // forward and starts at (or within a block after) the previous end.
+            // Sequential: the first read starts at 0, every later one starts
+            // near the end of the reads so far (the kernel's read-ahead sends
+            // several reads at once, which may arrive out of order); a read
+            // of the same offset again (concurrent readers) is not progress.
+            let span = (u64::from(st.window) + 1) * bs;
             let sequential = match st.last {
                 None => offset == 0,
-                Some(last) => offset > last && offset <= st.next + bs,
+                Some(last) => {
+                    offset != last && offset + span >= st.next && offset <= st.next + span
+                }
             };
             st.window = if sequential {
                 (st.window * 2).clamp(1, self.config.readahead_max_blocks)
@@ -519,7 +544,7 @@ impl<S: ObjectStore> Fetcher<S> {
                 0
             };
             st.last = Some(offset);
-            st.next = end;
+            st.next = if sequential { st.next.max(end) } else { end };
             st.window
         };
         if window == 0 {

@@ -42,7 +42,7 @@ impl Default for MountOptions {
         MountOptions {
             force: false,
             cache_size: DEFAULT_CACHE_SIZE,
-            fetch: FetchConfig::default(),
+            fetch: FetchConfig::from_env(),
             fuse_threads: 4,
         }
     }
