@@ -336,14 +336,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let result =
                 mount_and_serve(&cli.global, source, &paths, &anchors, options, daemon_child).await;
             if let (Err(e), true) = (&result, daemon_child) {
-                print!(
-                    "{}",
-                    control::protocol_line(
-                        "error",
-                        &[&exit_code_of(e).to_string(), &format!("{e:#}")]
-                    )
+                let line = control::protocol_line(
+                    "error",
+                    &[&exit_code_of(e).to_string(), &format!("{e:#}")],
                 );
-                let _ = std::io::Write::flush(&mut std::io::stdout());
+                // The parent may be gone; the error is in the log either way.
+                let mut stdout = std::io::stdout();
+                let _ = std::io::Write::write_all(&mut stdout, line.as_bytes());
+                let _ = std::io::Write::flush(&mut stdout);
             }
             result?;
         }
@@ -468,6 +468,7 @@ async fn mount_and_serve(
     daemon_child: bool,
 ) -> anyhow::Result<()> {
     let specs = parse_specs(paths, anchors)?;
+    let signals = daemon::Signals::register().context("cannot handle signals")?;
     let (store, key, digest, what) = if let Some(url) = source.url {
         let (store_url, object) = split_object_url(&url)?;
         let store = AnyStore::open(
@@ -512,8 +513,15 @@ async fn mount_and_serve(
             );
         }
         out += &control::protocol_line("ready", &[&std::process::id().to_string(), &what]);
-        print!("{out}");
-        let _ = std::io::Write::flush(&mut std::io::stdout());
+        let mut stdout = std::io::stdout();
+        let reported = std::io::Write::write_all(&mut stdout, out.as_bytes())
+            .and_then(|()| std::io::Write::flush(&mut stdout));
+        if let Err(e) = reported {
+            // `mount` is gone (interrupted): nobody knows about this mount.
+            tracing::error!("cannot report readiness to `cachemount mount` ({e}); unmounting");
+            d.abandon();
+            anyhow::bail!("the mount command went away before the mount was ready");
+        }
         control::detach_stdout();
         // Hold no directory busy (every path the daemon uses is absolute now).
         let _ = std::env::set_current_dir("/");
@@ -534,7 +542,7 @@ async fn mount_and_serve(
             m.nodes
         );
     }
-    d.serve().await
+    d.serve(signals).await
 }
 
 pub fn human_bytes(n: u64) -> String {

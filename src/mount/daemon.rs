@@ -117,6 +117,25 @@ pub async fn open_version<S: ObjectStore>(
     ))
 }
 
+/// The signals that stop a daemon, registered before anything is mounted so
+/// that one arriving while mounting is not lost (it then unmounts at once).
+pub struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    pub fn register() -> std::io::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+}
+
 /// A mounted path.
 pub struct Mounted {
     pub path: PathBuf,
@@ -132,17 +151,29 @@ pub struct Daemon<S> {
 }
 
 impl<S: ObjectStore> Daemon<S> {
+    /// Unmounts everything and waits for the sessions (the mount could not
+    /// be reported, so it must not stay).
+    pub fn abandon(self) {
+        for m in &self.mounted {
+            let _ = control::unmount(&m.path, true);
+        }
+        for s in self.sessions {
+            let _ = s.join();
+        }
+    }
+
     pub fn fetcher(&self) -> &Arc<Fetcher<S>> {
         &self.fetcher
     }
 
     /// Serves until every mountpoint is gone (unmounted by `cachemount
     /// umount` or anyone else), or SIGTERM/SIGINT/SIGHUP, which unmount them.
-    pub async fn serve(self) -> anyhow::Result<()> {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
-        let mut hup = signal(SignalKind::hangup())?;
+    pub async fn serve(self, signals: Signals) -> anyhow::Result<()> {
+        let Signals {
+            mut term,
+            mut int,
+            mut hup,
+        } = signals;
         let paths: Vec<PathBuf> = self.mounted.iter().map(|m| m.path.clone()).collect();
         let joins = futures::future::join_all(
             self.sessions
