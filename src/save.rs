@@ -6,7 +6,7 @@ use std::fs::File;
 use std::io::{self, BufWriter};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 
 use anyhow::{bail, Context};
 use rayon::prelude::*;
@@ -54,7 +54,21 @@ pub fn collect(
     Ok((entries, skipped))
 }
 
-/// Writes the archive of `entries` to `out`, compressing on all cores.
+/// What the compressing side hands the writing side, in archive order.
+enum Item<'a> {
+    Dir(&'a SourceEntry),
+    Symlink(&'a SourceEntry, &'a [u8]),
+    /// A file of one frame (or none), already compressed.
+    Small(&'a SourceEntry, u64, CompressedFrame),
+    /// A file of many frames; they follow on the channel, in order.
+    Large(&'a SourceEntry, u64, Receiver<io::Result<CompressedFrame>>),
+}
+
+/// Items in flight between compressing and writing: enough to keep both busy.
+const PIPELINE_DEPTH: usize = 8192;
+
+/// Writes the archive of `entries` to `out`: compression on all cores
+/// (rayon) overlaps with writing (one thread), which keeps archive order.
 pub fn write_archive(
     entries: &[SourceEntry],
     manifest: Manifest,
@@ -62,65 +76,97 @@ pub fn write_archive(
     out: &File,
     progress: &Progress,
 ) -> anyhow::Result<FinishedArchive> {
-    let mut writer = ArchiveWriter::new(BufWriter::with_capacity(1 << 20, out), manifest, options)?;
-    let frame_size = u64::from(options.frame_size);
-    let mut i = 0;
-    while i < entries.len() {
-        match entries[i].kind {
-            SourceKind::File { size } if size > frame_size => {
-                let e = &entries[i];
-                let frames = large_file_frames(&e.path, size, options, progress);
-                writer
-                    .add_file(e.meta.clone(), size, frames)
-                    .with_context(|| format!("cannot save {}", e.path.display()))?;
-                i += 1;
+    let writer = ArchiveWriter::new(BufWriter::with_capacity(1 << 20, out), manifest, options)?;
+    let (tx, rx) = sync_channel::<Item<'_>>(PIPELINE_DEPTH);
+    std::thread::scope(|scope| {
+        let writing = scope.spawn(move || write_items(writer, rx, progress));
+        let compressed = compress_items(entries, options, tx, progress);
+        let written = writing.join().expect("archive writer thread panicked");
+        // A failure to read a source file is the cause; the writer only saw the channel close.
+        compressed?;
+        written
+    })
+}
+
+/// The writing side of [`write_archive`].
+fn write_items<W: std::io::Write + std::io::Seek>(
+    mut writer: ArchiveWriter<W>,
+    rx: Receiver<Item<'_>>,
+    progress: &Progress,
+) -> anyhow::Result<FinishedArchive> {
+    for item in rx {
+        match item {
+            Item::Dir(e) => writer.add_dir(e.meta.clone())?,
+            Item::Symlink(e, target) => writer.add_symlink(e.meta.clone(), target)?,
+            Item::Small(e, size, frame) => {
+                writer.add_file(e.meta.clone(), size, [Ok(frame)])?;
+                progress.advance(size);
             }
-            _ => {
-                // A run of small entries, compressed in parallel, written in order.
-                let mut end = i;
-                let mut bytes = 0;
-                while end < entries.len()
-                    && end - i < SMALL_BATCH_ENTRIES
-                    && bytes < SMALL_BATCH_BYTES
-                {
-                    match entries[end].kind {
-                        SourceKind::File { size } if size > frame_size => break,
-                        SourceKind::File { size } => bytes += size,
-                        _ => {}
-                    }
-                    end += 1;
-                }
-                let batch = &entries[i..end];
-                let compressed: Vec<Option<CompressedFrame>> = batch
-                    .par_iter()
-                    .map(|e| match e.kind {
-                        SourceKind::File { size } => {
-                            read_small(&e.path, size, options.level).map(Some)
-                        }
-                        _ => Ok(None),
-                    })
-                    .collect::<io::Result<_>>()
-                    .context("cannot read a file to save")?;
-                for (e, frame) in batch.iter().zip(compressed) {
-                    match (&e.kind, frame) {
-                        (SourceKind::Dir, _) => writer.add_dir(e.meta.clone())?,
-                        (SourceKind::Symlink { target }, _) => {
-                            writer.add_symlink(e.meta.clone(), target)?
-                        }
-                        (SourceKind::File { size }, Some(frame)) => {
-                            writer.add_file(e.meta.clone(), *size, [Ok(frame)])?;
-                            progress.advance(*size);
-                        }
-                        (SourceKind::File { .. }, None) => {
-                            unreachable!("files are compressed above")
-                        }
-                    }
-                }
-                i = end;
-            }
+            Item::Large(e, size, frames) => writer
+                .add_file(e.meta.clone(), size, frames)
+                .with_context(|| format!("cannot save {}", e.path.display()))?,
         }
     }
     Ok(writer.finish()?)
+}
+
+/// The compressing side of [`write_archive`]: small entries in parallel
+/// batches, large files a chunk of frames at a time. Stops early (Ok) when the
+/// writer has gone away; its error is the one to report then.
+fn compress_items<'a>(
+    entries: &'a [SourceEntry],
+    options: WriterOptions,
+    tx: SyncSender<Item<'a>>,
+    progress: &Progress,
+) -> anyhow::Result<()> {
+    let frame_size = u64::from(options.frame_size);
+    let mut i = 0;
+    while i < entries.len() {
+        if let SourceKind::File { size } = entries[i].kind {
+            if size > frame_size {
+                let (ftx, frx) = sync_channel(large_chunk() as usize * 2);
+                if tx.send(Item::Large(&entries[i], size, frx)).is_err() {
+                    return Ok(());
+                }
+                send_large_frames(&entries[i].path, size, options, progress, ftx);
+                i += 1;
+                continue;
+            }
+        }
+        // A run of small entries, compressed in parallel, sent in order.
+        let mut end = i;
+        let mut bytes = 0;
+        while end < entries.len() && end - i < SMALL_BATCH_ENTRIES && bytes < SMALL_BATCH_BYTES {
+            match entries[end].kind {
+                SourceKind::File { size } if size > frame_size => break,
+                SourceKind::File { size } => bytes += size,
+                _ => {}
+            }
+            end += 1;
+        }
+        let batch = &entries[i..end];
+        let compressed: Vec<Option<CompressedFrame>> = batch
+            .par_iter()
+            .map(|e| match e.kind {
+                SourceKind::File { size } => read_small(&e.path, size, options.level).map(Some),
+                _ => Ok(None),
+            })
+            .collect::<io::Result<_>>()
+            .context("cannot read a file to save")?;
+        for (e, frame) in batch.iter().zip(compressed) {
+            let item = match (&e.kind, frame) {
+                (SourceKind::Dir, _) => Item::Dir(e),
+                (SourceKind::Symlink { target }, _) => Item::Symlink(e, target),
+                (SourceKind::File { size }, Some(frame)) => Item::Small(e, *size, frame),
+                (SourceKind::File { .. }, None) => unreachable!("files are compressed above"),
+            };
+            if tx.send(item).is_err() {
+                return Ok(());
+            }
+        }
+        i = end;
+    }
+    Ok(())
 }
 
 fn read_small(path: &Path, size: u64, level: i32) -> io::Result<CompressedFrame> {
@@ -135,27 +181,34 @@ fn read_small(path: &Path, size: u64, level: i32) -> io::Result<CompressedFrame>
     compress_frame(&content, level, true)
 }
 
-/// The frames of a large file, compressed a chunk of frames at a time in parallel.
-fn large_file_frames<'a>(
-    path: &'a Path,
+/// Frames compressed together: enough to keep every core busy.
+fn large_chunk() -> u64 {
+    (rayon::current_num_threads() as u64 * 4).max(8)
+}
+
+/// Compresses a large file's frames a chunk at a time in parallel and sends
+/// them in order; a read error is sent as the last item.
+fn send_large_frames(
+    path: &Path,
     size: u64,
     options: WriterOptions,
-    progress: &'a Progress,
-) -> impl Iterator<Item = io::Result<CompressedFrame>> + 'a {
+    progress: &Progress,
+    ftx: SyncSender<io::Result<CompressedFrame>>,
+) {
     let frame_size = u64::from(options.frame_size);
     let frame_count = size.div_ceil(frame_size);
-    let chunk = (rayon::current_num_threads() as u64 * 4).max(8);
-    let file = File::open(path).map(Arc::new);
-    (0..frame_count.div_ceil(chunk)).flat_map(move |c| {
-        let file = match &file {
-            Ok(f) => f.clone(),
-            Err(e) => {
-                return vec![Err(io::Error::new(
-                    e.kind(),
-                    format!("{}: {e}", path.display()),
-                ))]
-            }
-        };
+    let chunk = large_chunk();
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) => {
+            let _ = ftx.send(Err(io::Error::new(
+                e.kind(),
+                format!("{}: {e}", path.display()),
+            )));
+            return;
+        }
+    };
+    for c in 0..frame_count.div_ceil(chunk) {
         let frames: Vec<io::Result<CompressedFrame>> = (c * chunk
             ..((c + 1) * chunk).min(frame_count))
             .into_par_iter()
@@ -173,8 +226,13 @@ fn large_file_frames<'a>(
                 compress_frame(&buf, options.level, false)
             })
             .collect();
-        frames
-    })
+        for frame in frames {
+            let failed = frame.is_err();
+            if ftx.send(frame).is_err() || failed {
+                return;
+            }
+        }
+    }
 }
 
 /// What `save` did.
