@@ -234,6 +234,45 @@ struct Seq {
     window: u32,
 }
 
+/// A reader walking the archive in order (a tree walk reads files in path
+/// order, which is archive order): small-file batches follow each other
+/// across directories, and the next batch is fetched while the reader is
+/// still in the middle of the previous one.
+#[derive(Debug, Clone, Copy, Default)]
+struct Walk {
+    version: u64,
+    /// The entry after the last batch.
+    next: u32,
+    /// A first read of a prefetched file at or after this entry starts the next batch.
+    trigger: u32,
+}
+
+/// Misses this many entries past the last batch still count as a walk (a
+/// sorted sample of files skips some).
+const WALK_SLACK: u32 = 256;
+
+impl Walk {
+    fn continues(&self, version: u64, entry: u32) -> bool {
+        self.version == version && entry >= self.next && entry - self.next <= WALK_SLACK
+    }
+
+    fn after_batch(&mut self, version: u64, anchor: u32, batch: &[Piece]) {
+        let Some(last) = batch.last() else {
+            *self = Walk {
+                version,
+                next: anchor + 1,
+                trigger: u32::MAX,
+            };
+            return;
+        };
+        *self = Walk {
+            version,
+            next: last.entry + 1,
+            trigger: batch[batch.len() / 2].entry,
+        };
+    }
+}
+
 /// The decoding position in a [`Layout::Stream`] entry.
 struct StreamCursor {
     next_block: u32,
@@ -256,9 +295,8 @@ pub struct Fetcher<S> {
     readahead: Arc<Semaphore>,
     sequential: Mutex<lru::LruCache<(u64, u32), Seq>>,
     streams: Mutex<HashMap<(u64, u32), CursorSlot>>,
-    /// (version, entry) right after the last neighbour batch: a miss there
-    /// means a reader walks the archive in order.
-    walk: Mutex<(u64, u32)>,
+    /// Where the last neighbour batch ended, to tell walks in archive order.
+    walk: Mutex<Walk>,
 }
 
 /// Read-ahead memory is counted in units of this many bytes (semaphore permits are u32).
@@ -284,7 +322,7 @@ impl<S: ObjectStore> Fetcher<S> {
                 std::num::NonZeroUsize::new(4096).unwrap(),
             )),
             streams: Mutex::new(HashMap::new()),
-            walk: Mutex::new((0, 0)),
+            walk: Mutex::new(Walk::default()),
         })
     }
 
@@ -383,6 +421,7 @@ impl<S: ObjectStore> Fetcher<S> {
                     Stats::inc(&self.stats.hits);
                     if hit.prefetched {
                         Stats::inc(&self.stats.readahead_hits);
+                        self.continue_walk(v, entry);
                     }
                     blocks[(b - first) as usize] = Some(hit.data);
                 }
@@ -408,18 +447,9 @@ impl<S: ObjectStore> Fetcher<S> {
                         .collect()
                 };
                 let optional = if self.is_small(e) {
-                    // A miss right where the last neighbour batch ended is a
-                    // walk in archive (= path) order: keep going across
-                    // directories. Otherwise stay in this file's directory.
                     let mut walk = self.walk.lock();
-                    let walking = walk.0 == v.id
-                        && walk.1 <= entry
-                        && entry - walk.1 <= 64
-                        && v.index.entries[walk.1 as usize..entry as usize]
-                            .iter()
-                            .all(|n| n.kind != EntryKind::File || n.size == 0);
-                    let batch = self.neighbours(v, entry, walking);
-                    *walk = (v.id, batch.last().map_or(entry, |p| p.entry) + 1);
+                    let batch = self.neighbours(v, entry, walk.continues(v.id, entry));
+                    walk.after_batch(v.id, entry, &batch);
                     batch
                 } else {
                     Vec::new()
@@ -469,6 +499,33 @@ impl<S: ObjectStore> Fetcher<S> {
             )));
         }
         Ok(out.freeze())
+    }
+
+    /// A prefetched small file was read: if it is past the middle of the last
+    /// batch, fetch the next batch now (in the background).
+    fn continue_walk(self: &Arc<Self>, v: &Arc<Version>, entry: u32) {
+        let batch = {
+            let mut walk = self.walk.lock();
+            if walk.version != v.id
+                || entry < walk.trigger
+                || entry >= walk.next
+                || !self.is_small(v.entry(entry))
+            {
+                return;
+            }
+            let anchor = walk.next - 1;
+            let batch = self.neighbours(v, anchor, true);
+            walk.after_batch(v.id, anchor, &batch);
+            batch
+        };
+        if batch.is_empty() {
+            return;
+        }
+        let bytes: u64 = batch.iter().map(|p| v.entry(p.entry).compressed_size).sum();
+        let units = bytes.div_ceil(PERMIT_UNIT).min(u64::from(u32::MAX)) as u32;
+        if let Ok(permit) = self.readahead.clone().try_acquire_many_owned(units) {
+            self.start(v, &[], &batch, Some(permit));
+        }
     }
 
     /// The small files after `entry` in its directory, adjacent in the archive.
