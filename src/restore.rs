@@ -37,6 +37,9 @@ pub struct Source<'a, S> {
     pub content_addressed: bool,
     /// The SHA-256 the archive's index must have (cachemount blobs), if known.
     pub expected_digest: Option<String>,
+    /// The key pointer that led here (`keys/<escaped key>`): its lifetime is
+    /// refreshed with the blob's, so bucket expiry never takes one without the other.
+    pub pointer: Option<String>,
 }
 
 /// Downloads the whole object into `dest`, pinned to one version at a time.
@@ -406,6 +409,9 @@ pub async fn restore<S: ObjectStore>(
     let targets2 = targets.clone();
     tokio::task::spawn_blocking(move || extract_targets(&archive2, &index, &targets2)).await??;
     refresh_lifetime(source.store, &source.key).await;
+    if let Some(pointer) = &source.pointer {
+        refresh_lifetime(source.store, pointer).await;
+    }
     Ok(RestoreReport {
         restored: targets.into_iter().map(|t| t.local).collect(),
         archive_size: meta.size,

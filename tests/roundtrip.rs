@@ -127,3 +127,34 @@ fn independent_zip_reader_lists_and_decompresses_every_entry() {
         .unwrap();
     assert_eq!(manifest, r#"{"version":2,"mappings":{"_0":"."}}"#);
 }
+
+#[test]
+fn restore_refreshes_an_old_blob_and_its_pointer_but_not_a_young_one() {
+    let sb = Sandbox::new();
+    small_files_tree(&sb.work().join("deps"), 6, 5);
+    sb.ok(&["save", "--key", "old", "deps"]);
+    let store = sb.dir.path().join("store");
+    let blob = local_blobs(&store).remove(0);
+    let pointer = store.join("keys/old");
+    let mtime = |p: &std::path::Path| fs::metadata(p).unwrap().modified().unwrap();
+    let young = mtime(&blob);
+    sb.ok(&["restore", "--key", "old"]);
+    assert_eq!(mtime(&blob), young, "a young blob is left alone");
+
+    let two_days_ago = filetime::FileTime::from_unix_time(
+        filetime::FileTime::now().unix_seconds() - 2 * 86_400,
+        0,
+    );
+    filetime::set_file_mtime(&blob, two_days_ago).unwrap();
+    filetime::set_file_mtime(&pointer, two_days_ago).unwrap();
+    let before = mtime(&blob);
+    sb.ok(&["restore", "--key", "old"]);
+    assert!(
+        mtime(&blob) > before + std::time::Duration::from_secs(86_400),
+        "the blob's lifetime was refreshed"
+    );
+    assert!(
+        mtime(&pointer) > before + std::time::Duration::from_secs(86_400),
+        "the pointer's lifetime was refreshed"
+    );
+}

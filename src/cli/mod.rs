@@ -284,6 +284,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     key: object,
                     content_addressed: false,
                     expected_digest: None,
+                    pointer: None,
                 };
                 (
                     restore::restore(src, &specs, &anchors, progress).await?,
@@ -298,6 +299,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     key: resolved.pointer.blob_key(),
                     content_addressed: true,
                     expected_digest: Some(resolved.pointer.digest.clone()),
+                    pointer: Some(layout::pointer_key(&resolved.key)?),
                 };
                 let report = restore::restore(src, &specs, &anchors, progress).await?;
                 let what = if resolved.key == key {
