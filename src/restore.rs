@@ -394,10 +394,18 @@ pub async fn restore<S: ObjectStore>(
     anchors: &Anchors,
     progress: Progress,
 ) -> anyhow::Result<RestoreReport> {
-    let tmp = tempfile::tempfile().context("cannot create a temporary file for the download")?;
-    let meta = download(&source, &tmp, &progress).await?;
+    let (file, meta) = match source.store.open_local(&source.key) {
+        // A local store: read the archive in place (the open file pins its version).
+        Some(opened) => opened.with_context(|| format!("cannot read {}", source.key))?,
+        None => {
+            let tmp =
+                tempfile::tempfile().context("cannot create a temporary file for the download")?;
+            let meta = download(&source, &tmp, &progress).await?;
+            (tmp, meta)
+        }
+    };
     progress.finish();
-    let archive = Arc::new(tmp);
+    let archive = Arc::new(file);
     let index = archive::open_file(&archive)
         .map_err(|e| anyhow::anyhow!("{} is not a readable cache archive: {e}", source.key))?;
     if let Some(expected) = &source.expected_digest {

@@ -94,4 +94,11 @@ impl ObjectStore for AnyStore {
             AnyStore::S3(s) => s.delete(key).await,
         }
     }
+
+    fn open_local(&self, key: &str) -> Option<StoreResult<(std::fs::File, ObjectMeta)>> {
+        match self {
+            AnyStore::Local(s) => s.open_local(key),
+            AnyStore::S3(s) => s.open_local(key),
+        }
+    }
 }

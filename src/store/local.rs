@@ -289,6 +289,17 @@ impl ObjectStore for LocalStore {
         format!("file://{}", self.root.display())
     }
 
+    fn open_local(&self, key: &str) -> Option<StoreResult<(File, ObjectMeta)>> {
+        let opened = self.path_of(key).and_then(|path| {
+            let file = File::open(&path).map_err(|e| self.io_err(key, "opening", e))?;
+            let meta = file
+                .metadata()
+                .map_err(|e| self.io_err(key, "stat of", e))?;
+            Ok((file, object_meta(&meta)))
+        });
+        Some(opened)
+    }
+
     async fn head(&self, key: &str) -> StoreResult<ObjectMeta> {
         let (this, key) = (self.clone(), key.to_string());
         blocking(move || {

@@ -143,4 +143,11 @@ pub trait ObjectStore: Send + Sync + 'static {
 
     /// Removes `key`; removing a missing key is not an error.
     fn delete(&self, key: &str) -> impl Future<Output = StoreResult<()>> + Send;
+
+    /// The object as an open local file, when the store is on local disk, so
+    /// a restore reads it in place instead of copying it first. The open file
+    /// is one version for as long as it is held.
+    fn open_local(&self, _key: &str) -> Option<StoreResult<(std::fs::File, ObjectMeta)>> {
+        None
+    }
 }
