@@ -6,24 +6,37 @@
 //! self-copy (multipart `UploadPartCopy` above CopyObject's 5 GiB limit), paginated
 //! listing, and the mapping of SDK errors onto [`StoreError`] — by HTTP status
 //! where servers disagree on error codes (a 412 may come with an empty body).
+//!
+//! Network faults are handled in two layers ([`RetryPolicy`]): the SDK's standard
+//! retry mode (exponential backoff with full jitter) retries whole requests that
+//! fail before a body flows — 5xx, 503 SlowDown, throttling, connection errors,
+//! attempts that time out waiting for a response. A GET body that breaks, ends
+//! early or stalls mid-transfer is beyond the SDK's reach; [`read_resuming`]
+//! resumes it with a GET of the remaining sub-range, pinned to the version the
+//! first bytes came from, so a read never mixes two versions.
 
 use std::error::Error as StdError;
+use std::future::Future;
 use std::ops::Range;
 use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_config::{BehaviorVersion, Region};
 use aws_credential_types::provider::error::CredentialsError;
+use aws_sdk_s3::config::retry::{RetryPartition, TokenBucket};
 use aws_sdk_s3::config::{RequestChecksumCalculation, ResponseChecksumValidation};
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::operation::head_object::HeadObjectOutput;
 use aws_sdk_s3::primitives::{ByteStream, DateTime, Length};
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, MetadataDirective};
 use aws_sdk_s3::Client;
-use bytes::Bytes;
-use futures::{StreamExt, TryStreamExt};
+use bytes::{Bytes, BytesMut};
+use futures::{Stream, StreamExt, TryStreamExt};
+use tokio::time::Instant;
 
 use super::{
     ListedObject, ObjectMeta, ObjectStore, ObjectVersion, PutSource, RefreshOutcome, StoreError,
@@ -37,11 +50,137 @@ const MAX_PARTS: u64 = 10_000;
 /// CopyObject refuses sources larger than this; bigger objects are copied in parts.
 const COPY_OBJECT_MAX: u64 = 5 * GIB;
 
-/// Failing fast on a dead endpoint matters more than patience: CI retries jobs.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// One attempt must fit a whole part (16 MiB+) or a below-threshold PutObject on a slow link.
-const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(120);
-const MAX_ATTEMPTS: u32 = 3;
+/// How requests and reads survive a flaky network or a struggling server.
+///
+/// The defaults suit CI: transient faults (a dropped connection, a burst of 503
+/// SlowDown, a stalled transfer) cost seconds and are invisible to the caller;
+/// a store that is down makes a read fail within about two minutes with an error
+/// that says what happened (the mount turns it into `EIO` and a log line),
+/// rather than hanging a build for the job's whole timeout.
+///
+/// [`S3Store::new`] starts from [`RetryPolicy::default`] overridden by the
+/// environment ([`RetryPolicy::from_env`]); `with_tuning` replaces it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetryPolicy {
+    /// Attempts per S3 request, the first included (SDK standard retry mode:
+    /// 5xx, 503 SlowDown and other throttling, timeouts and connection errors are
+    /// retried). 5 rather than the SDK's 3: at a 20 % SlowDown rate a request
+    /// still fails once in ~3000 instead of once in ~125. `CACHEMOUNT_S3_ATTEMPTS`.
+    pub max_attempts: u32,
+    /// Backoff before the first retry; it doubles per retry up to `max_backoff`,
+    /// and each wait is a uniformly random fraction of that (full jitter), so
+    /// many readers hitting one throttled prefix spread out.
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+    /// Establishing a TCP (+TLS) connection. Short: failing fast on a dead
+    /// endpoint matters more than patience, and a refused connection is retried.
+    pub connect_timeout: Duration,
+    /// One attempt of a read request (GET, HEAD, list) until its response
+    /// headers arrive. S3 answers in milliseconds to a few hundred; 20 s without
+    /// headers is a dead connection or a wedged server, worth a new attempt.
+    /// `CACHEMOUNT_S3_READ_TIMEOUT` (seconds).
+    pub read_attempt_timeout: Duration,
+    /// One attempt of a write (PutObject, a multipart part, a copy), body
+    /// included: it must fit a whole part (16 MiB+) on a slow link.
+    pub write_attempt_timeout: Duration,
+    /// A GET body that delivers no byte for this long is abandoned and resumed
+    /// from the bytes received. `CACHEMOUNT_S3_STALL_TIMEOUT` (seconds).
+    pub body_stall_timeout: Duration,
+    /// How often one read resumes a body that was cut, ended early or stalled,
+    /// before failing.
+    pub max_body_retries: u32,
+    /// Ceiling on one read: no new request or resumption starts after it, and
+    /// waiting for a response (the SDK's retries included) is cut off at it. A body
+    /// that keeps flowing is never cut (the stall timeout bounds it instead), so a
+    /// read that stops making progress fails at most `read_deadline +
+    /// body_stall_timeout` after it started.
+    /// `CACHEMOUNT_S3_READ_DEADLINE` (seconds).
+    pub read_deadline: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_attempts: 5,
+            initial_backoff: Duration::from_millis(500),
+            max_backoff: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(5),
+            read_attempt_timeout: Duration::from_secs(20),
+            write_attempt_timeout: Duration::from_secs(120),
+            body_stall_timeout: Duration::from_secs(10),
+            max_body_retries: 5,
+            read_deadline: Duration::from_secs(120),
+        }
+    }
+}
+
+/// Environment variables that override [`RetryPolicy`] fields.
+pub const ENV_ATTEMPTS: &str = "CACHEMOUNT_S3_ATTEMPTS";
+pub const ENV_READ_TIMEOUT: &str = "CACHEMOUNT_S3_READ_TIMEOUT";
+pub const ENV_STALL_TIMEOUT: &str = "CACHEMOUNT_S3_STALL_TIMEOUT";
+pub const ENV_READ_DEADLINE: &str = "CACHEMOUNT_S3_READ_DEADLINE";
+
+impl RetryPolicy {
+    /// The defaults, overridden by `CACHEMOUNT_S3_ATTEMPTS`,
+    /// `CACHEMOUNT_S3_READ_TIMEOUT`, `CACHEMOUNT_S3_STALL_TIMEOUT` and
+    /// `CACHEMOUNT_S3_READ_DEADLINE` (seconds, fractions allowed). A malformed
+    /// value is ignored with a warning.
+    pub fn from_env() -> Self {
+        let (policy, problems) = Self::default().with_vars(|name| std::env::var(name).ok());
+        for problem in problems {
+            tracing::warn!("{problem}");
+        }
+        policy
+    }
+
+    /// `self` with the variables `get` returns applied; also the malformed ones.
+    fn with_vars(mut self, get: impl Fn(&str) -> Option<String>) -> (Self, Vec<String>) {
+        let mut problems = Vec::new();
+        let mut seconds = |name: &str, field: &mut Duration| {
+            let Some(value) = get(name) else { return };
+            match value.trim().parse::<f64>() {
+                Ok(s) if s.is_finite() && s > 0.0 && s < 1e9 => *field = Duration::from_secs_f64(s),
+                _ => problems.push(format!(
+                    "ignoring {name}={value:?}: expected a positive number of seconds"
+                )),
+            }
+        };
+        seconds(ENV_READ_TIMEOUT, &mut self.read_attempt_timeout);
+        seconds(ENV_STALL_TIMEOUT, &mut self.body_stall_timeout);
+        seconds(ENV_READ_DEADLINE, &mut self.read_deadline);
+        if let Some(value) = get(ENV_ATTEMPTS) {
+            match value.trim().parse::<u32>() {
+                Ok(n) if (1..=100).contains(&n) => self.max_attempts = n,
+                _ => problems.push(format!(
+                    "ignoring {ENV_ATTEMPTS}={value:?}: expected a whole number from 1 to 100"
+                )),
+            }
+        }
+        (self, problems)
+    }
+
+    /// The wait before resuming a body for the `n`th time (from 1): exponential
+    /// with full jitter, like the SDK's.
+    fn resume_backoff(&self, n: u32) -> Duration {
+        let cap = self
+            .initial_backoff
+            .saturating_mul(1 << n.saturating_sub(1).min(16))
+            .min(self.max_backoff);
+        cap.mul_f64(jitter())
+    }
+}
+
+/// A number in [0, 1), different on each call (good enough for backoff jitter).
+fn jitter() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64),
+    );
+    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
+}
 
 /// Sizes and concurrency of the multipart paths. The defaults suit archives of
 /// hundreds of MiB to tens of GiB; tests shrink them to exercise the paths cheaply.
@@ -59,6 +198,8 @@ pub struct S3Tuning {
     pub copy_part_size: u64,
     /// `max-keys` for listing; `None` leaves the server's default (1000 on AWS).
     pub list_page_size: Option<i32>,
+    /// Retries and timeouts.
+    pub retry: RetryPolicy,
 }
 
 impl Default for S3Tuning {
@@ -70,6 +211,7 @@ impl Default for S3Tuning {
             copy_object_max: COPY_OBJECT_MAX,
             copy_part_size: GIB,
             list_page_size: None,
+            retry: RetryPolicy::default(),
         }
     }
 }
@@ -77,13 +219,20 @@ impl Default for S3Tuning {
 /// A bucket (and key prefix inside it) on S3 or an S3-compatible server.
 #[derive(Debug, Clone)]
 pub struct S3Store {
+    /// For writes (PUT, parts, copies): long attempt timeout.
     client: Client,
+    /// For reads (GET, HEAD, list): short attempt timeout.
+    read_client: Client,
+    /// The configuration both clients derive from (endpoint, region, credentials,
+    /// retry partition); kept to rebuild them when the policy changes.
+    base: Arc<aws_sdk_s3::Config>,
     bucket: String,
     /// Empty, or ending in `/`.
     prefix: String,
     /// Where requests go, for error messages.
     endpoint: String,
-    tuning: S3Tuning,
+    /// Boxed: keeps the store small to move around (it is in an enum with the local one).
+    tuning: Arc<S3Tuning>,
 }
 
 impl S3Store {
@@ -92,19 +241,14 @@ impl S3Store {
     /// `endpoint_url` and `region` when given. Without any configured region it
     /// uses us-east-1 (S3-compatible servers mostly ignore it). An explicit
     /// endpoint implies path-style addressing, which S3-compatible servers need.
+    /// Retries and timeouts: [`RetryPolicy::from_env`].
     pub async fn new(
         bucket: &str,
         prefix: &str,
         endpoint_url: Option<String>,
         region: Option<String>,
     ) -> Self {
-        let timeouts = TimeoutConfig::builder()
-            .connect_timeout(CONNECT_TIMEOUT)
-            .operation_attempt_timeout(ATTEMPT_TIMEOUT)
-            .build();
-        let mut loader = aws_config::defaults(BehaviorVersion::latest())
-            .timeout_config(timeouts)
-            .retry_config(RetryConfig::standard().with_max_attempts(MAX_ATTEMPTS));
+        let mut loader = aws_config::defaults(BehaviorVersion::latest());
         if let Some(region) = region {
             loader = loader.region(Region::new(region));
         }
@@ -116,7 +260,8 @@ impl S3Store {
         // default extra checksums (aws-chunked uploads) break several S3-compatible servers.
         let mut config = aws_sdk_s3::config::Builder::from(&sdk)
             .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
-            .response_checksum_validation(ResponseChecksumValidation::WhenRequired);
+            .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
+            .retry_partition(retry_partition());
         let region = sdk
             .region()
             .cloned()
@@ -130,8 +275,16 @@ impl S3Store {
             None => format!("AWS S3 ({region})"),
         };
         let prefix = prefix.trim_matches('/');
+        let base = Arc::new(config.build());
+        let tuning = S3Tuning {
+            retry: RetryPolicy::from_env(),
+            ..S3Tuning::default()
+        };
+        let (client, read_client) = clients(&base, &tuning.retry);
         S3Store {
-            client: Client::from_conf(config.build()),
+            client,
+            read_client,
+            base,
             bucket: bucket.to_string(),
             prefix: if prefix.is_empty() {
                 String::new()
@@ -139,14 +292,22 @@ impl S3Store {
                 format!("{prefix}/")
             },
             endpoint,
-            tuning: S3Tuning::default(),
+            tuning: Arc::new(tuning),
         }
     }
 
-    /// Replaces the multipart and listing parameters.
+    /// Replaces the multipart, listing and retry parameters.
     pub fn with_tuning(mut self, tuning: S3Tuning) -> Self {
-        self.tuning = tuning;
+        if tuning.retry != self.tuning.retry {
+            (self.client, self.read_client) = clients(&self.base, &tuning.retry);
+        }
+        self.tuning = Arc::new(tuning);
         self
+    }
+
+    /// The parameters in use.
+    pub fn tuning(&self) -> &S3Tuning {
+        &self.tuning
     }
 
     fn full_key(&self, key: &str) -> String {
@@ -219,7 +380,7 @@ impl S3Store {
 
     async fn head_raw(&self, key: &str) -> StoreResult<HeadObjectOutput> {
         let result = self
-            .client
+            .read_client
             .head_object()
             .bucket(&self.bucket)
             .key(self.full_key(key))
@@ -240,7 +401,7 @@ impl S3Store {
     /// `NoSuchBucket` when HeadBucket says 404; None when it exists or cannot tell.
     async fn bucket_missing(&self) -> Option<StoreError> {
         let err = self
-            .client
+            .read_client
             .head_bucket()
             .bucket(&self.bucket)
             .send()
@@ -267,7 +428,7 @@ impl S3Store {
         version: ObjectVersion,
     ) -> StoreResult<ObjectMeta> {
         let head = self
-            .client
+            .read_client
             .head_object()
             .bucket(&self.bucket)
             .key(self.full_key(key))
@@ -428,6 +589,79 @@ impl S3Store {
         }
     }
 
+    /// One GET of `want`, pinned to `version` when given (the SDK retries it
+    /// until a response starts). The body is left to the caller.
+    async fn get_attempt(
+        &self,
+        key: &str,
+        want: Range<u64>,
+        version: Option<ObjectVersion>,
+    ) -> StoreResult<Answer<Body>> {
+        let request = self
+            .read_client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(self.full_key(key))
+            .range(format!("bytes={}-{}", want.start, want.end - 1))
+            .set_if_match(version.as_ref().map(|p| quote_etag(&p.etag)))
+            .set_version_id(version.and_then(|p| p.version_id));
+        let out = match request.send().await {
+            Ok(out) => out,
+            Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 416) => {
+                let size = self.head(key).await?.size;
+                return Err(StoreError::InvalidRange {
+                    key: self.location(key),
+                    range: want,
+                    size,
+                });
+            }
+            Err(e) => {
+                let status = e.raw_response().map(|r| r.status().as_u16());
+                return Err(match self.map_err(key, e) {
+                    // Retryable statuses (500, 503 SlowDown, …) that stayed.
+                    StoreError::Other { key, message }
+                        if status.is_some_and(|s| s >= 500 || s == 429) =>
+                    {
+                        StoreError::Other {
+                            key,
+                            message: format!(
+                                "{message} (after up to {} attempts)",
+                                self.tuning.retry.max_attempts
+                            ),
+                        }
+                    }
+                    StoreError::Unreachable { endpoint, message } => StoreError::Unreachable {
+                        endpoint,
+                        message: format!(
+                            "reading bytes {}-{} of {}: {message} (after up to {} attempts, \
+                             each waiting up to {:?} for an answer)",
+                            want.start,
+                            want.end - 1,
+                            self.location(key),
+                            self.tuning.retry.max_attempts,
+                            self.tuning.retry.read_attempt_timeout
+                        ),
+                    },
+                    other => other,
+                });
+            }
+        };
+        let (start, total) = match out.content_range().and_then(parse_content_range) {
+            Some((start, _, total)) => (start, total),
+            // A 200: the whole object.
+            None => (0, out.content_length().map(|l| l.max(0) as u64)),
+        };
+        Ok(Answer {
+            version: out.e_tag().map(|etag| ObjectVersion {
+                etag: normalize_etag(etag),
+                version_id: out.version_id().map(str::to_string),
+            }),
+            start,
+            total,
+            body: body_chunks(out.body),
+        })
+    }
+
     /// Refreshes an object above CopyObject's limit by copying it onto itself in
     /// parts. Every part is pinned to the version the HEAD saw: if the object is
     /// rewritten meanwhile, it is fresh anyway.
@@ -502,6 +736,283 @@ impl S3Store {
                 match e {
                     StoreError::PreconditionFailed(_) => Ok(RefreshOutcome::StillFresh),
                     e => Err(e),
+                }
+            }
+        }
+    }
+}
+
+/// The write and read clients for `policy`, sharing `base`'s connection pool,
+/// credentials and retry quota.
+fn clients(base: &aws_sdk_s3::Config, policy: &RetryPolicy) -> (Client, Client) {
+    let retry = RetryConfig::standard()
+        .with_max_attempts(policy.max_attempts)
+        .with_initial_backoff(policy.initial_backoff)
+        .with_max_backoff(policy.max_backoff);
+    let client = |attempt: Duration| {
+        let timeouts = TimeoutConfig::builder()
+            .connect_timeout(policy.connect_timeout)
+            .operation_attempt_timeout(attempt)
+            .build();
+        Client::from_conf(
+            base.to_builder()
+                .retry_config(retry.clone())
+                .timeout_config(timeouts)
+                .build(),
+        )
+    };
+    (
+        client(policy.write_attempt_timeout),
+        client(policy.read_attempt_timeout),
+    )
+}
+
+/// The SDK stops retrying when its retry quota (a token bucket: a retry takes
+/// tokens, a success gives them back) runs dry. The default bucket never refills
+/// by time, so after one long outage a long-lived mount daemon would never retry
+/// again; this one refills (a full bucket in under a minute) and is this
+/// store's own.
+fn retry_partition() -> RetryPartition {
+    RetryPartition::custom("cachemount")
+        .token_bucket(
+            TokenBucket::builder()
+                .capacity(500)
+                .refill_rate(10.0)
+                .build(),
+        )
+        .build()
+}
+
+/// One GET answer, as [`read_resuming`] sees it.
+struct Answer<B> {
+    /// The version that answered; `None` when the server sent no ETag.
+    version: Option<ObjectVersion>,
+    /// Offset in the object of the body's first byte.
+    start: u64,
+    /// The object's size, when the server said.
+    total: Option<u64>,
+    body: B,
+}
+
+/// A GET body as a stream of chunks; an error says why it broke.
+type Body = Pin<Box<dyn Stream<Item = Result<Bytes, String>> + Send>>;
+
+fn body_chunks(body: ByteStream) -> Body {
+    Box::pin(futures::stream::unfold(body, |mut body| async move {
+        let next = body.next().await?;
+        Some((next.map_err(|e| error_chain(&e)), body))
+    }))
+}
+
+/// What is left of `range` once `received` of its bytes are in.
+fn remaining_range(range: &Range<u64>, received: u64) -> Range<u64> {
+    (range.start + received).min(range.end)..range.end
+}
+
+/// `Content-Range: bytes START-END/TOTAL` (TOTAL may be `*`) → (START, END incl., TOTAL).
+fn parse_content_range(value: &str) -> Option<(u64, u64, Option<u64>)> {
+    let rest = value.trim().strip_prefix("bytes")?.trim_start();
+    let (span, total) = rest.split_once('/')?;
+    let (start, end) = span.trim().split_once('-')?;
+    let total = match total.trim() {
+        "*" => None,
+        t => Some(t.parse().ok()?),
+    };
+    Some((start.parse().ok()?, end.parse().ok()?, total))
+}
+
+/// Where a read goes, for its messages.
+struct ReadTarget<'a> {
+    endpoint: &'a str,
+    location: &'a str,
+}
+
+/// Reads `range` through `fetch` (one GET of a sub-range, pinned to a version
+/// when given one), resuming a body that breaks, ends early or stalls with a
+/// GET of the bytes still missing, pinned to the version the first bytes came
+/// from. With no `pin`, a version change between attempts starts the read over,
+/// so the result is always one version's bytes. Bounded by `policy`
+/// (`max_body_retries`, `read_deadline`, `body_stall_timeout`); when it gives up
+/// the error says what happened.
+async fn read_resuming<F, Fut, B>(
+    target: ReadTarget<'_>,
+    range: Range<u64>,
+    pin: Option<&ObjectVersion>,
+    policy: &RetryPolicy,
+    mut fetch: F,
+) -> StoreResult<Bytes>
+where
+    F: FnMut(Range<u64>, Option<ObjectVersion>) -> Fut,
+    Fut: Future<Output = StoreResult<Answer<B>>>,
+    B: Stream<Item = Result<Bytes, String>> + Unpin,
+{
+    let len = range.end - range.start;
+    let started = Instant::now();
+    let deadline = started + policy.read_deadline;
+    let mut buf = BytesMut::with_capacity(len as usize);
+    // The version the bytes in `buf` are of: every resumption is pinned to it.
+    let mut version = pin.cloned();
+    let mut interruptions = 0u32;
+    let mut last_problem: Option<String> = None;
+    let span = |r: &Range<u64>| format!("bytes {}-{} of {}", r.start, r.end - 1, target.location);
+    let unreachable = |message: String| StoreError::Unreachable {
+        endpoint: target.endpoint.to_string(),
+        message,
+    };
+    loop {
+        let want = remaining_range(&range, buf.len() as u64);
+        let left = deadline.saturating_duration_since(Instant::now());
+        let answer = match tokio::time::timeout(left, fetch(want.clone(), version.clone())).await {
+            Ok(Ok(answer)) => Some(answer),
+            // Unpinned, and the object changed since our first bytes: start over.
+            Ok(Err(StoreError::PreconditionFailed(_))) if pin.is_none() && version.is_some() => {
+                None
+            }
+            Ok(Err(e)) => return Err(e),
+            Err(_) => {
+                return Err(unreachable(format!(
+                    "reading {}: no answer within the read deadline ({:?}){}",
+                    span(&range),
+                    policy.read_deadline,
+                    last_problem
+                        .map(|p| format!(" after {interruptions} interrupted transfers; last: {p}"))
+                        .unwrap_or_default()
+                )))
+            }
+        };
+        let problem = match answer {
+            None => {
+                version = None;
+                buf.clear();
+                "the object changed between attempts".to_string()
+            }
+            Some(answer) => match &answer.version {
+                // Defence against servers that ignore If-Match.
+                Some(a) if version.as_ref().is_some_and(|v| v.etag != a.etag) => {
+                    if pin.is_some() {
+                        return Err(StoreError::PreconditionFailed(target.location.into()));
+                    }
+                    version = None;
+                    buf.clear();
+                    "the object changed between attempts".to_string()
+                }
+                answered => {
+                    if version.is_none() {
+                        version = answered.clone();
+                    }
+                    if let Some(total) = answer.total {
+                        if range.end > total {
+                            // S3 truncates a range that runs past the end instead of refusing it.
+                            return Err(StoreError::InvalidRange {
+                                key: target.location.into(),
+                                range,
+                                size: total,
+                            });
+                        }
+                    }
+                    if answer.start != want.start {
+                        return Err(StoreError::Other {
+                            key: target.location.into(),
+                            message: format!(
+                                "asked for bytes from {}, the server answered from {}",
+                                want.start, answer.start
+                            ),
+                        });
+                    }
+                    match read_body(answer.body, &mut buf, len, policy.body_stall_timeout).await {
+                        Ok(()) => return Ok(buf.freeze()),
+                        Err(BodyError::TooLong) => {
+                            return Err(StoreError::Other {
+                                key: target.location.into(),
+                                message: format!(
+                                    "the server sent more than the {len} bytes asked for"
+                                ),
+                            })
+                        }
+                        Err(BodyError::Interrupted(problem)) => problem,
+                    }
+                }
+            },
+        };
+        interruptions += 1;
+        if interruptions > policy.max_body_retries {
+            return Err(unreachable(format!(
+                "reading {}: gave up after {interruptions} interrupted transfers in {:.1} s \
+                 (got {} of {len} bytes); last: {problem}",
+                span(&range),
+                started.elapsed().as_secs_f64(),
+                buf.len()
+            )));
+        }
+        if version.is_none() {
+            // Nothing to pin a resumption to: the next bytes could be another version's.
+            buf.clear();
+        }
+        let delay = policy.resume_backoff(interruptions);
+        tracing::info!(
+            what = %span(&range),
+            received = buf.len(),
+            attempt = interruptions,
+            %problem,
+            "resuming an interrupted read in {delay:?}"
+        );
+        if Instant::now() + delay >= deadline {
+            return Err(unreachable(format!(
+                "reading {}: gave up at the read deadline ({:?}) after {interruptions} \
+                 interrupted transfers (got {} of {len} bytes); last: {problem}",
+                span(&range),
+                policy.read_deadline,
+                buf.len()
+            )));
+        }
+        tokio::time::sleep(delay).await;
+        last_problem = Some(problem);
+    }
+}
+
+enum BodyError {
+    /// Cut, ended early or stalled: worth resuming.
+    Interrupted(String),
+    /// More bytes than asked for: the server is confused; do not retry.
+    TooLong,
+}
+
+/// Appends `body` to `buf` until it holds `len` bytes.
+async fn read_body<B>(
+    mut body: B,
+    buf: &mut BytesMut,
+    len: u64,
+    stall: Duration,
+) -> Result<(), BodyError>
+where
+    B: Stream<Item = Result<Bytes, String>> + Unpin,
+{
+    loop {
+        match tokio::time::timeout(stall, body.next()).await {
+            Err(_) => {
+                return Err(BodyError::Interrupted(format!(
+                    "the transfer stalled (no bytes for {stall:?})"
+                )))
+            }
+            Ok(None) if buf.len() as u64 == len => return Ok(()),
+            Ok(None) => {
+                return Err(BodyError::Interrupted(format!(
+                    "the body ended early ({} of {len} bytes)",
+                    buf.len()
+                )))
+            }
+            Ok(Some(Err(e))) => {
+                return Err(BodyError::Interrupted(format!(
+                    "the connection broke mid-body: {e}"
+                )))
+            }
+            Ok(Some(Ok(chunk))) => {
+                if buf.len() as u64 + chunk.len() as u64 > len {
+                    return Err(BodyError::TooLong);
+                }
+                buf.extend_from_slice(&chunk);
+                if buf.len() as u64 == len {
+                    return Ok(());
                 }
             }
         }
@@ -622,55 +1133,15 @@ impl ObjectStore for S3Store {
             }
             return Ok(Bytes::new());
         }
-        let request = self
-            .client
-            .get_object()
-            .bucket(&self.bucket)
-            .key(self.full_key(key))
-            .range(format!("bytes={}-{}", range.start, range.end - 1))
-            .set_if_match(pin.map(|p| quote_etag(&p.etag)))
-            .set_version_id(pin.and_then(|p| p.version_id.clone()));
-        let out = match request.send().await {
-            Ok(out) => out,
-            Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 416) => {
-                let size = self.head(key).await?.size;
-                return Err(StoreError::InvalidRange {
-                    key: self.location(key),
-                    range,
-                    size,
-                });
-            }
-            Err(e) => return Err(self.map_err(key, e)),
+        let location = self.location(key);
+        let target = ReadTarget {
+            endpoint: &self.endpoint,
+            location: &location,
         };
-        // Defence against servers that ignore If-Match: never return another version's bytes.
-        if let (Some(pin), Some(etag)) = (pin, out.e_tag()) {
-            if normalize_etag(etag) != pin.etag {
-                return Err(StoreError::PreconditionFailed(self.location(key)));
-            }
-        }
-        let total = out
-            .content_range()
-            .and_then(|r| r.rsplit_once('/'))
-            .and_then(|(_, t)| t.parse::<u64>().ok());
-        let body = out
-            .body
-            .collect()
-            .await
-            .map_err(|e| StoreError::Unreachable {
-                endpoint: self.endpoint.clone(),
-                message: format!("reading {}: {}", self.location(key), error_chain(&e)),
-            })?;
-        let bytes = body.into_bytes();
-        if bytes.len() as u64 != range.end - range.start {
-            // S3 truncates a range that runs past the end instead of refusing it.
-            let size = total.unwrap_or(range.start + bytes.len() as u64);
-            return Err(StoreError::InvalidRange {
-                key: self.location(key),
-                range,
-                size,
-            });
-        }
-        Ok(bytes)
+        read_resuming(target, range, pin, &self.tuning.retry, |want, version| {
+            self.get_attempt(key, want, version)
+        })
+        .await
     }
 
     async fn put(&self, key: &str, source: PutSource) -> StoreResult<ObjectMeta> {
@@ -748,7 +1219,7 @@ impl ObjectStore for S3Store {
         let mut token = None;
         loop {
             let page = self
-                .client
+                .read_client
                 .list_objects_v2()
                 .bucket(&self.bucket)
                 .prefix(self.full_key(prefix))
@@ -823,5 +1294,312 @@ mod tests {
     #[test]
     fn copy_source_encodes_the_key() {
         assert_eq!(copy_source("b", "p/keys/a%2Fb c"), "b/p/keys/a%252Fb%20c");
+    }
+
+    // --- the resume logic, without a server ---
+
+    use std::collections::VecDeque;
+    use std::sync::Mutex;
+
+    fn version(tag: &str) -> ObjectVersion {
+        ObjectVersion {
+            etag: tag.into(),
+            version_id: None,
+        }
+    }
+
+    fn object(seed: u8, len: usize) -> Arc<Vec<u8>> {
+        Arc::new(
+            (0..len)
+                .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+                .collect(),
+        )
+    }
+
+    /// What the fake server does on one GET.
+    enum Step {
+        /// The requested bytes, whole.
+        Full(ObjectVersion, Arc<Vec<u8>>),
+        /// The first `n` requested bytes, then a broken connection.
+        Cut(ObjectVersion, Arc<Vec<u8>>, usize),
+        /// The first `n` requested bytes, then a clean end (a truncated body).
+        Short(ObjectVersion, Arc<Vec<u8>>, usize),
+        /// The first `n` requested bytes, then nothing, ever.
+        Stall(ObjectVersion, Arc<Vec<u8>>, usize),
+        /// No response, ever.
+        Hang,
+        Fail(StoreError),
+    }
+
+    type Fetched = Pin<Box<dyn Future<Output = StoreResult<Answer<Body>>> + Send>>;
+    type Calls = Arc<Mutex<Vec<(Range<u64>, Option<String>)>>>;
+
+    /// A fake `fetch` playing `steps` in order; records what it was asked.
+    fn server(
+        steps: Vec<Step>,
+    ) -> (
+        impl FnMut(Range<u64>, Option<ObjectVersion>) -> Fetched,
+        Calls,
+    ) {
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let seen = calls.clone();
+        let mut steps = VecDeque::from(steps);
+        let fetch = move |want: Range<u64>, pin: Option<ObjectVersion>| -> Fetched {
+            seen.lock()
+                .unwrap()
+                .push((want.clone(), pin.map(|p| p.etag)));
+            let step = steps.pop_front().expect("more GETs than the script has");
+            let answer = |v: ObjectVersion, data: &[u8], n: usize, tail: Body| {
+                let bytes = data[want.start as usize..want.end as usize][..n].to_vec();
+                // Two chunks, to exercise appending.
+                let (a, b) = bytes.split_at(n / 2);
+                let chunks = vec![Ok(Bytes::copy_from_slice(a)), Ok(Bytes::copy_from_slice(b))];
+                Ok(Answer {
+                    version: Some(v),
+                    start: want.start,
+                    total: Some(data.len() as u64),
+                    body: Box::pin(futures::stream::iter(chunks).chain(tail)) as Body,
+                })
+            };
+            let len = (want.end - want.start) as usize;
+            let result = match step {
+                Step::Full(v, d) => answer(v, &d, len, Box::pin(futures::stream::empty())),
+                Step::Cut(v, d, n) => answer(
+                    v,
+                    &d,
+                    n,
+                    Box::pin(futures::stream::iter([Err("connection reset".to_string())])),
+                ),
+                Step::Short(v, d, n) => answer(v, &d, n, Box::pin(futures::stream::empty())),
+                Step::Stall(v, d, n) => answer(v, &d, n, Box::pin(futures::stream::pending())),
+                Step::Hang => return Box::pin(futures::future::pending()),
+                Step::Fail(e) => Err(e),
+            };
+            Box::pin(std::future::ready(result))
+        };
+        (fetch, calls)
+    }
+
+    fn quick() -> RetryPolicy {
+        RetryPolicy {
+            initial_backoff: Duration::from_millis(1),
+            max_backoff: Duration::from_millis(5),
+            body_stall_timeout: Duration::from_millis(50),
+            max_body_retries: 3,
+            read_deadline: Duration::from_secs(10),
+            ..RetryPolicy::default()
+        }
+    }
+
+    const TARGET: ReadTarget<'static> = ReadTarget {
+        endpoint: "http://test",
+        location: "s3://b/k",
+    };
+
+    #[test]
+    fn the_remaining_range_starts_after_the_bytes_received() {
+        assert_eq!(remaining_range(&(100..200), 0), 100..200);
+        assert_eq!(remaining_range(&(100..200), 37), 137..200);
+        assert_eq!(remaining_range(&(100..200), 100), 200..200);
+        assert_eq!(remaining_range(&(100..200), 500), 200..200);
+    }
+
+    #[test]
+    fn content_ranges_parse() {
+        assert_eq!(
+            parse_content_range("bytes 10-19/100"),
+            Some((10, 19, Some(100)))
+        );
+        assert_eq!(parse_content_range("bytes 0-0/*"), Some((0, 0, None)));
+        assert_eq!(parse_content_range("bytes */100"), None);
+        assert_eq!(parse_content_range("items 0-1/2"), None);
+    }
+
+    #[test]
+    fn policy_reads_the_environment() {
+        let env = |vars: &'static [(&'static str, &'static str)]| {
+            move |name: &str| {
+                vars.iter()
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        let (p, problems) = RetryPolicy::default().with_vars(env(&[
+            (ENV_ATTEMPTS, "2"),
+            (ENV_READ_TIMEOUT, "0.5"),
+            (ENV_STALL_TIMEOUT, "1"),
+            (ENV_READ_DEADLINE, "7"),
+        ]));
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(p.max_attempts, 2);
+        assert_eq!(p.read_attempt_timeout, Duration::from_millis(500));
+        assert_eq!(p.body_stall_timeout, Duration::from_secs(1));
+        assert_eq!(p.read_deadline, Duration::from_secs(7));
+        let (p, problems) = RetryPolicy::default()
+            .with_vars(env(&[(ENV_ATTEMPTS, "0"), (ENV_READ_TIMEOUT, "soon")]));
+        assert_eq!(p, RetryPolicy::default());
+        assert_eq!(problems.len(), 2, "{problems:?}");
+    }
+
+    #[test]
+    fn resume_backoff_grows_and_is_capped() {
+        let p = RetryPolicy::default();
+        for n in 1..40 {
+            let d = p.resume_backoff(n);
+            assert!(d <= p.max_backoff, "{n}: {d:?}");
+            assert!(
+                d <= p.initial_backoff * 2u32.pow(n.min(20) - 1),
+                "{n}: {d:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_cut_body_resumes_from_the_bytes_received_with_the_same_pin() {
+        let a = object(1, 2000);
+        let (fetch, calls) = server(vec![
+            Step::Cut(version("A"), a.clone(), 100),
+            Step::Short(version("A"), a.clone(), 300),
+            Step::Full(version("A"), a.clone()),
+        ]);
+        let got = read_resuming(TARGET, 10..1010, Some(&version("A")), &quick(), fetch)
+            .await
+            .unwrap();
+        assert_eq!(&got[..], &a[10..1010]);
+        let calls = calls.lock().unwrap().clone();
+        let pin = Some("A".to_string());
+        assert_eq!(
+            calls,
+            vec![
+                (10..1010, pin.clone()),
+                (110..1010, pin.clone()),
+                (410..1010, pin)
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unpinned_read_pins_its_resumptions_to_its_first_answer() {
+        let a = object(1, 500);
+        let (fetch, calls) = server(vec![
+            Step::Cut(version("A"), a.clone(), 7),
+            Step::Full(version("A"), a.clone()),
+        ]);
+        let got = read_resuming(TARGET, 0..500, None, &quick(), fetch)
+            .await
+            .unwrap();
+        assert_eq!(&got[..], &a[..]);
+        let calls = calls.lock().unwrap().clone();
+        assert_eq!(calls, vec![(0..500, None), (7..500, Some("A".into()))]);
+    }
+
+    #[tokio::test]
+    async fn a_stalled_body_is_abandoned_and_resumed() {
+        let a = object(2, 1000);
+        let (fetch, calls) = server(vec![
+            Step::Stall(version("A"), a.clone(), 400),
+            Step::Full(version("A"), a.clone()),
+        ]);
+        let started = Instant::now();
+        let got = read_resuming(TARGET, 0..1000, Some(&version("A")), &quick(), fetch)
+            .await
+            .unwrap();
+        assert_eq!(&got[..], &a[..]);
+        assert_eq!(calls.lock().unwrap()[1].0, 400..1000);
+        assert!(started.elapsed() < Duration::from_secs(2));
+    }
+
+    #[tokio::test]
+    async fn a_pinned_read_never_mixes_versions() {
+        let (a, b) = (object(1, 1000), object(2, 1000));
+        // The object changed between the cut and the resumption: 412.
+        let (fetch, _) = server(vec![
+            Step::Cut(version("A"), a.clone(), 100),
+            Step::Fail(StoreError::PreconditionFailed("s3://b/k".into())),
+        ]);
+        let r = read_resuming(TARGET, 0..1000, Some(&version("A")), &quick(), fetch).await;
+        assert!(matches!(r, Err(StoreError::PreconditionFailed(_))), "{r:?}");
+        // A server that ignores If-Match answers with the new version: refused too.
+        let (fetch, _) = server(vec![
+            Step::Cut(version("A"), a.clone(), 100),
+            Step::Full(version("B"), b.clone()),
+        ]);
+        let r = read_resuming(TARGET, 0..1000, Some(&version("A")), &quick(), fetch).await;
+        assert!(matches!(r, Err(StoreError::PreconditionFailed(_))), "{r:?}");
+    }
+
+    #[tokio::test]
+    async fn an_unpinned_read_starts_over_when_the_object_changes() {
+        let (a, b) = (object(1, 1000), object(2, 1000));
+        for second in [
+            Step::Fail(StoreError::PreconditionFailed("s3://b/k".into())),
+            Step::Full(version("B"), b.clone()),
+        ] {
+            let (fetch, calls) = server(vec![
+                Step::Cut(version("A"), a.clone(), 100),
+                second,
+                Step::Full(version("B"), b.clone()),
+            ]);
+            let got = read_resuming(TARGET, 0..1000, None, &quick(), fetch)
+                .await
+                .unwrap();
+            assert_eq!(&got[..], &b[..]);
+            assert_eq!(calls.lock().unwrap()[2], (0..1000, None));
+        }
+    }
+
+    #[tokio::test]
+    async fn interrupted_reads_give_up_and_say_why() {
+        let a = object(1, 1000);
+        let steps = (0..4)
+            .map(|_| Step::Cut(version("A"), a.clone(), 10))
+            .collect();
+        let (fetch, calls) = server(steps);
+        let r = read_resuming(TARGET, 0..1000, Some(&version("A")), &quick(), fetch).await;
+        let Err(StoreError::Unreachable { message, .. }) = r else {
+            panic!("{r:?}")
+        };
+        assert!(
+            message.contains("gave up after 4 interrupted transfers")
+                && message.contains("got 40 of 1000 bytes")
+                && message.contains("connection reset")
+                && message.contains("bytes 0-999 of s3://b/k"),
+            "{message}"
+        );
+        assert_eq!(calls.lock().unwrap().len(), 4);
+    }
+
+    #[tokio::test]
+    async fn a_read_with_no_answer_fails_at_the_deadline() {
+        let policy = RetryPolicy {
+            read_deadline: Duration::from_millis(200),
+            ..quick()
+        };
+        let (fetch, _) = server(vec![Step::Hang]);
+        let started = Instant::now();
+        let r = read_resuming(TARGET, 0..10, None, &policy, fetch).await;
+        let Err(StoreError::Unreachable { message, .. }) = r else {
+            panic!("{r:?}")
+        };
+        assert!(message.contains("read deadline"), "{message}");
+        assert!(started.elapsed() < Duration::from_secs(2));
+    }
+
+    #[tokio::test]
+    async fn a_range_past_the_end_is_invalid() {
+        let a = object(1, 50);
+        let (fetch, _) = server(vec![Step::Full(version("A"), a.clone())]);
+        let r = read_resuming(TARGET, 40..50, None, &quick(), fetch).await;
+        assert_eq!(&r.unwrap()[..], &a[40..]);
+        let (mut fetch, _) = server(vec![Step::Full(version("A"), a.clone())]);
+        // The fake answers at most what exists; what it says about the size decides.
+        let r = read_resuming(TARGET, 40..60, None, &quick(), move |w: Range<u64>, v| {
+            fetch(w.start..w.end.min(50), v)
+        })
+        .await;
+        assert!(
+            matches!(r, Err(StoreError::InvalidRange { size: 50, .. })),
+            "{r:?}"
+        );
     }
 }

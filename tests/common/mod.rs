@@ -1,5 +1,6 @@
 //! Support code shared by the integration tests (`mod common;` in a test file).
 
 pub mod cli;
+pub mod proxy;
 pub mod s3;
 pub mod tree;

@@ -1,0 +1,321 @@
+//! `restore` through the fault-injecting proxy (tests/common/proxy.rs) in front
+//! of the real S3 server: transient faults are invisible (right bytes, exit 0),
+//! a permanent stall fails within the configured bound with a clear error, and
+//! an object overwritten mid-download is never restored as a mix of versions.
+//!
+//! Caches are saved directly to the server; only the restore goes through the
+//! proxy. Each test prints its run time and the proxy's counters.
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cachemount::store::{ObjectStore, PutSource};
+use common::cli::{local_blobs, Sandbox};
+use common::proxy::{Fault, Proxy, Rule};
+use common::s3::TestS3;
+use common::tree::{assert_same_tree, feature_tree, Rng};
+
+/// A cache saved (directly, not through the proxy) under key `k`: a feature
+/// tree and 40 MiB of noise, so the download takes several range GETs.
+struct Saved {
+    sb: Sandbox,
+    s3: TestS3,
+    expected: PathBuf,
+}
+
+fn saved(test: &str) -> Option<Saved> {
+    let s3 = TestS3::from_env(test)?;
+    let mut sb = Sandbox::new();
+    sb.store = s3.url().to_string();
+    let src = sb.work().join("cache");
+    feature_tree(&src, 11);
+    fs::write(src.join("noise.bin"), Rng::new(12).noise(40 << 20)).unwrap();
+    sb.ok(&[
+        "save",
+        "-q",
+        "--endpoint-url",
+        &s3.endpoint,
+        "--key",
+        "k",
+        "cache",
+    ]);
+    let expected = sb.dir.path().join("expected");
+    fs::rename(&src, &expected).unwrap();
+    Some(Saved { sb, s3, expected })
+}
+
+/// Restores key `k` through `proxy`, timed.
+fn restore_through(saved: &Saved, proxy: &Proxy) -> (std::process::Output, Duration) {
+    let started = Instant::now();
+    let out = saved.sb.run(&[
+        "restore",
+        "-q",
+        "--endpoint-url",
+        &proxy.url(),
+        "--key",
+        "k",
+    ]);
+    (out, started.elapsed())
+}
+
+fn report(test: &str, proxy: &Proxy, took: Duration) {
+    eprintln!(
+        "{test}: restore took {:.2} s; proxy saw {} requests ({} ranged GETs), injected {} faults",
+        took.as_secs_f64(),
+        proxy.requests(),
+        proxy.ranged_gets(),
+        proxy.faults()
+    );
+}
+
+/// A restore under `rule` (RNG `seed`) succeeds with the right bytes, after at least one fault.
+fn restore_survives(test: &str, rule: Rule, seed: u64) {
+    let Some(saved) = saved(test) else { return };
+    let proxy = Proxy::with_seed(&saved.s3.endpoint, seed);
+    proxy.set(rule);
+    let (out, took) = restore_through(&saved, &proxy);
+    report(test, &proxy, took);
+    assert!(
+        out.status.success(),
+        "{test}: restore failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(proxy.faults() >= 1, "{test}: no fault was injected");
+    assert_same_tree(&saved.expected, &saved.sb.work().join("cache"));
+    assert!(took < Duration::from_secs(60), "{test}: took {took:?}");
+}
+
+// Seeds: the proxy's RNG fires on the 2nd and 3rd ranged GET (seed 14, p = 0.1)
+// and on the 1st and 4th (seed 3, p = 0.2), so every run injects faults.
+
+#[test]
+fn restore_survives_200ms_latency() {
+    restore_survives(
+        "restore_survives_200ms_latency",
+        Rule::new(Fault::Latency(Duration::from_millis(200))),
+        1,
+    );
+}
+
+#[test]
+fn restore_survives_bodies_cut_on_10_percent_of_gets() {
+    restore_survives(
+        "restore_survives_bodies_cut_on_10_percent_of_gets",
+        Rule::new(Fault::Cut).probability(0.1),
+        14,
+    );
+}
+
+#[test]
+fn restore_survives_slowdown_on_20_percent_of_gets() {
+    restore_survives(
+        "restore_survives_slowdown_on_20_percent_of_gets",
+        Rule::new(Fault::SlowDown).probability(0.2),
+        3,
+    );
+}
+
+#[test]
+fn restore_survives_truncated_bodies_on_10_percent_of_gets() {
+    restore_survives(
+        "restore_survives_truncated_bodies_on_10_percent_of_gets",
+        Rule::new(Fault::Truncate).probability(0.1),
+        14,
+    );
+}
+
+#[test]
+fn restore_survives_500s_and_bodies_stalled_mid_transfer() {
+    let test = "restore_survives_500s_and_bodies_stalled_mid_transfer";
+    let Some(mut saved) = saved(test) else { return };
+    // The body-stall timeout, shortened so the test takes seconds.
+    saved
+        .sb
+        .env
+        .push(("CACHEMOUNT_S3_STALL_TIMEOUT".into(), "1".into()));
+    let proxy = Proxy::with_seed(&saved.s3.endpoint, 14);
+    proxy.set(Rule::new(Fault::StallMidBody).probability(0.1));
+    proxy.add(Rule::new(Fault::Status500).every(4));
+    let (out, took) = restore_through(&saved, &proxy);
+    report(test, &proxy, took);
+    assert!(
+        out.status.success(),
+        "restore failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(proxy.faults() >= 2);
+    assert_same_tree(&saved.expected, &saved.sb.work().join("cache"));
+}
+
+#[test]
+fn restore_under_a_permanent_stall_fails_in_bounded_time() {
+    let test = "restore_under_a_permanent_stall_fails_in_bounded_time";
+    let Some(mut saved) = saved(test) else { return };
+    // Small bounds (defaults: 20 s per attempt, 5 attempts, 120 s per read).
+    for (k, v) in [
+        ("CACHEMOUNT_S3_READ_TIMEOUT", "1"),
+        ("CACHEMOUNT_S3_ATTEMPTS", "2"),
+        ("CACHEMOUNT_S3_STALL_TIMEOUT", "1"),
+        ("CACHEMOUNT_S3_READ_DEADLINE", "4"),
+    ] {
+        saved.sb.env.push((k.into(), v.into()));
+    }
+    // A previous restore's result, which a failed restore must leave alone.
+    let previous = saved.sb.work().join("cache");
+    fs::create_dir(&previous).unwrap();
+    fs::write(previous.join("old"), b"previous").unwrap();
+    let proxy = Proxy::start(&saved.s3.endpoint);
+    // The key pointer is read; every GET of the archive stalls.
+    proxy.set(Rule::new(Fault::Stall).after(1));
+    let (out, took) = restore_through(&saved, &proxy);
+    report(test, &proxy, took);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("{test}: stderr: {stderr}");
+    assert!(!out.status.success(), "restore succeeded under a stall");
+    assert!(took < Duration::from_secs(30), "took {took:?}");
+    assert!(
+        stderr.contains("timed out") || stderr.contains("deadline"),
+        "unclear error: {stderr}"
+    );
+    assert!(
+        stderr.contains(&proxy.url()),
+        "the error names no endpoint: {stderr}"
+    );
+    assert_eq!(fs::read(previous.join("old")).unwrap(), b"previous");
+}
+
+// --- an object overwritten mid-download ---
+
+const BLOCK: usize = 64 << 10;
+
+/// Files whose every 64 KiB block starts with a tag naming `version`, the file
+/// and the block, followed by noise (incompressible: the archive stays big).
+fn tagged_tree(root: &Path, version: char) {
+    fs::create_dir_all(root).unwrap();
+    let mut rng = Rng::new(version as u64);
+    for f in 0..3 {
+        let mut data = Vec::with_capacity(8 << 20);
+        for b in 0..(8 << 20) / BLOCK {
+            let tag = format!("version {version} file {f} block {b:06}\n");
+            data.extend_from_slice(tag.as_bytes());
+            data.extend_from_slice(&rng.noise(BLOCK - tag.len()));
+        }
+        fs::write(root.join(format!("f{f}")), data).unwrap();
+    }
+}
+
+/// The versions the blocks of the files under `root` say they came from.
+fn versions_in(root: &Path) -> std::collections::BTreeSet<char> {
+    let mut seen = std::collections::BTreeSet::new();
+    for e in fs::read_dir(root).unwrap() {
+        let data = fs::read(e.unwrap().path()).unwrap();
+        for block in data.chunks(BLOCK) {
+            assert!(block.starts_with(b"version "), "untagged block");
+            seen.insert(block[8] as char);
+        }
+    }
+    seen
+}
+
+/// Saves `tree` into `sb`'s local store and returns the archive's bytes.
+fn archive_of(sb: &Sandbox, name: &str) -> Vec<u8> {
+    let before = local_blobs(Path::new(&sb.store));
+    sb.ok(&["save", "-q", "--key", name, name]);
+    let blob = local_blobs(Path::new(&sb.store))
+        .into_iter()
+        .find(|b| !before.contains(b))
+        .expect("no new blob");
+    fs::read(blob).unwrap()
+}
+
+#[test]
+fn an_object_overwritten_mid_download_is_never_restored_mixed() {
+    let test = "an_object_overwritten_mid_download_is_never_restored_mixed";
+    let Some(s3) = TestS3::from_env(test) else {
+        return;
+    };
+    // Two archives of the same path with different content, built locally.
+    let mut sb = Sandbox::new();
+    let cache = sb.work().join("cache");
+    tagged_tree(&cache, 'A');
+    let archive_a = archive_of(&sb, "cache");
+    let expected_a = sb.dir.path().join("expected-a");
+    fs::rename(&cache, &expected_a).unwrap();
+    tagged_tree(&cache, 'B');
+    let archive_b = Arc::new(archive_of(&sb, "cache"));
+    let expected_b = sb.dir.path().join("expected-b");
+    fs::rename(&cache, &expected_b).unwrap();
+    assert!(
+        archive_a.len() > 3 * (8 << 20) - (1 << 20),
+        "archive too small to span GETs"
+    );
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let raw = "raw/archive.zip";
+    rt.block_on(async {
+        s3.store()
+            .await
+            .put(raw, PutSource::Bytes(archive_a.into()))
+            .await
+            .unwrap()
+    });
+
+    let proxy = Proxy::start(&s3.endpoint);
+    // On the 2nd ranged GET, before it is forwarded: overwrite the object with
+    // version B, directly on the server. Then the 3rd GET's body is cut.
+    let gets = Arc::new(AtomicU64::new(0));
+    let (s3_hook, b) = (s3.clone(), archive_b.clone());
+    proxy.set_hook(move |req| {
+        if req.is_ranged_get() && gets.fetch_add(1, Ordering::SeqCst) == 1 {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let body = PutSource::Bytes(b.to_vec().into());
+                s3_hook.store().await.put(raw, body).await.unwrap();
+            });
+        }
+    });
+    proxy.set(Rule::new(Fault::Cut).every(3));
+
+    sb.store = s3.url().to_string();
+    let url = format!("s3://{}/{}/{raw}", s3.bucket, s3.prefix);
+    let started = Instant::now();
+    let out = sb.run(&[
+        "restore",
+        "-q",
+        "--endpoint-url",
+        &proxy.url(),
+        "--url",
+        &url,
+    ]);
+    let took = started.elapsed();
+    report(test, &proxy, took);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if out.status.success() {
+        let versions = versions_in(&cache);
+        assert_eq!(
+            versions.len(),
+            1,
+            "restored a mix of versions: {versions:?}"
+        );
+        // The overwrite happened before the download could finish: the restore
+        // must have followed it to B.
+        assert_eq!(versions, ['B'].into(), "restored the old version");
+        assert_same_tree(&expected_b, &cache);
+    } else {
+        assert!(
+            stderr.contains("changed") || stderr.contains("changing"),
+            "unclear error: {stderr}"
+        );
+        assert!(!cache.exists(), "a failed restore left files behind");
+    }
+    assert!(proxy.faults() >= 1);
+    let _ = expected_a;
+}
