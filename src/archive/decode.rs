@@ -41,6 +41,10 @@ pub fn decode_frame(entry: &Entry, i: usize, compressed: &[u8]) -> Result<Vec<u8
         .get(i)
         .ok_or_else(|| corrupt(entry, format!("no frame {i}")))?;
     let (_, len) = entry.frame_span(i);
+    // The output buffer is allocated at `len` up front: never for a lying size.
+    if len > u64::from(super::index::MAX_FRAME_SIZE) {
+        return Err(corrupt(entry, format!("frame {i} is too large")));
+    }
     if compressed.len() != frame.compressed_len as usize || compressed.len() < 4 {
         return Err(corrupt(entry, format!("frame {i} has the wrong length")));
     }
@@ -156,9 +160,12 @@ pub fn decode_entry_to<R: Read, W: Write>(
 
 /// Copies a decoder's output; a read error is the data's fault (corrupt), a
 /// write error is the destination's.
-fn copy_decoded<R: Read, W: Write>(mut from: R, to: &mut W, size: u64) -> Result<(), DecodeError> {
+fn copy_decoded<R: Read, W: Write>(from: R, to: &mut W, size: u64) -> Result<(), DecodeError> {
     // Sized to the entry: a fixed large buffer per small file costs an mmap each.
     let mut buf = vec![0u8; size.clamp(1, 256 * 1024) as usize + 1];
+    // One byte more than the entry's size is enough to know it is wrong: a
+    // decompression bomb must not fill memory (or a disk) before that shows.
+    let mut from = from.take(size.saturating_add(1));
     loop {
         let n = match from.read(&mut buf) {
             Ok(0) => return Ok(()),
@@ -190,4 +197,58 @@ pub enum DecodeError {
     Read(#[source] io::Error),
     #[error("writing extracted data: {0}")]
     Write(#[source] io::Error),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::archive::index::{DataOffset, EntryKind, Frame, Timestamp};
+
+    fn entry(compression: Compression, size: u64, data: &[u8]) -> Entry {
+        Entry {
+            name: b"_0/f".to_vec(),
+            kind: EntryKind::File,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            mtime: Timestamp::default(),
+            size,
+            link_target: None,
+            xattrs: Vec::new(),
+            offset: DataOffset::Data(0),
+            compressed_size: data.len() as u64,
+            compression,
+            crc32: 0,
+            frame_size: 0,
+            frames: Vec::new(),
+            content_hash: None,
+        }
+    }
+
+    /// Found by fuzzing (`decode`): a frame size from a corrupt index became
+    /// the capacity of the output buffer (here 480 MB).
+    #[test]
+    fn a_lying_frame_size_is_not_allocated() {
+        let data = zstd::bulk::compress(b"tiny", 3).unwrap();
+        let mut e = entry(Compression::Zstd, 0x1cab_1e5e, &data);
+        e.frame_size = 0x1cab_1e5e;
+        e.frames = vec![Frame {
+            compressed_len: data.len() as u32,
+            checksum: u32::from_le_bytes(data[data.len() - 4..].try_into().unwrap()),
+        }];
+        let err = decode_frame(&e, 0, &data).unwrap_err();
+        assert!(err.to_string().contains("too large"), "{err}");
+    }
+
+    /// A zstd stream that decodes to far more than the entry's size stops one
+    /// byte past it instead of filling memory.
+    #[test]
+    fn a_decompression_bomb_stops_at_the_entry_size() {
+        let data = zstd::bulk::compress(&vec![0u8; 64 << 20], 3).unwrap();
+        let e = entry(Compression::Zstd, 10, &data);
+        let mut out = Vec::new();
+        let err = decode_entry_to(&e, &data[..], &mut out).unwrap_err();
+        assert!(err.to_string().contains("decodes to 11 bytes"), "{err}");
+        assert_eq!(out.len(), 11);
+    }
 }

@@ -19,6 +19,10 @@ const MAGIC: &[u8; 8] = b"CMINDEX1";
 const INDEX_ZSTD_LEVEL: i32 = 9;
 /// An index larger than this uncompressed is refused (a decompression bomb, not a cache).
 pub const MAX_INDEX_LEN: usize = 1 << 30;
+/// The largest frame an index may declare: a frame is decoded into one buffer
+/// of this size, so a corrupt index must not make it gigabytes. (cachemount
+/// writes [`DEFAULT_FRAME_SIZE`](super::DEFAULT_FRAME_SIZE) frames.)
+pub const MAX_FRAME_SIZE: u32 = 1 << 26;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum EntryKind {
@@ -281,6 +285,9 @@ fn validate_frames(e: &Entry) -> Result<(), FormatError> {
     if e.compression != Compression::Zstd || e.frame_size == 0 {
         return Err(FormatError::Invalid("frame table on a non-framed entry"));
     }
+    if e.frame_size > MAX_FRAME_SIZE {
+        return Err(FormatError::Invalid("frame size too large"));
+    }
     let expected_frames = e.size.div_ceil(u64::from(e.frame_size));
     let compressed: u64 = e.frames.iter().map(|f| u64::from(f.compressed_len)).sum();
     if expected_frames != e.frames.len() as u64 || compressed > e.compressed_size {
@@ -421,6 +428,18 @@ mod tests {
     fn frame_table_must_cover_the_size() {
         let mut e = entry("_0/a", 9);
         e.frames.pop();
+        let index = ArchiveIndex {
+            manifest: Manifest::default(),
+            entries: vec![e],
+        };
+        assert!(ArchiveIndex::decode(&index.encode()).is_err());
+    }
+
+    #[test]
+    fn a_huge_frame_size_is_refused() {
+        let mut e = entry("_0/a", u64::from(MAX_FRAME_SIZE) + 1);
+        e.frame_size = MAX_FRAME_SIZE + 1;
+        e.frames.truncate(1);
         let index = ArchiveIndex {
             manifest: Manifest::default(),
             entries: vec![e],

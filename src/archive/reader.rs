@@ -23,6 +23,8 @@ use super::{FormatError, INDEX_NAME, MANIFEST_NAME};
 pub const TAIL_LEN: u64 = 512 * 1024;
 
 const COMMENT_PREFIX: &str = "cachemount:index:v1:";
+/// A Buildkite manifest is a few dozen bytes; a larger one is not decoded.
+const MAX_MANIFEST_LEN: u64 = 1 << 20;
 
 pub enum OpenStep {
     Done(ArchiveIndex),
@@ -57,7 +59,7 @@ impl Opener {
     fn find(&self, range: &Range<u64>) -> Option<&[u8]> {
         self.pieces.iter().find_map(|(start, bytes)| {
             let end = start + bytes.len() as u64;
-            (*start <= range.start && range.end <= end)
+            (*start <= range.start && range.start <= range.end && range.end <= end)
                 .then(|| &bytes[(range.start - start) as usize..(range.end - start) as usize])
         })
     }
@@ -112,18 +114,26 @@ impl Opener {
         let records = zip::decode_central_directory(cd, eocd.entries)?;
         let manifest = match records.iter().find(|r| r.name == MANIFEST_NAME.as_bytes()) {
             Some(r) => {
+                // Checks first that the entry lies before the central directory.
+                let entry = foreign_entry(r, cd_range.start)?;
+                if r.uncompressed_size > MAX_MANIFEST_LEN {
+                    return Err(FormatError::Invalid("manifest entry is too large"));
+                }
                 // Local header + name + extra (≤ 64 KiB each) + data: one read covers it.
-                let end =
-                    (r.local_header_offset + 30 + 2 * 65_535 + r.compressed_size).min(self.size);
+                let end = (r.local_header_offset + 30 + 2 * 65_535)
+                    .saturating_add(r.compressed_size)
+                    .min(self.size);
                 let range = r.local_header_offset..end;
                 let Some(bytes) = self.find(&range) else {
                     return Ok(OpenStep::Need(range));
                 };
-                let start = zip::local_header_data_start(bytes)? as usize;
-                let data = bytes
-                    .get(start..start + r.compressed_size as usize)
+                let start = zip::local_header_data_start(bytes)?;
+                let data = start
+                    .checked_add(r.compressed_size)
+                    .and_then(|end| {
+                        bytes.get(usize::try_from(start).ok()?..usize::try_from(end).ok()?)
+                    })
                     .ok_or(FormatError::Truncated("manifest entry"))?;
-                let entry = foreign_entry(r, self.size)?;
                 let json = super::decode::decode_entry(&entry, data)
                     .map_err(|_| FormatError::Invalid("manifest entry does not decode"))?;
                 Manifest::parse(&json)?
@@ -313,5 +323,68 @@ pub fn resolve_data_offset(
             let header = read_at(off, zip::LOCAL_HEADER_LEN).map_err(OpenError::Source)?;
             Ok(off + zip::local_header_data_start(&header)?)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::archive::zip::HeaderFields;
+
+    /// Serves `archive` to an [`Opener`] until it is done or fails.
+    fn open_bytes(archive: &[u8]) -> Result<ArchiveIndex, FormatError> {
+        let mut opener = Opener::new(archive.len() as u64);
+        for _ in 0..8 {
+            match opener.step()? {
+                OpenStep::Done(index) => return Ok(index),
+                OpenStep::Need(r) => {
+                    assert!(r.start <= r.end && r.end <= archive.len() as u64, "{r:?}");
+                    let bytes = Bytes::copy_from_slice(&archive[r.start as usize..r.end as usize]);
+                    opener.add(r.start, bytes);
+                }
+            }
+        }
+        panic!("the opener keeps asking");
+    }
+
+    /// A zip of only a central directory with these records, and its EOCD.
+    fn directory_only(records: &[HeaderFields]) -> Vec<u8> {
+        let cd: Vec<u8> = records.iter().flat_map(|r| r.encode_central()).collect();
+        let mut archive = cd.clone();
+        archive.extend(zip::encode_end(
+            records.len() as u64,
+            0,
+            cd.len() as u64,
+            b"",
+        ));
+        archive
+    }
+
+    fn manifest_record(local_header_offset: u64, uncompressed_size: u64) -> HeaderFields {
+        HeaderFields {
+            name: MANIFEST_NAME.as_bytes().to_vec(),
+            method: zip::METHOD_STORED,
+            crc32: 0,
+            compressed_size: 0,
+            uncompressed_size,
+            local_header_offset,
+            unix_mode: 0o100644,
+            mtime_secs: 0,
+            zip64_local: false,
+        }
+    }
+
+    /// Found by fuzzing (`open`): a manifest whose local header offset lies
+    /// past the end made an inverted range, and slicing it panicked.
+    #[test]
+    fn a_manifest_past_the_end_is_an_error() {
+        let archive = directory_only(&[manifest_record(0xFF_0000, 0)]);
+        assert!(matches!(open_bytes(&archive), Err(FormatError::Invalid(_))));
+    }
+
+    #[test]
+    fn a_huge_manifest_is_not_decoded() {
+        let archive = directory_only(&[manifest_record(0, 1 << 30)]);
+        assert!(matches!(open_bytes(&archive), Err(FormatError::Invalid(_))));
     }
 }

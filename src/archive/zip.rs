@@ -380,7 +380,10 @@ fn decode_eocd(
         let mut l = Cursor::new(&tail[pos - ZIP64_LOCATOR_LEN + 4..pos]);
         let _disk = l.u32()?;
         let zip64_offset = l.u64()?;
-        if zip64_offset + ZIP64_EOCD_LEN as u64 > eocd_offset {
+        if zip64_offset
+            .checked_add(ZIP64_EOCD_LEN as u64)
+            .is_none_or(|end| end > eocd_offset)
+        {
             return Err(FormatError::Invalid(
                 "zip64 end record points past the end record",
             ));
@@ -578,6 +581,21 @@ mod tests {
             assert_eq!((e.entries, e.cd_offset, e.cd_size), (entries, off, size));
             assert_eq!(e.comment, b"hello");
         }
+    }
+
+    /// Found by fuzzing (`eocd`): a zip64 locator offset near u64::MAX
+    /// overflowed the check that it lies before the EOCD, then sliced past the tail.
+    #[test]
+    fn a_zip64_locator_offset_near_the_top_is_refused() {
+        let mut archive = vec![0u8; 10];
+        archive.extend(encode_end(70_000, 10, 0, b""));
+        let locator = archive.len() - EOCD_LEN - ZIP64_LOCATOR_LEN;
+        archive[locator + 8..locator + 16].copy_from_slice(&(u64::MAX - 5).to_le_bytes());
+        let total = archive.len() as u64;
+        assert!(matches!(
+            find_eocd(&archive, total),
+            Err(FormatError::Invalid(_))
+        ));
     }
 
     #[test]

@@ -113,10 +113,27 @@ pub struct KeyPointer {
     pub format_version: u32,
 }
 
+/// A key pointer object larger than this is refused unread (it is a few
+/// hundred bytes; a huge one is garbage, not something to hold in memory).
+pub const MAX_POINTER_LEN: u64 = 1 << 20;
+
 impl KeyPointer {
     /// The blob this pointer names.
     pub fn blob_key(&self) -> String {
         blob_key(&self.digest)
+    }
+
+    /// Parses a pointer object's bytes, accepting only a digest that is a
+    /// SHA-256 in hex (it becomes an object key). The error says why not.
+    pub fn parse(bytes: &[u8]) -> Result<KeyPointer, String> {
+        let pointer: KeyPointer = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        if pointer.digest.len() != 64 || !pointer.digest.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(format!(
+                "digest {:?} is not a SHA-256 in hex",
+                pointer.digest
+            ));
+        }
+        Ok(pointer)
     }
 }
 
@@ -170,23 +187,21 @@ async fn read_pointer_at<S: ObjectStore>(
     key: &str,
     object: &str,
 ) -> Result<KeyPointer, LayoutError> {
-    let meta = store.head(object).await?;
-    let body = store
-        .get_range(object, 0..meta.size, Some(&meta.version))
-        .await?;
     let bad = |message: String| LayoutError::BadPointer {
         key: key.to_string(),
         message,
     };
-    let pointer: KeyPointer = serde_json::from_slice(&body).map_err(|e| bad(e.to_string()))?;
-    // The digest becomes an object key: accept nothing but a SHA-256 in hex.
-    if pointer.digest.len() != 64 || !pointer.digest.bytes().all(|b| b.is_ascii_hexdigit()) {
+    let meta = store.head(object).await?;
+    if meta.size > MAX_POINTER_LEN {
         return Err(bad(format!(
-            "digest {:?} is not a SHA-256 in hex",
-            pointer.digest
+            "{} bytes long, more than a pointer can be",
+            meta.size
         )));
     }
-    Ok(pointer)
+    let body = store
+        .get_range(object, 0..meta.size, Some(&meta.version))
+        .await?;
+    KeyPointer::parse(&body).map_err(bad)
 }
 
 /// A key resolved to its pointer.
@@ -313,6 +328,18 @@ mod tests {
         assert_eq!(escape_key("a/b").unwrap(), "a%2Fb");
         assert!(matches!(unescape_key("a%2"), Err(KeyError::BadEscape(_))));
         assert!(matches!(unescape_key("a b"), Err(KeyError::BadEscape(_))));
+    }
+
+    #[test]
+    fn pointer_parse_checks_the_digest() {
+        let json = serde_json::to_vec(&pointer('a', 1)).unwrap();
+        assert_eq!(KeyPointer::parse(&json).unwrap(), pointer('a', 1));
+        let mut evil = pointer('a', 1);
+        evil.digest = "../".repeat(21) + "x";
+        let json = serde_json::to_vec(&evil).unwrap();
+        assert!(KeyPointer::parse(&json).unwrap_err().contains("SHA-256"));
+        assert!(KeyPointer::parse(b"{").is_err());
+        assert!(KeyPointer::parse(b"").is_err());
     }
 
     #[test]
