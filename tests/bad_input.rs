@@ -75,16 +75,7 @@ fn truncated_archive_is_refused() {
 }
 
 fn crafted_zip(path: &std::path::Path, build: impl FnOnce(&mut zip::ZipWriter<fs::File>)) {
-    let mut zip = zip::ZipWriter::new(fs::File::create(path).unwrap());
-    zip.start_file(
-        ".buildkite/cache-manifest.json",
-        SimpleFileOptions::default(),
-    )
-    .unwrap();
-    zip.write_all(br#"{"version":2,"mappings":{"_0":"."}}"#)
-        .unwrap();
-    build(&mut zip);
-    zip.finish().unwrap();
+    common::zips::buildkite_zip(path, true, build);
 }
 
 #[test]

@@ -4,35 +4,20 @@
 mod common;
 
 use std::fs;
-use std::io::Write;
 use std::path::Path;
 
 use common::cli::Sandbox;
 use common::tree::Rng;
-use zip::write::SimpleFileOptions;
+use common::zips;
 use zip::CompressionMethod;
 
-/// Writes a Buildkite cache v2 style zip: manifest, `_0/` namespace anchored at `.`.
+/// A Buildkite-style zip of `files`.
 fn buildkite_zip(path: &Path, files: &[(String, Vec<u8>, CompressionMethod)], with_manifest: bool) {
-    let mut zip = zip::ZipWriter::new(fs::File::create(path).unwrap());
-    if with_manifest {
-        zip.start_file(
-            ".buildkite/cache-manifest.json",
-            SimpleFileOptions::default(),
-        )
-        .unwrap();
-        zip.write_all(br#"{"version":2,"mappings":{"_0":"."}}"#)
-            .unwrap();
-    }
-    for (name, content, method) in files {
-        let options = SimpleFileOptions::default()
-            .compression_method(*method)
-            .unix_permissions(0o640)
-            .large_file(content.len() > 1 << 20);
-        zip.start_file(name.as_str(), options).unwrap();
-        zip.write_all(content).unwrap();
-    }
-    zip.finish().unwrap();
+    zips::buildkite_zip(path, with_manifest, |zip| {
+        for (name, content, method) in files {
+            zips::add_file(zip, name, content, *method);
+        }
+    });
 }
 
 #[test]
