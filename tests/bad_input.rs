@@ -80,7 +80,8 @@ fn crafted_zip(path: &std::path::Path, build: impl FnOnce(&mut zip::ZipWriter<fs
 
 #[test]
 fn entries_that_would_escape_the_target_are_refused() {
-    let cases: Vec<(&str, Box<dyn FnOnce(&mut zip::ZipWriter<fs::File>)>)> = vec![
+    type Build = Box<dyn FnOnce(&mut zip::ZipWriter<fs::File>)>;
+    let cases: Vec<(&str, Build)> = vec![
         (
             "dotdot",
             Box::new(|z| {
