@@ -299,6 +299,9 @@ pub struct Fetcher<S> {
     walk: Mutex<Walk>,
 }
 
+/// Decoded bytes per blocking decode task.
+const DECODE_CHUNK: u64 = 2 << 20;
+
 /// Read-ahead memory is counted in units of this many bytes (semaphore permits are u32).
 const PERMIT_UNIT: u64 = 4096;
 
@@ -468,6 +471,19 @@ impl<S: ObjectStore> Fetcher<S> {
             }
         }
         self.read_ahead(v, entry, layout, offset, end, last);
+        Self::assemble(v, entry, blocks, first, bs, offset, end)
+    }
+
+    /// The bytes `offset..end` from the blocks `first..` (block size `bs`).
+    fn assemble(
+        v: &Version,
+        entry: u32,
+        blocks: Vec<Option<Bytes>>,
+        first: u32,
+        bs: u64,
+        offset: u64,
+        end: u64,
+    ) -> Result<Bytes, FetchError> {
         let mut out = BytesMut::with_capacity((end - offset) as usize);
         for (i, block) in blocks.into_iter().enumerate() {
             let block = block.ok_or_else(|| {
@@ -501,8 +517,49 @@ impl<S: ObjectStore> Fetcher<S> {
         Ok(out.freeze())
     }
 
-    /// A prefetched small file was read: if it is past the middle of the last
-    /// batch, fetch the next batch now (in the background).
+    /// The read answered from the cache alone, or `None` if any block is
+    /// missing (no I/O, no waiting: callable on a FUSE thread inside the
+    /// runtime's context).
+    pub fn read_cached(
+        self: &Arc<Self>,
+        v: &Arc<Version>,
+        entry: u32,
+        offset: u64,
+        len: u32,
+    ) -> Option<Result<Bytes, FetchError>> {
+        let e = v.entry(entry);
+        if offset >= e.size || len == 0 {
+            return Some(Ok(Bytes::new()));
+        }
+        let end = (offset + u64::from(len)).min(e.size);
+        let layout = self.layout(e);
+        let bs = Self::block_size(e, layout);
+        let first = (offset / bs) as u32;
+        let last = ((end - 1) / bs) as u32;
+        let key = |block| BlockKey {
+            version: v.id,
+            entry,
+            block,
+        };
+        if !(first..=last).all(|b| self.cache.contains(&key(b))) {
+            return None;
+        }
+        let mut blocks = Vec::with_capacity((last - first + 1) as usize);
+        for b in first..=last {
+            let hit = self.cache.get(&key(b))?;
+            Stats::inc(&self.stats.hits);
+            if hit.prefetched {
+                Stats::inc(&self.stats.readahead_hits);
+                self.continue_walk(v, entry);
+            }
+            blocks.push(Some(hit.data));
+        }
+        self.read_ahead(v, entry, layout, offset, end, last);
+        Some(Self::assemble(v, entry, blocks, first, bs, offset, end))
+    }
+
+    /// A prefetched small file was read: if it is inside the last batch,
+    /// fetch the next batch now (in the background).
     fn continue_walk(self: &Arc<Self>, v: &Arc<Version>, entry: u32) {
         let batch = {
             let mut walk = self.walk.lock();
@@ -538,7 +595,9 @@ impl<S: ObjectStore> Fetcher<S> {
         let mut bytes = 0;
         let e = &entries[entry as usize];
         let mut prev_end = v.approx_start(entry) + e.compressed_size;
-        let scale = if across_dirs { 4 } else { 1 };
+        // A walk takes bigger batches: fewer GETs, and each one covers the
+        // latency of the next.
+        let (byte_scale, file_scale) = if across_dirs { (4, 4) } else { (1, 1) };
         for (j, n) in entries.iter().enumerate().skip(entry as usize + 1) {
             if !across_dirs && !n.name.starts_with(dir) {
                 break;
@@ -556,8 +615,8 @@ impl<S: ObjectStore> Fetcher<S> {
                 break;
             }
             bytes += n.compressed_size;
-            if bytes > scale * self.config.neighbour_bytes
-                || out.len() >= scale as usize * self.config.neighbour_files
+            if bytes > byte_scale * self.config.neighbour_bytes
+                || out.len() >= file_scale * self.config.neighbour_files
             {
                 break;
             }
@@ -801,11 +860,10 @@ impl<S: ObjectStore> Fetcher<S> {
                 return;
             }
         };
-        // Decode the pieces in parallel (blocking threads); each is handed to
-        // its readers as soon as it is ready.
-        let data = &data;
-        futures::future::join_all(jobs.into_iter().map(|job| async move {
-            let piece_bytes = match self.slice_piece(v, job.piece, range.start, data) {
+        // Slice each piece out of the buffer (rarely: fetch it exactly).
+        let mut sliced = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            let bytes = match self.slice_piece(v, job.piece, range.start, &data) {
                 Some(b) => Ok(b),
                 // The local header was longer than the slack allowed for: fetch exactly.
                 None => match self.data_offset(v, job.piece.entry).await {
@@ -813,31 +871,44 @@ impl<S: ObjectStore> Fetcher<S> {
                     Err(e) => Err(e),
                 },
             };
-            let outcome = match piece_bytes {
-                Ok(bytes) => {
-                    let this = self.clone();
-                    let v2 = v.clone();
-                    let piece = job.piece;
-                    // Decompression is CPU work: keep it off the async workers.
-                    match tokio::task::spawn_blocking(move || this.decode(&v2, piece, &bytes)).await
-                    {
-                        Ok(r) => r,
-                        Err(e) => Err(FetchError::Corrupt(format!(
-                            "decoding {} panicked: {e}",
-                            v.name(piece.entry)
-                        ))),
-                    }
-                }
-                Err(e) => Err(e),
-            };
-            if let Err(e @ FetchError::Corrupt(_)) = &outcome {
-                Stats::inc(&self.stats.corrupt_blocks);
-                tracing::error!(
-                    "corrupt data in {}: {e}; reads of it fail with EIO",
-                    v.name(job.piece.entry)
-                );
+            sliced.push((job, bytes));
+        }
+        // Readers waiting first; then cut into chunks of about DECODE_CHUNK
+        // output bytes, each decoded on one blocking thread (many small files
+        // would drown in per-task overhead; large frames decode in parallel).
+        sliced.sort_by_key(|(job, _)| job.speculative);
+        let mut chunks: Vec<Vec<(Job, Result<Bytes, FetchError>)>> = Vec::new();
+        let mut chunk_bytes = u64::MAX;
+        for item in sliced {
+            if chunk_bytes >= DECODE_CHUNK {
+                chunks.push(Vec::new());
+                chunk_bytes = 0;
             }
-            self.finish(v, job, outcome);
+            chunk_bytes += v.entry(item.0.piece.entry).size.min(BLOCK_SIZE);
+            chunks.last_mut().expect("pushed above").push(item);
+        }
+        futures::future::join_all(chunks.into_iter().map(|chunk| {
+            let this = self.clone();
+            let v = v.clone();
+            async move {
+                let done = tokio::task::spawn_blocking(move || {
+                    for (job, bytes) in chunk {
+                        let outcome = bytes.and_then(|b| this.decode(&v, job.piece, &b));
+                        if let Err(e @ FetchError::Corrupt(_)) = &outcome {
+                            Stats::inc(&this.stats.corrupt_blocks);
+                            tracing::error!(
+                                "corrupt data in {}: {e}; reads of it fail with EIO",
+                                v.name(job.piece.entry)
+                            );
+                        }
+                        this.finish(&v, job, outcome);
+                    }
+                })
+                .await;
+                if let Err(e) = done {
+                    tracing::error!("decoding panicked: {e}");
+                }
+            }
         }))
         .await;
     }

@@ -267,6 +267,21 @@ impl<S: ObjectStore> FsCore<S> {
             })
     }
 
+    /// The read if the cache can answer it alone (no waiting); `None` otherwise.
+    pub fn read_cached(&self, ino: u64, offset: u64, size: u32) -> Option<FsResult<Bytes>> {
+        let n = self.tree.get(ino)?;
+        let entry = n.entry.filter(|_| n.kind == EntryKind::File)?;
+        let v = self.current.load();
+        Some(
+            self.fetcher
+                .read_cached(&v, entry, offset, size)?
+                .map_err(|e| {
+                    self.log_failure(&v, entry, &e);
+                    e.into()
+                }),
+        )
+    }
+
     fn log_failure(&self, v: &Version, entry: u32, e: &FetchError) {
         crate::cache::Stats::inc(&self.fetcher.stats().read_errors);
         tracing::warn!("read of {} failed with EIO: {e}", v.name(entry));

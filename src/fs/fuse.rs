@@ -2,9 +2,10 @@
 //! each [`FsError`] one errno ([`errno`], the only place that mapping lives),
 //! and each operation one counter.
 //!
-//! Metadata is answered on the FUSE worker thread from memory. Reads (and
-//! readlinks that need data) are handed to the tokio runtime and replied to
-//! from there, so a FUSE thread never waits on the network. Every mutating
+//! Metadata is answered on the FUSE worker thread from memory, and so are
+//! reads the block cache holds. Reads that must wait (and readlinks that need
+//! data) are handed to the tokio runtime and replied to from there, so a FUSE
+//! thread never waits on the network. Every mutating
 //! request gets `EROFS` (the kernel mostly refuses them first: the mount is `ro`).
 //!
 //! Per-file round trips are cut where the kernel allows: `open`/`opendir`
@@ -215,6 +216,13 @@ impl<S: ObjectStore> Filesystem for FuseFs<S> {
         reply: ReplyData,
     ) {
         self.count("read");
+        // Cache hits are answered here; anything that must wait goes to the runtime.
+        let _runtime = self.runtime.enter();
+        match self.core.read_cached(ino.0, offset, size) {
+            Some(Ok(data)) => return reply.data(&data),
+            Some(Err(e)) => return reply.error(errno(&e)),
+            None => {}
+        }
         let core = self.core.clone();
         self.runtime.spawn(async move {
             match core.read(ino.0, offset, size).await {
