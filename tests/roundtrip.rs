@@ -158,3 +158,28 @@ fn restore_refreshes_an_old_blob_and_its_pointer_but_not_a_young_one() {
         "the pointer's lifetime was refreshed"
     );
 }
+
+#[test]
+fn sockets_and_fifos_are_skipped_with_a_warning() {
+    let sb = Sandbox::new();
+    let d = sb.work().join("d");
+    fs::create_dir(&d).unwrap();
+    fs::write(d.join("kept"), b"x").unwrap();
+    let fifo = std::ffi::CString::new(d.join("pipe").to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+    let _listener = std::os::unix::net::UnixListener::bind(d.join("sock")).unwrap();
+    let out = sb.run(&["save", "--key", "special", "d"]);
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("skipped") && err.contains("pipe") && err.contains("sock"),
+        "{err}"
+    );
+    fs::remove_dir_all(&d).unwrap();
+    sb.ok(&["restore", "--key", "special"]);
+    let names: Vec<_> = fs::read_dir(&d)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, vec![std::ffi::OsString::from("kept")]);
+}
