@@ -471,6 +471,7 @@ async fn mount_and_serve(
 ) -> anyhow::Result<()> {
     let specs = parse_specs(paths, anchors)?;
     let signals = daemon::Signals::register().context("cannot handle signals")?;
+    let started = std::time::Instant::now();
     let (store, key, digest, what) = if let Some(url) = source.url {
         let (store_url, object) = split_object_url(&url)?;
         let store = AnyStore::open(
@@ -499,6 +500,11 @@ async fn mount_and_serve(
     };
     let stats = std::sync::Arc::new(Stats::default());
     let version = daemon::open_version(&store, &key, digest.as_deref(), &stats).await?;
+    tracing::info!(
+        "opened {key} ({} entries) in {} ms",
+        version.index.entries.len(),
+        started.elapsed().as_millis()
+    );
     let targets = restore::plan_targets(&version.index, &specs, anchors)?;
     let runtime = tokio::runtime::Handle::current();
     let store = std::sync::Arc::new(store);
@@ -538,10 +544,10 @@ async fn mount_and_serve(
     }
     for m in &d.mounted {
         tracing::info!(
-            "serving {} at {} ({} entries)",
-            what,
+            "serving {what} at {} ({} entries); ready {} ms after start",
             m.path.display(),
-            m.nodes
+            m.nodes,
+            started.elapsed().as_millis()
         );
     }
     d.serve(signals).await
