@@ -263,8 +263,10 @@ pub async fn save<S: ObjectStore>(
         tempfile::NamedTempFile::new().context("cannot create a temporary file for the archive")?;
     let tmp_file = tmp.as_file().try_clone()?;
     let (finished, skipped) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let started = std::time::Instant::now();
         let mut manifest = Manifest::default();
         let (entries, skipped) = collect(&specs_owned, &anchors_owned, &mut manifest)?;
+        tracing::info!(entries = entries.len(), elapsed = ?started.elapsed(), "walked the paths");
         let total: u64 = entries
             .iter()
             .map(|e| {
@@ -278,6 +280,7 @@ pub async fn save<S: ObjectStore>(
         progress.start(total);
         let finished = write_archive(&entries, manifest, options, &tmp_file, &progress)?;
         progress.finish();
+        tracing::info!(bytes = finished.size, elapsed = ?started.elapsed(), "wrote the archive");
         Ok((finished, skipped))
     })
     .await??;
@@ -288,6 +291,7 @@ pub async fn save<S: ObjectStore>(
         );
     }
     let blob = layout::blob_key(&finished.digest);
+    let upload_started = std::time::Instant::now();
     let uploaded = match store.head(&blob).await {
         Ok(meta) if meta.size == finished.size => false,
         _ => {
@@ -298,6 +302,7 @@ pub async fn save<S: ObjectStore>(
             true
         }
     };
+    tracing::info!(uploaded, elapsed = ?upload_started.elapsed(), "stored the archive");
     let pointer = KeyPointer {
         digest: finished.digest.clone(),
         size: finished.size,

@@ -183,3 +183,30 @@ fn sockets_and_fifos_are_skipped_with_a_warning() {
         .collect();
     assert_eq!(names, vec![std::ffi::OsString::from("kept")]);
 }
+
+#[test]
+fn weird_names_and_deep_nesting_round_trip() {
+    use std::os::unix::ffi::OsStrExt;
+    let sb = Sandbox::new();
+    let d = sb.work().join("weird");
+    fs::create_dir(&d).unwrap();
+    fs::write(d.join("new\nline"), b"1").unwrap();
+    fs::write(
+        d.join(std::ffi::OsStr::from_bytes(b"not-utf8-\xff\xfe")),
+        b"2",
+    )
+    .unwrap();
+    fs::write(d.join("x".repeat(255)), b"3").unwrap();
+    fs::write(d.join("spaces and \\ back'slash\"quote"), b"4").unwrap();
+    let mut deep = d.join("deep");
+    for i in 0..200 {
+        deep = deep.join(format!("{}", i % 10));
+    }
+    fs::create_dir_all(&deep).unwrap();
+    fs::write(deep.join("bottom"), b"5").unwrap();
+    sb.ok(&["save", "--key", "weird", "weird"]);
+    let expected = sb.dir.path().join("expected");
+    fs::rename(&d, &expected).unwrap();
+    sb.ok(&["restore", "--key", "weird"]);
+    assert_same_tree(&expected, &d);
+}

@@ -181,7 +181,16 @@ pub fn main() -> ExitCode {
         } => init_mount_logging(cli.global.verbose, log_file.as_deref(), *foreground),
         _ => init_logging(cli.global.verbose),
     }
-    let runtime = match tokio::runtime::Runtime::new() {
+    // Deep trees recurse (walk, extraction): give worker threads room for it.
+    const WORKER_STACK: usize = 16 << 20;
+    let _ = rayon::ThreadPoolBuilder::new()
+        .stack_size(WORKER_STACK)
+        .build_global();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_stack_size(WORKER_STACK)
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -472,7 +481,7 @@ async fn mount_and_serve(
     let specs = parse_specs(paths, anchors)?;
     let signals = daemon::Signals::register().context("cannot handle signals")?;
     let started = std::time::Instant::now();
-    let (store, key, digest, what) = if let Some(url) = source.url {
+    let (store, key, digest, what, pointer) = if let Some(url) = source.url {
         let (store_url, object) = split_object_url(&url)?;
         let store = AnyStore::open(
             &store_url,
@@ -481,7 +490,7 @@ async fn mount_and_serve(
         )
         .await
         .with_context(|| format!("cannot open {url}"))?;
-        (store, object, None, url)
+        (store, object, None, url, None)
     } else {
         let key = source.key.expect("take_url_from requires --key or a URL");
         let store = open_store(global).await?;
@@ -491,15 +500,21 @@ async fn mount_and_serve(
         } else {
             format!("{} (fallback for {key})", resolved.key)
         };
+        let pointer = layout::pointer_key(&resolved.key).ok();
         (
             store,
             resolved.pointer.blob_key(),
             Some(resolved.pointer.digest.clone()),
             what,
+            pointer,
         )
     };
     let stats = std::sync::Arc::new(Stats::default());
     let version = daemon::open_version(&store, &key, digest.as_deref(), &stats).await?;
+    // The key pointer's lifetime too (the blob's was refreshed by open_version).
+    if let Some(pointer) = &pointer {
+        restore::refresh_lifetime(&store, pointer).await;
+    }
     tracing::info!(
         "opened {key} ({} entries) in {} ms",
         version.index.entries.len(),
@@ -509,7 +524,7 @@ async fn mount_and_serve(
     let runtime = tokio::runtime::Handle::current();
     let store = std::sync::Arc::new(store);
     let d = tokio::task::spawn_blocking(move || {
-        daemon::mount_all(store, version, &targets, &options, stats, runtime)
+        daemon::mount_all(store, version, digest, &targets, &options, stats, runtime)
     })
     .await??;
     if daemon_child {
