@@ -409,8 +409,9 @@ fn stats_reports_counters() {
 }
 
 #[test]
-fn object_changed_under_the_mount_fails_reads_with_eio() {
-    if !fuse_available("object_changed_under_the_mount_fails_reads_with_eio") {
+fn object_replaced_under_the_mount_is_reopened_and_read_from_the_new_version() {
+    if !fuse_available("object_replaced_under_the_mount_is_reopened_and_read_from_the_new_version")
+    {
         return;
     }
     let sb = saved("v1", 9);
@@ -431,20 +432,20 @@ fn object_changed_under_the_mount_fails_reads_with_eio() {
     fs::copy(local_blobs(Path::new(&other.store)).pop().unwrap(), &tmp).unwrap();
     fs::rename(&tmp, &raw).unwrap();
     let r = root.clone();
-    let e = bounded(
+    let got = bounded(
         Duration::from_secs(30),
         "read after the change",
-        move || {
-            fs::read(r.join("many-frames.bin"))
-                .err()
-                .and_then(|e| e.raw_os_error())
-        },
+        move || fs::read(r.join("many-frames.bin")).unwrap(),
     );
-    assert_eq!(e, Some(libc::EIO));
+    let expected = fs::read(other.dir.path().join("expected/many-frames.bin")).unwrap();
+    assert!(got == expected, "a new open reads the new version");
     assert!(m.daemon_alive());
     let log = m.log_text();
-    assert!(log.contains("changed") && log.contains("412"), "{log}");
-    assert!(m.stats(&sb)["precondition_failed"] >= 1);
+    assert!(log.contains("changed") && log.contains("reopened"), "{log}");
+    let s = m.stats(&sb);
+    assert!(s["precondition_failed"] >= 1, "{s:?}");
+    assert_eq!(s["reopens"], 1, "{s:?}");
+    assert_eq!(s["read_errors"], 0, "{s:?}");
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {

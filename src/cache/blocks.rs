@@ -98,8 +98,9 @@ impl BlockCache {
         }
     }
 
-    /// Frees every block of `version` (after the mount moved to a new version).
-    pub fn drop_version(&self, version: u64) {
+    /// Frees every block of `version` (after the mount moved to a new
+    /// version); returns how many there were.
+    pub fn drop_version(&self, version: u64) -> u64 {
         let mut inner = self.inner.lock();
         let keys: Vec<BlockKey> = inner
             .lru
@@ -107,11 +108,13 @@ impl BlockCache {
             .filter(|(k, _)| k.version == version)
             .map(|(k, _)| *k)
             .collect();
+        let n = keys.len() as u64;
         for k in keys {
             if let Some(c) = inner.lru.pop(&k) {
                 inner.bytes -= c.data.len() as u64;
             }
         }
+        n
     }
 }
 

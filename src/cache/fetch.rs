@@ -25,8 +25,9 @@
 //!   be entered in the middle), blocks still cached are served without that.
 //!
 //! Every GET is pinned to the mount's [`Version`] (If-Match). A 412 fails the
-//! read with [`FetchError::Changed`]; reopening is the job of a later layer,
-//! which swaps in a new `Version` (with a new id, so no old block is served).
+//! read with [`FetchError::Changed`]; reopening is the job of the layer above
+//! ([`crate::fs::reopen`]), which swaps in a new `Version` (with a new id, so
+//! no old block is served) and calls [`Fetcher::drop_version`].
 
 use std::collections::HashMap;
 use std::io::{self, Read};
@@ -327,6 +328,24 @@ impl<S: ObjectStore> Fetcher<S> {
             streams: Mutex::new(HashMap::new()),
             walk: Mutex::new(Walk::default()),
         })
+    }
+
+    /// Forgets everything of version `id` (after the mount moved to a new
+    /// version): its cached blocks, stream cursors and sequential state.
+    /// Returns how many cached blocks were dropped.
+    pub fn drop_version(&self, id: u64) -> u64 {
+        self.streams.lock().retain(|(v, _), _| *v != id);
+        let mut seq = self.sequential.lock();
+        let old: Vec<(u64, u32)> = seq
+            .iter()
+            .filter(|((v, _), _)| *v == id)
+            .map(|(k, _)| *k)
+            .collect();
+        for k in old {
+            seq.pop(&k);
+        }
+        drop(seq);
+        self.cache.drop_version(id)
     }
 
     pub fn store(&self) -> &Arc<S> {
@@ -1016,8 +1035,8 @@ impl<S: ObjectStore> Fetcher<S> {
             }
             Err(StoreError::PreconditionFailed(what)) => {
                 Stats::inc(&self.stats.precondition_failed);
-                tracing::error!(
-                    "{what} changed in the store since it was mounted (HTTP 412 on If-Match {}); reads fail with EIO until it is remounted",
+                tracing::info!(
+                    "{what} changed in the store (HTTP 412 on If-Match {}): reopening",
                     v.pin.etag
                 );
                 Err(FetchError::Changed(format!(

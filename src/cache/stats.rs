@@ -43,6 +43,22 @@ pub struct Stats {
     pub read_errors: AtomicU64,
     /// Blocks whose checksum or decoding failed.
     pub corrupt_blocks: AtomicU64,
+    /// Times the mount reopened its object after a 412 (HEAD, tail, index).
+    pub reopens: AtomicU64,
+    /// Total time spent reopening, in milliseconds.
+    pub reopen_ms: AtomicU64,
+    /// The longest single reopen, in milliseconds.
+    pub reopen_max_ms: AtomicU64,
+    /// Reads that got a 412 (or found a reopen under way) and waited for it.
+    pub reopen_waits: AtomicU64,
+    /// Reopens refused because the object kept changing (reads got EIO).
+    pub reopen_refused: AtomicU64,
+    /// Cached blocks of old versions dropped on a reopen.
+    pub invalidated_blocks: AtomicU64,
+    /// Files whose content changed in a reopen (kernel caches invalidated).
+    pub changed_files: AtomicU64,
+    /// Open handles that became stale (their file's content changed): ESTALE.
+    pub stale_handles: AtomicU64,
     ops: [AtomicU64; OPS.len()],
 }
 
@@ -53,6 +69,10 @@ impl Stats {
 
     pub fn inc(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn max(counter: &AtomicU64, n: u64) {
+        counter.fetch_max(n, Ordering::Relaxed);
     }
 
     /// Counts one FUSE operation by name (one of [`OPS`]; others are ignored).
@@ -67,7 +87,7 @@ impl Stats {
     pub fn render(&self, cache_bytes: u64, cache_capacity: u64) -> String {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let mut out = String::new();
-        let rows: [(&str, u64); 11] = [
+        let rows: [(&str, u64); 19] = [
             ("requests", get(&self.requests)),
             ("bytes_fetched", get(&self.bytes_fetched)),
             ("cache_hits", get(&self.hits)),
@@ -79,6 +99,14 @@ impl Stats {
             ("precondition_failed", get(&self.precondition_failed)),
             ("read_errors", get(&self.read_errors)),
             ("corrupt_blocks", get(&self.corrupt_blocks)),
+            ("reopens", get(&self.reopens)),
+            ("reopen_ms", get(&self.reopen_ms)),
+            ("reopen_max_ms", get(&self.reopen_max_ms)),
+            ("reopen_waits", get(&self.reopen_waits)),
+            ("reopen_refused", get(&self.reopen_refused)),
+            ("invalidated_blocks", get(&self.invalidated_blocks)),
+            ("changed_files", get(&self.changed_files)),
+            ("stale_handles", get(&self.stale_handles)),
         ];
         for (name, value) in rows {
             let _ = writeln!(out, "{name} {value}");

@@ -7,11 +7,14 @@
 //! object a later layer swaps when the archive changes in the store). Nothing
 //! here mutates anything: the mount is read-only.
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 
+use super::reopen::{same_attrs, Follower, Reopener};
 use super::tree::{Node, Tree, ROOT_INO};
 use crate::archive::{EntryKind, Timestamp};
 use crate::cache::{FetchError, Fetcher, Version};
@@ -37,9 +40,13 @@ pub enum FsError {
     Range,
     #[error("read-only file system")]
     ReadOnly,
-    /// The object changed in the store (412); the read failed.
+    /// The object changed in the store (412) and could not be reopened
+    /// (or keeps changing); the read failed.
     #[error("archive changed in the store: {0}")]
     Changed(String),
+    /// The file was opened on content that is no longer in the store.
+    #[error("the file changed in the store since it was opened")]
+    Stale,
     #[error("I/O error: {0}")]
     Io(String),
 }
@@ -113,31 +120,111 @@ impl Current {
     }
 }
 
+/// One mountpoint's view: the version it reads and its tree over that
+/// version's index, swapped together (a remap never shows half of either).
+pub struct Mapped {
+    pub version: Arc<Version>,
+    pub tree: Tree,
+}
+
+/// An open file: the version and entry it was opened on, so that it keeps
+/// reading that content, follows it to a new version when it is unchanged,
+/// and fails with `ESTALE` when it changed (never a mix of two versions).
+#[derive(Debug, Clone, Copy)]
+struct Handle {
+    ino: u64,
+    version: u64,
+    entry: Option<u32>,
+    /// Something was read through it: from then on it keeps to its content.
+    read: bool,
+    stale: bool,
+}
+
+/// What the kernel must forget after a remap (sent by the FUSE layer).
+#[derive(Debug, Default, Clone)]
+pub struct Invalidations {
+    /// Inodes whose data (page cache) and attributes changed.
+    pub data: Vec<u64>,
+    /// Inodes whose attributes only changed.
+    pub attrs: Vec<u64>,
+    /// (parent, name) of directory entries gone.
+    pub entries: Vec<(u64, Box<[u8]>)>,
+}
+
+impl Invalidations {
+    pub fn is_empty(&self) -> bool {
+        self.data.is_empty() && self.attrs.is_empty() && self.entries.is_empty()
+    }
+}
+
+pub type Notify = Box<dyn Fn(Invalidations) + Send + Sync>;
+
 pub struct FsCore<S> {
-    tree: Tree,
-    current: Arc<Current>,
+    state: RwLock<Arc<Mapped>>,
+    /// The archive name this mountpoint shows (`_0/node_modules`).
+    root: Vec<u8>,
     fetcher: Arc<Fetcher<S>>,
+    reopener: Option<Arc<Reopener>>,
+    /// Whether open files get handles of their own (the object may change
+    /// content: raw-URL mounts); otherwise reads go by inode only.
+    track_handles: bool,
+    handles: Mutex<HashMap<u64, Handle>>,
+    next_fh: AtomicU64,
+    notify: Mutex<Option<Arc<Notify>>>,
 }
 
 impl<S: ObjectStore> FsCore<S> {
     pub fn new(tree: Tree, current: Arc<Current>, fetcher: Arc<Fetcher<S>>) -> Self {
+        let version = current.load();
         FsCore {
-            tree,
-            current,
+            state: RwLock::new(Arc::new(Mapped { version, tree })),
+            root: Vec::new(),
             fetcher,
+            reopener: None,
+            track_handles: false,
+            handles: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            notify: Mutex::new(None),
         }
+    }
+
+    /// A core that survives changes of its object: a 412 reopens through
+    /// `reopener` and the tree (built from the archive name `root`) is
+    /// remapped. With `track_handles`, open files keep to their content.
+    /// Register the returned core as a follower of `reopener`.
+    pub fn with_reopen(
+        tree: Tree,
+        root: &[u8],
+        reopener: Arc<Reopener>,
+        fetcher: Arc<Fetcher<S>>,
+        track_handles: bool,
+    ) -> Arc<Self> {
+        let mut core = FsCore::new(tree, reopener.current().clone(), fetcher);
+        core.root = root.to_vec();
+        core.reopener = Some(reopener.clone());
+        core.track_handles = track_handles;
+        let core = Arc::new(core);
+        let weak: std::sync::Weak<dyn Follower> = Arc::downgrade(&core) as _;
+        reopener.follow(weak);
+        core
+    }
+
+    /// Where remap invalidations go (the FUSE notifier).
+    pub fn set_notify(&self, notify: Notify) {
+        *self.notify.lock() = Some(Arc::new(notify));
+    }
+
+    pub fn tracks_handles(&self) -> bool {
+        self.track_handles
     }
 
     pub fn fetcher(&self) -> &Arc<Fetcher<S>> {
         &self.fetcher
     }
 
-    pub fn tree(&self) -> &Tree {
-        &self.tree
-    }
-
-    fn node(&self, ino: u64) -> FsResult<&Node> {
-        self.tree.get(ino).ok_or(FsError::NotFound)
+    /// The version and tree this mountpoint answers from now.
+    pub fn mapped(&self) -> Arc<Mapped> {
+        self.state.read().clone()
     }
 
     fn attr_of(&self, ino: u64, n: &Node) -> Attr {
@@ -155,20 +242,22 @@ impl<S: ObjectStore> FsCore<S> {
     }
 
     pub fn lookup(&self, parent: u64, name: &[u8]) -> FsResult<Attr> {
-        let dir = self.node(parent)?;
+        let m = self.mapped();
+        let dir = node(&m, parent)?;
         if dir.kind != EntryKind::Dir {
             return Err(FsError::NotDir);
         }
         let ino = match name {
             b"." => parent,
             b".." => dir.parent,
-            _ => self.tree.lookup(parent, name).ok_or(FsError::NotFound)?,
+            _ => m.tree.lookup(parent, name).ok_or(FsError::NotFound)?,
         };
-        self.getattr(ino)
+        Ok(self.attr_of(ino, node(&m, ino)?))
     }
 
     pub fn getattr(&self, ino: u64) -> FsResult<Attr> {
-        Ok(self.attr_of(ino, self.node(ino)?))
+        let m = self.mapped();
+        Ok(self.attr_of(ino, node(&m, ino)?))
     }
 
     /// Calls `add` for each entry from cookie `offset` on (`.` and `..`
@@ -179,7 +268,8 @@ impl<S: ObjectStore> FsCore<S> {
         offset: u64,
         mut add: impl FnMut(DirEntry<'_>) -> bool,
     ) -> FsResult<()> {
-        let dir = self.node(ino)?;
+        let m = self.mapped();
+        let dir = node(&m, ino)?;
         if dir.kind != EntryKind::Dir {
             return Err(FsError::NotDir);
         }
@@ -190,10 +280,10 @@ impl<S: ObjectStore> FsCore<S> {
                 1 => (dir.parent, b".."),
                 _ => {
                     let c = dir.children[(pos - 2) as usize];
-                    (c, &self.node(c)?.name)
+                    (c, &node(&m, c)?.name)
                 }
             };
-            let n = self.node(child)?;
+            let n = node(&m, child)?;
             let entry = DirEntry {
                 ino: child,
                 offset: pos + 1,
@@ -213,65 +303,150 @@ impl<S: ObjectStore> FsCore<S> {
         if let Some(target) = self.readlink_cached(ino)? {
             return Ok(target);
         }
-        let n = self.node(ino)?;
-        let entry = n.entry.ok_or(FsError::NotSymlink)?;
-        let v = self.current.load();
-        let size = v.entry(entry).size.min(u64::from(u32::MAX)) as u32;
-        Ok(self
-            .fetcher
-            .read(&v, entry, 0, size)
-            .await
-            .inspect_err(|e| self.log_failure(&v, entry, e))?)
+        let mut attempts = 0;
+        loop {
+            let m = self.mapped();
+            let entry = node(&m, ino)?.entry.ok_or(FsError::NotSymlink)?;
+            let v = &m.version;
+            let size = v.entry(entry).size.min(u64::from(u32::MAX)) as u32;
+            match self.fetcher.read(v, entry, 0, size).await {
+                Err(FetchError::Changed(msg)) => self.after_412(v, msg, &mut attempts).await?,
+                Err(e) => {
+                    self.log_failure(v, entry, &e);
+                    return Err(e.into());
+                }
+                Ok(b) => return Ok(b),
+            }
+        }
     }
 
     /// The target when the index has it (no I/O); `None` when it must be read.
     pub fn readlink_cached(&self, ino: u64) -> FsResult<Option<Bytes>> {
-        let n = self.node(ino)?;
+        let m = self.mapped();
+        let n = node(&m, ino)?;
         if n.kind != EntryKind::Symlink {
             return Err(FsError::NotSymlink);
         }
         let entry = n.entry.ok_or(FsError::NotSymlink)?;
-        let v = self.current.load();
-        Ok(v.entry(entry)
+        Ok(m.version
+            .entry(entry)
             .link_target
             .as_ref()
             .map(|t| Bytes::copy_from_slice(t)))
     }
 
-    /// Opening for writing fails; opening anything else needs no state.
-    pub fn open(&self, ino: u64, write: bool) -> FsResult<()> {
-        self.node(ino)?;
+    /// Opening for writing fails. Returns the file handle: 0 unless handles
+    /// are tracked (then one recording the version and entry opened).
+    pub fn open(&self, ino: u64, write: bool) -> FsResult<u64> {
+        let mut handles = self.handles.lock();
+        let m = self.mapped();
+        let n = node(&m, ino)?;
         if write {
             return Err(FsError::ReadOnly);
         }
-        Ok(())
+        if !self.track_handles {
+            return Ok(0);
+        }
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        handles.insert(
+            fh,
+            Handle {
+                ino,
+                version: m.version.id,
+                entry: n.entry,
+                read: false,
+                stale: false,
+            },
+        );
+        Ok(fh)
     }
 
-    pub async fn read(&self, ino: u64, offset: u64, size: u32) -> FsResult<Bytes> {
-        let n = self.node(ino)?;
+    /// The version and entry a read of `ino` through handle `fh` reads.
+    fn resolve(&self, ino: u64, fh: u64) -> FsResult<(Arc<Version>, u32)> {
+        let mut handles = self.handles.lock();
+        let m = self.mapped();
+        let n = node(&m, ino)?;
         match n.kind {
             EntryKind::Dir => return Err(FsError::IsDir),
             EntryKind::Symlink => return Err(FsError::Io("read of a symlink".into())),
             EntryKind::File => {}
         }
-        let Some(entry) = n.entry else {
-            return Err(FsError::NotFound);
+        let entry = match handles.get_mut(&fh) {
+            Some(h) if h.stale => {
+                return Err(FsError::Stale);
+            }
+            Some(h) if h.version == m.version.id => {
+                h.read = true;
+                h.entry
+            }
+            // Handles are moved with the tree (under the same lock): a handle
+            // of another version is a bug; fail rather than guess.
+            Some(_) => return Err(FsError::Stale),
+            None => n.entry,
         };
-        let v = self.current.load();
-        self.fetcher
-            .read(&v, entry, offset, size)
-            .await
-            .map_err(|e| {
-                self.log_failure(&v, entry, &e);
-                e.into()
-            })
+        let entry = entry.ok_or(FsError::NotFound)?;
+        Ok((m.version.clone(), entry))
+    }
+
+    pub async fn read(&self, ino: u64, offset: u64, size: u32) -> FsResult<Bytes> {
+        self.read_fh(ino, 0, offset, size).await
+    }
+
+    /// Reads through handle `fh` (0: by inode). A 412 reopens the object
+    /// (or waits for the reopen under way) and retries on the new version.
+    pub async fn read_fh(&self, ino: u64, fh: u64, offset: u64, size: u32) -> FsResult<Bytes> {
+        let mut attempts = 0;
+        loop {
+            let (v, entry) = self.resolve(ino, fh)?;
+            match self.fetcher.read(&v, entry, offset, size).await {
+                Ok(b) => return Ok(b),
+                Err(FetchError::Changed(msg)) => self.after_412(&v, msg, &mut attempts).await?,
+                Err(e) => {
+                    self.log_failure(&v, entry, &e);
+                    return Err(e.into());
+                }
+            }
+        }
+    }
+
+    /// A read of `v` got a 412: reopens (bounded) and returns to retry, or fails.
+    async fn after_412(&self, v: &Version, msg: String, attempts: &mut usize) -> FsResult<()> {
+        let Some(r) = &self.reopener else {
+            crate::cache::Stats::inc(&self.fetcher.stats().read_errors);
+            tracing::warn!("{msg}; the read fails with EIO");
+            return Err(FsError::Changed(msg));
+        };
+        *attempts += 1;
+        if *attempts > r.limit + 1 {
+            crate::cache::Stats::inc(&self.fetcher.stats().read_errors);
+            tracing::error!(
+                "{} keeps changing in the store; the read fails with EIO",
+                v.key
+            );
+            return Err(FsError::Changed(msg));
+        }
+        match r.reopen(v.id).await {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                crate::cache::Stats::inc(&self.fetcher.stats().read_errors);
+                Err(FsError::Changed(e.to_string()))
+            }
+        }
     }
 
     /// The read if the cache can answer it alone (no waiting); `None` otherwise.
-    pub fn read_cached(&self, ino: u64, offset: u64, size: u32) -> Option<FsResult<Bytes>> {
-        let n = self.tree.get(ino)?;
-        let entry = n.entry.filter(|_| n.kind == EntryKind::File)?;
-        let v = self.current.load();
+    pub fn read_cached(
+        &self,
+        ino: u64,
+        fh: u64,
+        offset: u64,
+        size: u32,
+    ) -> Option<FsResult<Bytes>> {
+        let (v, entry) = match self.resolve(ino, fh) {
+            Ok(x) => x,
+            Err(FsError::Stale) => return Some(Err(FsError::Stale)),
+            Err(_) => return None,
+        };
         Some(
             self.fetcher
                 .read_cached(&v, entry, offset, size)?
@@ -287,12 +462,17 @@ impl<S: ObjectStore> FsCore<S> {
         tracing::warn!("read of {} failed with EIO: {e}", v.name(entry));
     }
 
-    pub fn release(&self, _ino: u64) {}
+    pub fn release(&self, _ino: u64, fh: u64) {
+        if fh != 0 {
+            self.handles.lock().remove(&fh);
+        }
+    }
 
     pub fn statfs(&self) -> FsStat {
+        let m = self.mapped();
         FsStat {
-            blocks: self.tree.total_size().div_ceil(4096),
-            files: self.tree.len() as u64,
+            blocks: m.tree.total_size().div_ceil(4096),
+            files: m.tree.len() as u64,
             block_size: 4096,
             name_max: 255,
         }
@@ -302,12 +482,13 @@ impl<S: ObjectStore> FsCore<S> {
         if ino == ROOT_INO && name == STATS_XATTR {
             return Ok(self.fetcher.render_stats().into_bytes());
         }
-        let n = self.node(ino)?;
+        let m = self.mapped();
+        let n = node(&m, ino)?;
         let Some(entry) = n.entry else {
             return Err(FsError::NoXattr);
         };
-        let v = self.current.load();
-        v.entry(entry)
+        m.version
+            .entry(entry)
             .xattrs
             .iter()
             .find(|(k, _)| k == name)
@@ -317,11 +498,11 @@ impl<S: ObjectStore> FsCore<S> {
 
     /// The attribute names, each followed by a NUL (the listxattr format).
     pub fn listxattr(&self, ino: u64) -> FsResult<Vec<u8>> {
-        let n = self.node(ino)?;
+        let m = self.mapped();
+        let n = node(&m, ino)?;
         let mut out = Vec::new();
         if let Some(entry) = n.entry {
-            let v = self.current.load();
-            for (k, _) in &v.entry(entry).xattrs {
+            for (k, _) in &m.version.entry(entry).xattrs {
                 out.extend_from_slice(k);
                 out.push(0);
             }
@@ -332,10 +513,112 @@ impl<S: ObjectStore> FsCore<S> {
     /// `access(2)`: anything but write access is allowed (the kernel checks
     /// permission bits itself: the mount uses `default_permissions`).
     pub fn access(&self, ino: u64, mask: i32) -> FsResult<()> {
-        self.node(ino)?;
+        node(&self.mapped(), ino)?;
         if mask & libc::W_OK != 0 {
             return Err(FsError::ReadOnly);
         }
         Ok(())
+    }
+}
+
+fn node(m: &Mapped, ino: u64) -> FsResult<&Node> {
+    m.tree.get(ino).ok_or(FsError::NotFound)
+}
+
+impl<S: ObjectStore> Follower for FsCore<S> {
+    fn follow(&self, old: &Arc<Version>, new: &Arc<Version>, same: &[Option<u32>]) {
+        let stats = self.fetcher.stats().clone();
+        let inval = {
+            let mut handles = self.handles.lock();
+            let m = self.mapped();
+            if m.version.id != old.id {
+                tracing::warn!(
+                    "mountpoint was on version {} while {} was replaced; remapping anyway",
+                    m.version.id,
+                    old.id
+                );
+            }
+            let mv = &m.version;
+            let same_in = |a: u32| {
+                if mv.id == old.id {
+                    same.get(a as usize).copied().flatten()
+                } else {
+                    None
+                }
+            };
+            let remapped = m.tree.remap(
+                &new.index,
+                &self.root,
+                |a, b| same_in(a) == Some(b),
+                |a, b| same_attrs(mv.entry(a), new.entry(b)),
+            );
+            let (tree, report) = match remapped {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::error!("{e}: the mountpoint is now empty");
+                    m.tree
+                        .remap(
+                            &crate::archive::ArchiveIndex::default(),
+                            b"",
+                            |_, _| false,
+                            |_, _| false,
+                        )
+                        .expect("an empty index maps")
+                }
+            };
+            for h in handles.values_mut().filter(|h| !h.stale) {
+                match h.entry {
+                    Some(e) => match same_in(e) {
+                        Some(n) => {
+                            h.entry = Some(n);
+                            h.version = new.id;
+                        }
+                        // Nothing read through it yet: it simply opens
+                        // the new content (no mix is possible).
+                        None if !h.read
+                            && tree.get(h.ino).is_some_and(|n| {
+                                n.kind == EntryKind::File && n.entry.is_some()
+                            }) =>
+                        {
+                            h.entry = tree.get(h.ino).and_then(|n| n.entry);
+                            h.version = new.id;
+                        }
+                        None => {
+                            h.stale = true;
+                            crate::cache::Stats::inc(&stats.stale_handles);
+                        }
+                    },
+                    None => h.version = new.id,
+                }
+            }
+            crate::cache::Stats::add(&stats.changed_files, report.changed.len() as u64);
+            if !report.changed.is_empty() || !report.gone.is_empty() || report.added > 0 {
+                tracing::warn!(
+                    "mountpoint {:?} remapped: {} files changed, {} paths gone, {} new",
+                    String::from_utf8_lossy(&self.root),
+                    report.changed.len(),
+                    report.gone.len(),
+                    report.added
+                );
+            }
+            *self.state.write() = Arc::new(Mapped {
+                version: new.clone(),
+                tree,
+            });
+            let mut data = report.changed;
+            data.extend(report.dirs_changed);
+            Invalidations {
+                data,
+                attrs: report.attrs_changed,
+                entries: report.gone,
+            }
+        };
+        // Sent from another thread, not awaited: the kernel may hold a page
+        // lock for a read that is waiting for this very reopen to finish.
+        if let Some(notify) = self.notify.lock().clone() {
+            if !inval.is_empty() {
+                std::thread::spawn(move || notify(inval));
+            }
+        }
     }
 }

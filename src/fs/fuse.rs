@@ -38,6 +38,29 @@ const TTL: Duration = Duration::from_secs(24 * 3600);
 /// per request mean fewer round trips on sequential reads.
 pub const KERNEL_READAHEAD: u32 = 1 << 20;
 
+/// Sends a remap's invalidations to the kernel (best effort: the kernel
+/// answers ENOENT for what it does not cache).
+pub fn send_invalidations(notifier: &fuser::Notifier, inval: &super::core::Invalidations) {
+    for &ino in &inval.data {
+        if let Err(e) = notifier.inval_inode(INodeNo(ino), 0, 0) {
+            tracing::debug!("inval_inode {ino}: {e}");
+        }
+    }
+    for &ino in &inval.attrs {
+        if let Err(e) = notifier.inval_inode(INodeNo(ino), -1, 0) {
+            tracing::debug!("inval_inode {ino} (attributes): {e}");
+        }
+    }
+    for (parent, name) in &inval.entries {
+        if let Err(e) = notifier.inval_entry(INodeNo(*parent), OsStr::from_bytes(name)) {
+            tracing::debug!(
+                "inval_entry {parent}/{}: {e}",
+                String::from_utf8_lossy(name)
+            );
+        }
+    }
+}
+
 /// The one place where core errors become errnos.
 pub fn errno(e: &FsError) -> Errno {
     match e {
@@ -48,6 +71,7 @@ pub fn errno(e: &FsError) -> Errno {
         FsError::NoXattr => Errno::NO_XATTR,
         FsError::Range => Errno::ERANGE,
         FsError::ReadOnly => Errno::EROFS,
+        FsError::Stale => Errno::ESTALE,
         FsError::Changed(_) | FsError::Io(_) => Errno::EIO,
     }
 }
@@ -187,9 +211,10 @@ impl<S: ObjectStore> Filesystem for FuseFs<S> {
         let write = !matches!(flags.acc_mode(), OpenAccMode::O_RDONLY);
         match self.core.open(ino.0, write) {
             Err(e) => reply.error(errno(&e)),
-            // The kernel then stops sending open and release, and keeps the page cache.
-            Ok(()) if self.no_open.load(Ordering::Relaxed) => reply.error(Errno::ENOSYS),
-            Ok(()) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+            // The kernel then stops sending open and release, and keeps the
+            // page cache (content that never changes: no handles needed).
+            Ok(0) if self.no_open.load(Ordering::Relaxed) => reply.error(Errno::ENOSYS),
+            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
         }
     }
 
@@ -208,7 +233,7 @@ impl<S: ObjectStore> Filesystem for FuseFs<S> {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         offset: u64,
         size: u32,
         _flags: OpenFlags,
@@ -218,14 +243,14 @@ impl<S: ObjectStore> Filesystem for FuseFs<S> {
         self.count("read");
         // Cache hits are answered here; anything that must wait goes to the runtime.
         let _runtime = self.runtime.enter();
-        match self.core.read_cached(ino.0, offset, size) {
+        match self.core.read_cached(ino.0, fh.0, offset, size) {
             Some(Ok(data)) => return reply.data(&data),
             Some(Err(e)) => return reply.error(errno(&e)),
             None => {}
         }
         let core = self.core.clone();
         self.runtime.spawn(async move {
-            match core.read(ino.0, offset, size).await {
+            match core.read_fh(ino.0, fh.0, offset, size).await {
                 Ok(data) => reply.data(&data),
                 Err(e) => reply.error(errno(&e)),
             }
@@ -236,14 +261,14 @@ impl<S: ObjectStore> Filesystem for FuseFs<S> {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
         self.count("release");
-        self.core.release(ino.0);
+        self.core.release(ino.0, fh.0);
         reply.ok();
     }
 

@@ -4,8 +4,10 @@
 
 pub mod core;
 pub mod fuse;
+pub mod reopen;
 pub mod tree;
 
-pub use self::core::{Attr, Current, FsCore, FsError, STATS_XATTR};
+pub use self::core::{Attr, Current, FsCore, FsError, Invalidations, Mapped, STATS_XATTR};
 pub use self::fuse::FuseFs;
+pub use self::reopen::Reopener;
 pub use self::tree::{Tree, ROOT_INO};

@@ -42,7 +42,27 @@ pub enum TreeError {
 
 #[derive(Debug)]
 pub struct Tree {
-    nodes: Vec<Node>,
+    /// By inode number - 1; `None` for an inode whose path is gone (after a
+    /// remap onto a new archive version: inode numbers stay stable by path).
+    nodes: Vec<Option<Node>>,
+    live: usize,
+}
+
+/// What changed when a tree was mapped onto a new archive version.
+#[derive(Debug, Default)]
+pub struct RemapReport {
+    /// Inodes kept (same path, same kind) whose content changed: their
+    /// kernel page cache and attributes must be invalidated.
+    pub changed: Vec<u64>,
+    /// Inodes kept whose content is the same but whose attributes changed.
+    pub attrs_changed: Vec<u64>,
+    /// Directories whose listing changed.
+    pub dirs_changed: Vec<u64>,
+    /// (parent inode, name) of paths gone from the new version (or whose
+    /// kind changed: they get a new inode).
+    pub gone: Vec<(u64, Box<[u8]>)>,
+    /// Paths new in this version.
+    pub added: usize,
 }
 
 impl Tree {
@@ -91,7 +111,8 @@ impl Tree {
         }
         let synth = (root_node.uid, root_node.gid, root_node.mtime);
         let mut tree = Tree {
-            nodes: vec![root_node],
+            nodes: vec![Some(root_node)],
+            live: 1,
         };
         let mut by_path: HashMap<Vec<u8>, u64> = HashMap::new();
         by_path.insert(Vec::new(), ROOT_INO);
@@ -114,7 +135,7 @@ impl Tree {
             }
             let (parent_path, name) = split_last(rel);
             let parent = tree.ensure_dir(&mut by_path, parent_path, synth);
-            if tree.nodes[(parent - 1) as usize].kind != EntryKind::Dir {
+            if tree.node(parent).kind != EntryKind::Dir {
                 tracing::warn!(
                     "skipping archive entry {:?}: its parent is not a directory",
                     String::from_utf8_lossy(&e.name)
@@ -136,14 +157,23 @@ impl Tree {
             });
             by_path.insert(rel.to_vec(), ino);
         }
-        // Sort children by name; count subdirectories into nlink.
-        let names: Vec<Box<[u8]>> = tree.nodes.iter().map(|n| n.name.clone()).collect();
-        let dirs: Vec<bool> = tree
+        tree.finish();
+        Ok(tree)
+    }
+
+    /// Sorts children by name and counts subdirectories into nlink.
+    fn finish(&mut self) {
+        let names: Vec<Box<[u8]>> = self
             .nodes
             .iter()
-            .map(|n| n.kind == EntryKind::Dir)
+            .map(|n| n.as_ref().map(|n| n.name.clone()).unwrap_or_default())
             .collect();
-        for node in &mut tree.nodes {
+        let dirs: Vec<bool> = self
+            .nodes
+            .iter()
+            .map(|n| n.as_ref().is_some_and(|n| n.kind == EntryKind::Dir))
+            .collect();
+        for node in self.nodes.iter_mut().flatten() {
             node.children
                 .sort_by(|a, b| names[(*a - 1) as usize].cmp(&names[(*b - 1) as usize]));
             if node.kind == EntryKind::Dir {
@@ -154,15 +184,135 @@ impl Tree {
                     .count() as u32;
             }
         }
-        Ok(tree)
+    }
+
+    fn node(&self, ino: u64) -> &Node {
+        self.nodes[(ino - 1) as usize]
+            .as_ref()
+            .expect("a live inode")
     }
 
     fn push(&mut self, node: Node) -> u64 {
         let parent = node.parent;
-        self.nodes.push(node);
+        self.nodes.push(Some(node));
+        self.live += 1;
         let ino = self.nodes.len() as u64;
-        self.nodes[(parent - 1) as usize].children.push(ino);
+        self.nodes[(parent - 1) as usize]
+            .as_mut()
+            .expect("a live parent")
+            .children
+            .push(ino);
         ino
+    }
+
+    /// Every live inode with its path relative to the root (empty for the root).
+    fn paths(&self) -> Vec<(u64, Vec<u8>)> {
+        let mut out = Vec::with_capacity(self.live);
+        let mut stack = vec![(ROOT_INO, Vec::new())];
+        while let Some((ino, path)) = stack.pop() {
+            for &c in &self.node(ino).children {
+                let mut p = path.clone();
+                if !p.is_empty() {
+                    p.push(b'/');
+                }
+                p.extend_from_slice(&self.node(c).name);
+                stack.push((c, p));
+            }
+            out.push((ino, path));
+        }
+        out
+    }
+
+    /// This tree mapped onto a new version's `index` (same `root`): a path
+    /// present in both with the same kind keeps its inode number; new paths
+    /// get new numbers (never reused). `same_content(old_entry, new_entry)`
+    /// tells whether an entry's content is unchanged.
+    pub fn remap(
+        &self,
+        index: &ArchiveIndex,
+        root: &[u8],
+        same_content: impl Fn(u32, u32) -> bool,
+        same_attrs: impl Fn(u32, u32) -> bool,
+    ) -> Result<(Tree, RemapReport), TreeError> {
+        let fresh = Tree::build(index, root)?;
+        let old_by_path: HashMap<Vec<u8>, u64> =
+            self.paths().into_iter().map(|(i, p)| (p, i)).collect();
+        let mut report = RemapReport::default();
+        let mut next = self.nodes.len() as u64 + 1;
+        // Fresh inode → final inode.
+        let mut map = vec![0u64; fresh.nodes.len() + 1];
+        let mut kept: std::collections::HashSet<u64> = std::collections::HashSet::new();
+        for (fino, path) in fresh.paths() {
+            let fnode = fresh.node(fino);
+            let ino = match old_by_path.get(&path) {
+                Some(&o) if self.node(o).kind == fnode.kind => {
+                    kept.insert(o);
+                    o
+                }
+                _ => {
+                    report.added += 1;
+                    next += 1;
+                    next - 1
+                }
+            };
+            map[fino as usize] = ino;
+        }
+        for &old_ino in old_by_path.values() {
+            if old_ino != ROOT_INO && !kept.contains(&old_ino) {
+                let n = self.node(old_ino);
+                report.gone.push((n.parent, n.name.clone()));
+            }
+        }
+        let len = map
+            .iter()
+            .copied()
+            .max()
+            .unwrap_or(1)
+            .max(self.nodes.len() as u64);
+        let mut nodes: Vec<Option<Node>> = vec![None; len as usize];
+        for (fi, fnode) in fresh.nodes.iter().enumerate() {
+            let Some(fnode) = fnode else { continue };
+            let ino = map[fi + 1];
+            let mut n = fnode.clone();
+            n.parent = map[fnode.parent as usize];
+            n.children = fnode.children.iter().map(|c| map[*c as usize]).collect();
+            if let Some(old) = self.get(ino).filter(|_| kept.contains(&ino)) {
+                {
+                    match (old.entry, n.entry) {
+                        (Some(a), Some(b)) if n.kind != EntryKind::Dir => {
+                            if !same_content(a, b) {
+                                report.changed.push(ino);
+                            } else if !same_attrs(a, b) {
+                                report.attrs_changed.push(ino);
+                            }
+                        }
+                        _ => {}
+                    }
+                    if n.kind == EntryKind::Dir {
+                        let names = |t: &Tree, node: &Node| -> Vec<Box<[u8]>> {
+                            node.children
+                                .iter()
+                                .map(|c| t.node(*c).name.clone())
+                                .collect()
+                        };
+                        if names(self, old) != names(&fresh, fnode)
+                            || old.mode != n.mode
+                            || old.mtime != n.mtime
+                        {
+                            report.dirs_changed.push(ino);
+                        }
+                    }
+                }
+            }
+            nodes[(ino - 1) as usize] = Some(n);
+        }
+        let mut tree = Tree {
+            live: fresh.live,
+            nodes,
+        };
+        tree.finish();
+        report.gone.sort();
+        Ok((tree, report))
     }
 
     fn ensure_dir(
@@ -194,30 +344,30 @@ impl Tree {
     }
 
     pub fn get(&self, ino: u64) -> Option<&Node> {
-        self.nodes.get(ino.checked_sub(1)? as usize)
+        self.nodes.get(ino.checked_sub(1)? as usize)?.as_ref()
     }
 
     /// The child `name` of directory `parent`.
     pub fn lookup(&self, parent: u64, name: &[u8]) -> Option<u64> {
         let dir = self.get(parent)?;
         dir.children
-            .binary_search_by(|c| self.nodes[(*c - 1) as usize].name.as_ref().cmp(name))
+            .binary_search_by(|c| self.node(*c).name.as_ref().cmp(name))
             .ok()
             .map(|i| dir.children[i])
     }
 
     /// Number of nodes (files, directories, symlinks).
     pub fn len(&self) -> usize {
-        self.nodes.len()
+        self.live
     }
 
     pub fn is_empty(&self) -> bool {
-        self.nodes.is_empty()
+        self.live == 0
     }
 
     /// Sum of the sizes of all files (for statfs).
     pub fn total_size(&self) -> u64 {
-        self.nodes.iter().map(|n| n.size).sum()
+        self.nodes.iter().flatten().map(|n| n.size).sum()
     }
 }
 

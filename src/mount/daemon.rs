@@ -15,7 +15,7 @@ use super::control;
 use super::preflight::{self, FUSE_SUPER_MAGIC};
 use crate::archive::{self, ArchiveIndex, OpenError};
 use crate::cache::{FetchConfig, Fetcher, Stats, Version};
-use crate::fs::{Current, FsCore, FuseFs, Tree};
+use crate::fs::{Current, FsCore, FuseFs, Reopener, Tree};
 use crate::restore::Target;
 use crate::store::{ObjectStore, StoreError};
 
@@ -57,6 +57,27 @@ pub async fn open_version<S: ObjectStore>(
     expected_digest: Option<&str>,
     stats: &Stats,
 ) -> anyhow::Result<Version> {
+    open_inner(store, key, expected_digest, stats, true).await
+}
+
+/// [`open_version`] without the lifetime refresh (a reopen after a 412: the
+/// object was just rewritten).
+pub async fn open_version_pinned<S: ObjectStore>(
+    store: &S,
+    key: &str,
+    expected_digest: Option<&str>,
+    stats: &Stats,
+) -> anyhow::Result<Version> {
+    open_inner(store, key, expected_digest, stats, false).await
+}
+
+async fn open_inner<S: ObjectStore>(
+    store: &S,
+    key: &str,
+    expected_digest: Option<&str>,
+    stats: &Stats,
+    refresh: bool,
+) -> anyhow::Result<Version> {
     let head = || async {
         store.head(key).await.map_err(|e| match e {
             StoreError::NotFound(_) => {
@@ -70,7 +91,8 @@ pub async fn open_version<S: ObjectStore>(
     // Refresh the lifetime *before* pinning: the rewrite may change the ETag,
     // which would otherwise fail this mount's own reads. Young objects (the
     // common case) cost nothing here.
-    if meta.last_modified < std::time::SystemTime::now() - crate::restore::REFRESH_AFTER {
+    if refresh && meta.last_modified < std::time::SystemTime::now() - crate::restore::REFRESH_AFTER
+    {
         crate::restore::refresh_lifetime(store, key).await;
         meta = head().await?;
     }
@@ -115,6 +137,30 @@ pub async fn open_version<S: ObjectStore>(
         meta.size,
         index,
     ))
+}
+
+/// The single-flight reopen of a mount: `open_version` again (checking the
+/// name of a content-addressed blob), dropping the old version's blocks.
+pub fn reopener<S: ObjectStore>(
+    store: Arc<S>,
+    current: Arc<Current>,
+    expected_digest: Option<String>,
+    fetcher: &Arc<Fetcher<S>>,
+    stats: Arc<Stats>,
+) -> Arc<Reopener> {
+    let key = current.load().key.clone();
+    let open_stats = stats.clone();
+    let open: crate::fs::reopen::Opener = Box::new(move || {
+        let store = store.clone();
+        let key = key.clone();
+        let digest = expected_digest.clone();
+        let stats = open_stats.clone();
+        Box::pin(async move { open_version_pinned(&*store, &key, digest.as_deref(), &stats).await })
+    });
+    let f = Arc::downgrade(fetcher);
+    let invalidate: crate::fs::reopen::Invalidator =
+        Box::new(move |id| f.upgrade().map_or(0, |f| f.drop_version(id)));
+    Reopener::new(current, open, invalidate, stats)
 }
 
 /// The signals that stop a daemon, registered before anything is mounted so
@@ -220,9 +266,15 @@ impl<S: ObjectStore> Daemon<S> {
 
 /// Mounts every target (blocking: run it off the async workers). On any
 /// failure, whatever was mounted is unmounted again.
+///
+/// `expected_digest` is the blob's name when the object is content-addressed
+/// (a key mount): a reopen after a 412 checks it again, and the content can
+/// never change, so open files need no handles. Without it (a raw URL) the
+/// object may be overwritten with other content: handles are tracked.
 pub fn mount_all<S: ObjectStore>(
     store: Arc<S>,
     version: Version,
+    expected_digest: Option<String>,
     targets: &[Target],
     options: &MountOptions,
     stats: Arc<Stats>,
@@ -244,7 +296,14 @@ pub fn mount_all<S: ObjectStore>(
     }
     let fsname = format!("cachemount:{}", version.key);
     let current = Current::new(version);
-    let fetcher = Fetcher::new(store, options.cache_size, stats, options.fetch.clone());
+    let content_addressed = expected_digest.is_some();
+    let fetcher = Fetcher::new(
+        store.clone(),
+        options.cache_size,
+        stats.clone(),
+        options.fetch.clone(),
+    );
+    let reopener = reopener(store, current.clone(), expected_digest, &fetcher, stats);
     let mut trees = Vec::new();
     for t in &targets {
         trees.push(Tree::build(&current.load().index, &t.name)?);
@@ -257,8 +316,14 @@ pub fn mount_all<S: ObjectStore>(
     let result = (|| -> anyhow::Result<()> {
         for (t, tree) in targets.iter().zip(trees) {
             let nodes = tree.len();
-            let core = Arc::new(FsCore::new(tree, current.clone(), fetcher.clone()));
-            let fs = FuseFs::new(core, runtime.clone());
+            let core = FsCore::with_reopen(
+                tree,
+                &t.name,
+                reopener.clone(),
+                fetcher.clone(),
+                !content_addressed,
+            );
+            let fs = FuseFs::new(core.clone(), runtime.clone());
             let mut config = fuser::Config::default();
             config.mount_options = vec![
                 fuser::MountOption::RO,
@@ -279,6 +344,10 @@ pub fn mount_all<S: ObjectStore>(
             config.clone_fd = true;
             let session =
                 fuser::Session::new(fs, &t.local, &config).map_err(|e| mount_error(&t.local, e))?;
+            let notifier = session.notifier();
+            core.set_notify(Box::new(move |inval| {
+                crate::fs::fuse::send_invalidations(&notifier, &inval)
+            }));
             let session = session
                 .spawn()
                 .with_context(|| format!("cannot start serving {}", t.local.display()))?;

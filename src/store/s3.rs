@@ -1138,10 +1138,18 @@ impl ObjectStore for S3Store {
             endpoint: &self.endpoint,
             location: &location,
         };
-        read_resuming(target, range, pin, &self.tuning.retry, |want, version| {
+        let got = read_resuming(target, range, pin, &self.tuning.retry, |want, version| {
             self.get_attempt(key, want, version)
         })
-        .await
+        .await;
+        match got {
+            // The pinned version id was deleted (NoSuchVersion / NoSuchKey):
+            // the version the reader is on is gone, as with a changed ETag.
+            Err(StoreError::NotFound(_)) if pin.is_some_and(|p| p.version_id.is_some()) => {
+                Err(StoreError::PreconditionFailed(location))
+            }
+            other => other,
+        }
     }
 
     async fn put(&self, key: &str, source: PutSource) -> StoreResult<ObjectMeta> {
