@@ -313,8 +313,10 @@ impl<S: ObjectStore> Fetcher<S> {
         stats: Arc<Stats>,
         config: FetchConfig,
     ) -> Arc<Self> {
-        let permits =
-            (config.readahead_memory / PERMIT_UNIT).clamp(1, u64::from(u32::MAX >> 4)) as usize;
+        // Read-ahead lands in the cache: more of it than half the cache would
+        // be evicted before it is read, and would only grow the daemon's memory.
+        let readahead_memory = config.readahead_memory.min(cache_bytes / 2);
+        let permits = (readahead_memory / PERMIT_UNIT).clamp(1, u64::from(u32::MAX >> 4)) as usize;
         Arc::new(Fetcher {
             store,
             cache: BlockCache::new(cache_bytes),

@@ -157,6 +157,19 @@ impl SourceArgs {
     }
 }
 
+/// Caps glibc's malloc arenas for the mount daemon. Each thread that
+/// allocates gets an arena of its own by default, and blocks freed by one
+/// thread but allocated by another keep arenas resident: with the FUSE, tokio
+/// and decode threads that tripled the daemon's peak RSS over its cache size
+/// (358 MiB vs 158 MiB for a 64 MiB cache in tests/mount_memory.rs).
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only tunes the allocator; called before any thread starts.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
 /// Runs the command line; returns the process exit code.
 pub fn main() -> ExitCode {
     let mut cli = Cli::parse();
@@ -178,7 +191,10 @@ pub fn main() -> ExitCode {
             foreground,
             log_file,
             ..
-        } => init_mount_logging(cli.global.verbose, log_file.as_deref(), *foreground),
+        } => {
+            limit_malloc_arenas();
+            init_mount_logging(cli.global.verbose, log_file.as_deref(), *foreground)
+        }
         _ => init_logging(cli.global.verbose),
     }
     // Deep trees recurse (walk, extraction): give worker threads room for it.
