@@ -4,3 +4,4 @@ pub mod cli;
 pub mod proxy;
 pub mod s3;
 pub mod tree;
+pub mod zips;
