@@ -112,9 +112,19 @@ pub async fn download<S: ObjectStore>(
     )
 }
 
+/// How old an object must be for `mount` and `restore` to refresh it:
+/// [`REFRESH_AFTER`], or `CACHEMOUNT_REFRESH_AFTER_SECS` (to match a bucket
+/// lifecycle rule, or 0 to refresh every time).
+pub fn refresh_after() -> Duration {
+    std::env::var("CACHEMOUNT_REFRESH_AFTER_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(REFRESH_AFTER, Duration::from_secs)
+}
+
 /// Refreshes the blob's lifetime, best effort (never fails the command).
 pub async fn refresh_lifetime<S: ObjectStore>(store: &S, key: &str) {
-    let threshold = SystemTime::now() - REFRESH_AFTER;
+    let threshold = SystemTime::now() - refresh_after();
     match store.refresh(key, threshold).await {
         Ok(RefreshOutcome::Refreshed) => tracing::info!(%key, "refreshed the cache's lifetime"),
         Ok(RefreshOutcome::StillFresh) => {
@@ -394,28 +404,30 @@ pub async fn restore<S: ObjectStore>(
     anchors: &Anchors,
     progress: Progress,
 ) -> anyhow::Result<RestoreReport> {
-    let (file, meta) = match source.store.open_local(&source.key) {
-        // A local store: read the archive in place (the open file pins its version).
-        Some(opened) => opened.with_context(|| format!("cannot read {}", source.key))?,
-        None => {
-            let tmp =
-                tempfile::tempfile().context("cannot create a temporary file for the download")?;
-            let meta = download(&source, &tmp, &progress).await?;
-            (tmp, meta)
+    let mut downloads = 0;
+    let (targets, meta) = loop {
+        let (file, meta) = match source.store.open_local(&source.key) {
+            // A local store: read the archive in place (the open file pins its version).
+            Some(opened) => opened.with_context(|| format!("cannot read {}", source.key))?,
+            None => {
+                let tmp = tempfile::tempfile()
+                    .context("cannot create a temporary file for the download")?;
+                let meta = download(&source, &tmp, &progress).await?;
+                downloads += 1;
+                (tmp, meta)
+            }
+        };
+        progress.finish();
+        match verify_and_extract(&source, file, &meta, specs, anchors).await {
+            Ok(targets) => break (targets, meta),
+            // Damage may have happened in transit: download once more before
+            // blaming the stored bytes. The previous targets are untouched.
+            Err(e) if downloads == 1 && is_corruption(&e) => {
+                tracing::warn!(key = %source.key, error = %format!("{e:#}"), "corrupt data after download; downloading once more");
+            }
+            Err(e) => return Err(e),
         }
     };
-    progress.finish();
-    let archive = Arc::new(file);
-    let index = archive::open_file(&archive)
-        .map_err(|e| anyhow::anyhow!("{} is not a readable cache archive: {e}", source.key))?;
-    if let Some(expected) = &source.expected_digest {
-        verify_digest(&archive, &meta, expected)
-            .with_context(|| format!("{} does not match its name", source.key))?;
-    }
-    let targets = plan_targets(&index, specs, anchors)?;
-    let archive2 = archive.clone();
-    let targets2 = targets.clone();
-    tokio::task::spawn_blocking(move || extract_targets(&archive2, &index, &targets2)).await??;
     refresh_lifetime(source.store, &source.key).await;
     if let Some(pointer) = &source.pointer {
         refresh_lifetime(source.store, pointer).await;
@@ -423,6 +435,49 @@ pub async fn restore<S: ObjectStore>(
     Ok(RestoreReport {
         restored: targets.into_iter().map(|t| t.local).collect(),
         archive_size: meta.size,
+    })
+}
+
+/// Opens the archive in `file`, checks it against its name, and extracts it.
+async fn verify_and_extract<S: ObjectStore>(
+    source: &Source<'_, S>,
+    file: File,
+    meta: &ObjectMeta,
+    specs: &[PathSpec],
+    anchors: &Anchors,
+) -> anyhow::Result<Vec<Target>> {
+    let archive = Arc::new(file);
+    let index = archive::open_file(&archive).map_err(|e| {
+        anyhow::Error::new(e).context(format!("{} is not a readable cache archive", source.key))
+    })?;
+    if let Some(expected) = &source.expected_digest {
+        verify_digest(&archive, meta, expected)
+            .with_context(|| format!("{} does not match its name", source.key))?;
+    }
+    let targets = plan_targets(&index, specs, anchors)?;
+    let planned = targets.clone();
+    tokio::task::spawn_blocking(move || extract_targets(&archive, &index, &planned)).await??;
+    Ok(targets)
+}
+
+/// Whether `e` says the archive's bytes are damaged (rather than, say, the disk being full).
+fn is_corruption(e: &anyhow::Error) -> bool {
+    use crate::archive::decode::DecodeError;
+    use crate::tree::extract::ExtractError;
+    e.chain().any(|cause| {
+        cause.is::<archive::FormatError>()
+            || matches!(
+                cause.downcast_ref::<archive::OpenError<std::io::Error>>(),
+                Some(archive::OpenError::Format(_))
+            )
+            || matches!(
+                cause.downcast_ref::<DecodeError>(),
+                Some(DecodeError::Corrupt(_))
+            )
+            || matches!(
+                cause.downcast_ref::<ExtractError>(),
+                Some(ExtractError::Decode(DecodeError::Corrupt(_)))
+            )
     })
 }
 

@@ -109,3 +109,39 @@ fn missing_bucket_and_missing_credentials_are_named() {
     assert!(!out.status.success());
     assert!(err.contains("credentials"), "{err}");
 }
+
+#[test]
+fn corrupt_blob_is_downloaded_twice_then_named_and_the_target_kept() {
+    use cachemount::store::{ObjectStore, PutSource};
+    let Some((sb, s3)) =
+        s3_sandbox("corrupt_blob_is_downloaded_twice_then_named_and_the_target_kept")
+    else {
+        return;
+    };
+    let deps = sb.work().join("deps");
+    fs::create_dir(&deps).unwrap();
+    fs::write(deps.join("big.js"), Rng::new(8).text(3 << 20)).unwrap();
+    sb.ok(&["save", "--key", "k", "deps"]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let store = s3.store().await;
+        let blobs = store.list("blobs/").await.unwrap();
+        let blob = &blobs[0].key;
+        let meta = store.head(blob).await.unwrap();
+        let mut bytes = store
+            .get_range(blob, 0..meta.size, None)
+            .await
+            .unwrap()
+            .to_vec();
+        bytes[4096] ^= 0xff; // inside big.js's first frame
+        store
+            .put(blob, PutSource::Bytes(bytes.into()))
+            .await
+            .unwrap();
+    });
+    fs::write(deps.join("previous"), b"kept").unwrap();
+    let (_, err) = sb.fails(&["restore", "--key", "k"]);
+    assert!(err.contains("downloading once more"), "{err}");
+    assert!(err.contains("_0/deps/big.js"), "{err}");
+    assert_eq!(fs::read(deps.join("previous")).unwrap(), b"kept");
+}
