@@ -77,7 +77,7 @@ with tempfile.TemporaryDirectory() as tmp:
     open(os.path.join(t2, "big"), "wb").write((b"0123456789abcdef" * 1000 + b"\n") * 170)
     open(os.path.join(t2, "small"), "wb").write(b"small")
     for key, tree in (("k1", t1), ("k2", t2)):
-        subprocess.run([binary, "save", "-q", "--store", store, "--key", key, tree], check=True, cwd=tmp)
+        subprocess.run([binary, "save", "-q", "--store", store, "--key", key, tree], check=True, cwd=tmp, stdout=subprocess.DEVNULL)
         add("key_pointer", key, open(os.path.join(store, "keys", key), "rb").read())
         digest = json.load(open(os.path.join(store, "keys", key)))["digest"]
         slices("cachemount-" + key, open(os.path.join(store, "blobs", "sha256", digest), "rb").read())
