@@ -360,6 +360,10 @@ fn corrupt_frame_fails_only_that_read() {
         log.contains("many-frames.bin") && log.contains("corrupt"),
         "the log does not name the file: {log}"
     );
+    assert!(
+        log.contains("fetching it once more"),
+        "a corrupt frame is fetched again before it fails: {log}"
+    );
     let stats = m.stats(&sb);
     assert!(stats["corrupt_blocks"] >= 1, "{stats:?}");
 }

@@ -908,13 +908,18 @@ impl<S: ObjectStore> Fetcher<S> {
             chunk_bytes += v.entry(item.0.piece.entry).size.min(BLOCK_SIZE);
             chunks.last_mut().expect("pushed above").push(item);
         }
+        let runtime = tokio::runtime::Handle::current();
         futures::future::join_all(chunks.into_iter().map(|chunk| {
             let this = self.clone();
             let v = v.clone();
+            let runtime = runtime.clone();
             async move {
                 let done = tokio::task::spawn_blocking(move || {
                     for (job, bytes) in chunk {
-                        let outcome = bytes.and_then(|b| this.decode(&v, job.piece, &b));
+                        let mut outcome = bytes.and_then(|b| this.decode(&v, job.piece, &b));
+                        if let Err(FetchError::Corrupt(_)) = &outcome {
+                            outcome = this.refetch_and_decode(&v, job.piece, &runtime);
+                        }
                         if let Err(e @ FetchError::Corrupt(_)) = &outcome {
                             Stats::inc(&this.stats.corrupt_blocks);
                             tracing::error!(
@@ -932,6 +937,32 @@ impl<S: ObjectStore> Fetcher<S> {
             }
         }))
         .await;
+    }
+
+    /// A corrupt piece is fetched once more on its own before it counts as
+    /// corrupt: the damage may have happened in transit. Runs on a blocking
+    /// decode thread, so it may wait on the runtime.
+    fn refetch_and_decode(
+        &self,
+        v: &Version,
+        piece: Piece,
+        runtime: &tokio::runtime::Handle,
+    ) -> Result<Arc<Vec<Bytes>>, FetchError> {
+        let (range, needs_header) = self.piece_range(v, piece);
+        tracing::warn!(
+            "corrupt data in {}: fetching it once more",
+            v.name(piece.entry)
+        );
+        let fetched = runtime.block_on(self.get(v, range.clone()))?;
+        let bytes = if needs_header {
+            self.slice_piece(v, piece, range.start, &fetched)
+                .ok_or_else(|| {
+                    FetchError::Corrupt(format!("{}: local header", v.name(piece.entry)))
+                })?
+        } else {
+            fetched
+        };
+        self.decode(v, piece, &bytes)
     }
 
     /// The piece's compressed bytes from a fetched buffer starting at `base`,
