@@ -361,9 +361,18 @@ impl<S: ObjectStore> FsCore<S> {
         Ok(fh)
     }
 
+    /// Bytes were returned through `fh`: from now on it keeps to its content.
+    fn mark_read(&self, fh: u64) {
+        if fh != 0 {
+            if let Some(h) = self.handles.lock().get_mut(&fh) {
+                h.read = true;
+            }
+        }
+    }
+
     /// The version and entry a read of `ino` through handle `fh` reads.
     fn resolve(&self, ino: u64, fh: u64) -> FsResult<(Arc<Version>, u32)> {
-        let mut handles = self.handles.lock();
+        let handles = self.handles.lock();
         let m = self.mapped();
         let n = node(&m, ino)?;
         match n.kind {
@@ -371,14 +380,11 @@ impl<S: ObjectStore> FsCore<S> {
             EntryKind::Symlink => return Err(FsError::Io("read of a symlink".into())),
             EntryKind::File => {}
         }
-        let entry = match handles.get_mut(&fh) {
+        let entry = match handles.get(&fh) {
             Some(h) if h.stale => {
                 return Err(FsError::Stale);
             }
-            Some(h) if h.version == m.version.id => {
-                h.read = true;
-                h.entry
-            }
+            Some(h) if h.version == m.version.id => h.entry,
             // Handles are moved with the tree (under the same lock): a handle
             // of another version is a bug; fail rather than guess.
             Some(_) => return Err(FsError::Stale),
@@ -399,7 +405,10 @@ impl<S: ObjectStore> FsCore<S> {
         loop {
             let (v, entry) = self.resolve(ino, fh)?;
             match self.fetcher.read(&v, entry, offset, size).await {
-                Ok(b) => return Ok(b),
+                Ok(b) => {
+                    self.mark_read(fh);
+                    return Ok(b);
+                }
                 Err(FetchError::Changed(msg)) => self.after_412(&v, msg, &mut attempts).await?,
                 Err(e) => {
                     self.log_failure(&v, entry, &e);
@@ -450,6 +459,7 @@ impl<S: ObjectStore> FsCore<S> {
         Some(
             self.fetcher
                 .read_cached(&v, entry, offset, size)?
+                .inspect(|_| self.mark_read(fh))
                 .map_err(|e| {
                     self.log_failure(&v, entry, &e);
                     e.into()

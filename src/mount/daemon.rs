@@ -91,7 +91,8 @@ async fn open_inner<S: ObjectStore>(
     // Refresh the lifetime *before* pinning: the rewrite may change the ETag,
     // which would otherwise fail this mount's own reads. Young objects (the
     // common case) cost nothing here.
-    if refresh && meta.last_modified < std::time::SystemTime::now() - crate::restore::REFRESH_AFTER
+    if refresh
+        && meta.last_modified < std::time::SystemTime::now() - crate::restore::refresh_after()
     {
         crate::restore::refresh_lifetime(store, key).await;
         meta = head().await?;
