@@ -123,10 +123,20 @@ impl HeaderFields {
         }
     }
 
-    /// Length of the local header this entry gets, so data offsets are known up front.
-    pub fn local_header_len(&self) -> u64 {
-        let zip64 = if self.zip64_local { 20 } else { 0 };
-        (LOCAL_HEADER_LEN + self.name.len() + self.timestamp_extra().len() + zip64) as u64
+    /// The run of fields local and central headers share, from "version
+    /// needed" to the extra field's length.
+    fn put_shared_fields(&self, h: &mut Vec<u8>, csize: u32, usize_: u32, extra_len: usize) {
+        let (time, date) = dos_datetime(self.mtime_secs);
+        h.extend_from_slice(&self.version_needed().to_le_bytes());
+        h.extend_from_slice(&self.flags().to_le_bytes());
+        h.extend_from_slice(&self.method.to_le_bytes());
+        h.extend_from_slice(&time.to_le_bytes());
+        h.extend_from_slice(&date.to_le_bytes());
+        h.extend_from_slice(&self.crc32.to_le_bytes());
+        h.extend_from_slice(&csize.to_le_bytes());
+        h.extend_from_slice(&usize_.to_le_bytes());
+        h.extend_from_slice(&(self.name.len() as u16).to_le_bytes());
+        h.extend_from_slice(&(extra_len as u16).to_le_bytes());
     }
 
     pub fn encode_local(&self) -> Vec<u8> {
@@ -140,19 +150,9 @@ impl HeaderFields {
         } else {
             (self.compressed_size as u32, self.uncompressed_size as u32)
         };
-        let (time, date) = dos_datetime(self.mtime_secs);
         let mut h = Vec::with_capacity(LOCAL_HEADER_LEN + self.name.len() + extra.len());
         h.extend_from_slice(&LOCAL_HEADER_SIG.to_le_bytes());
-        h.extend_from_slice(&self.version_needed().to_le_bytes());
-        h.extend_from_slice(&self.flags().to_le_bytes());
-        h.extend_from_slice(&self.method.to_le_bytes());
-        h.extend_from_slice(&time.to_le_bytes());
-        h.extend_from_slice(&date.to_le_bytes());
-        h.extend_from_slice(&self.crc32.to_le_bytes());
-        h.extend_from_slice(&csize.to_le_bytes());
-        h.extend_from_slice(&usize_.to_le_bytes());
-        h.extend_from_slice(&(self.name.len() as u16).to_le_bytes());
-        h.extend_from_slice(&(extra.len() as u16).to_le_bytes());
+        self.put_shared_fields(&mut h, csize, usize_, extra.len());
         h.extend_from_slice(&self.name);
         h.extend_from_slice(&extra);
         h
@@ -184,7 +184,6 @@ impl HeaderFields {
             extra.extend_from_slice(&(zip64.len() as u16).to_le_bytes());
             extra.extend_from_slice(&zip64);
         }
-        let (time, date) = dos_datetime(self.mtime_secs);
         let dos_dir = if self.unix_mode & libc::S_IFMT == libc::S_IFDIR {
             0x10
         } else {
@@ -193,16 +192,7 @@ impl HeaderFields {
         let mut h = Vec::with_capacity(CENTRAL_HEADER_LEN + self.name.len() + extra.len());
         h.extend_from_slice(&CENTRAL_HEADER_SIG.to_le_bytes());
         h.extend_from_slice(&(MADE_BY_UNIX | 63).to_le_bytes());
-        h.extend_from_slice(&self.version_needed().to_le_bytes());
-        h.extend_from_slice(&self.flags().to_le_bytes());
-        h.extend_from_slice(&self.method.to_le_bytes());
-        h.extend_from_slice(&time.to_le_bytes());
-        h.extend_from_slice(&date.to_le_bytes());
-        h.extend_from_slice(&self.crc32.to_le_bytes());
-        h.extend_from_slice(&csize.to_le_bytes());
-        h.extend_from_slice(&usize_.to_le_bytes());
-        h.extend_from_slice(&(self.name.len() as u16).to_le_bytes());
-        h.extend_from_slice(&(extra.len() as u16).to_le_bytes());
+        self.put_shared_fields(&mut h, csize, usize_, extra.len());
         h.extend_from_slice(&0u16.to_le_bytes()); // comment length
         h.extend_from_slice(&0u16.to_le_bytes()); // disk number
         h.extend_from_slice(&0u16.to_le_bytes()); // internal attributes
