@@ -196,3 +196,137 @@ pub fn unchanged_entries(old: &ArchiveIndex, new: &ArchiveIndex) -> Vec<Option<u
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::archive::{Compression, DataOffset, EntryKind, Timestamp};
+    use crate::fs::tree::{Tree, ROOT_INO};
+
+    fn entry(name: &str, kind: EntryKind, size: u64, crc: u32, hash: Option<u8>) -> Entry {
+        Entry {
+            name: name.as_bytes().to_vec(),
+            kind,
+            mode: 0o644,
+            uid: 1,
+            gid: 2,
+            mtime: Timestamp { secs: 5, nanos: 6 },
+            size,
+            link_target: None,
+            xattrs: Vec::new(),
+            offset: DataOffset::Data(0),
+            compressed_size: size,
+            compression: Compression::Stored,
+            crc32: crc,
+            frame_size: 0,
+            frames: Vec::new(),
+            content_hash: hash.map(|h| [h; 32]),
+        }
+    }
+
+    fn index(entries: Vec<Entry>) -> ArchiveIndex {
+        ArchiveIndex {
+            entries,
+            ..ArchiveIndex::default()
+        }
+    }
+
+    #[test]
+    fn content_is_compared_by_hash_or_for_foreign_entries_by_crc() {
+        let f = EntryKind::File;
+        assert!(same_content(
+            &entry("a", f, 3, 1, Some(7)),
+            &entry("a", f, 3, 2, Some(7))
+        ));
+        assert!(!same_content(
+            &entry("a", f, 3, 1, Some(7)),
+            &entry("a", f, 3, 1, Some(8))
+        ));
+        assert!(!same_content(
+            &entry("a", f, 3, 1, Some(7)),
+            &entry("a", f, 4, 1, Some(7))
+        ));
+        assert!(same_content(
+            &entry("a", f, 3, 1, None),
+            &entry("a", f, 3, 1, None)
+        ));
+        assert!(!same_content(
+            &entry("a", f, 3, 1, None),
+            &entry("a", f, 3, 9, None)
+        ));
+        assert!(!same_content(
+            &entry("a", f, 3, 1, None),
+            &entry("a", f, 3, 1, Some(1))
+        ));
+        let mut b = entry("a", f, 3, 1, None);
+        b.mode = 0o600;
+        assert!(same_content(&entry("a", f, 3, 1, None), &b));
+        assert!(!same_attrs(&entry("a", f, 3, 1, None), &b));
+    }
+
+    #[test]
+    fn remap_keeps_inodes_by_path_and_reports_changes() {
+        let f = EntryKind::File;
+        let old = index(vec![
+            entry("_0/d", EntryKind::Dir, 0, 0, None),
+            entry("_0/d/changed", f, 3, 1, Some(1)),
+            entry("_0/d/gone", f, 3, 1, Some(2)),
+            entry("_0/d/same", f, 3, 1, Some(3)),
+            entry("_0/kind", f, 3, 1, Some(4)),
+        ]);
+        let new = index(vec![
+            entry("_0/a-new", f, 3, 1, Some(5)),
+            entry("_0/d", EntryKind::Dir, 0, 0, None),
+            entry("_0/d/changed", f, 3, 1, Some(9)),
+            entry("_0/d/same", f, 3, 1, Some(3)),
+            entry("_0/kind", EntryKind::Dir, 0, 0, None),
+        ]);
+        let same = unchanged_entries(&old, &new);
+        assert_eq!(same, vec![Some(1), None, None, Some(3), None]);
+        let t = Tree::build(&old, b"_0").unwrap();
+        let d = t.lookup(ROOT_INO, b"d").unwrap();
+        let ino = |t: &Tree, p: u64, n: &str| t.lookup(p, n.as_bytes());
+        let (changed, gone, samef, kind) = (
+            ino(&t, d, "changed").unwrap(),
+            ino(&t, d, "gone").unwrap(),
+            ino(&t, d, "same").unwrap(),
+            ino(&t, ROOT_INO, "kind").unwrap(),
+        );
+        let (t2, report) = t
+            .remap(
+                &new,
+                b"_0",
+                |a, b| same[a as usize] == Some(b),
+                |a, b| same_attrs(&old.entries[a as usize], &new.entries[b as usize]),
+            )
+            .unwrap();
+        assert_eq!(t2.lookup(ROOT_INO, b"d"), Some(d));
+        assert_eq!(ino(&t2, d, "changed"), Some(changed));
+        assert_eq!(ino(&t2, d, "same"), Some(samef));
+        assert_eq!(ino(&t2, d, "gone"), None);
+        assert!(t2.get(gone).is_none());
+        let new_kind = ino(&t2, ROOT_INO, "kind").unwrap();
+        assert!(
+            new_kind != kind && new_kind > gone,
+            "a kind change gets a new inode"
+        );
+        let a_new = ino(&t2, ROOT_INO, "a-new").unwrap();
+        assert!(a_new > gone && a_new != new_kind);
+        assert_eq!(t2.get(samef).unwrap().entry, Some(3), "new entry index");
+        assert_eq!(report.changed, vec![changed]);
+        assert_eq!(report.added, 2);
+        let mut gone_names: Vec<&[u8]> = report.gone.iter().map(|(_, n)| &n[..]).collect();
+        gone_names.sort();
+        assert_eq!(gone_names, vec![&b"gone"[..], b"kind"]);
+        assert!(report.dirs_changed.contains(&d) && report.dirs_changed.contains(&ROOT_INO));
+        assert_eq!(t2.len(), 6);
+        let names: Vec<&[u8]> = t2
+            .get(ROOT_INO)
+            .unwrap()
+            .children
+            .iter()
+            .map(|c| &*t2.get(*c).unwrap().name)
+            .collect();
+        assert_eq!(names, vec![&b"a-new"[..], b"d", b"kind"]);
+    }
+}
