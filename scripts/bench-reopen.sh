@@ -6,16 +6,20 @@
 # index), how many reads waited on the reopen, the invalidated blocks, and
 # whether the walk saw any error. Needs root (FUSE).
 #
-#   scripts/bench-reopen.sh [--small N] [--after SECONDS]
+#   scripts/bench-reopen.sh [--small N] [--after SECONDS] [--parallel N]
+#
+# --parallel N reads the files with N concurrent readers (xargs -P) instead
+# of one tar, so that several reads meet the reopen.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo="$PWD"
-small=100000 after=1
+small=100000 after=1 parallel=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --small) small=$2; shift 2 ;;
     --after) after=$2; shift 2 ;;
-    *) echo "usage: $0 [--small N] [--after SECONDS]" >&2; exit 2 ;;
+    --parallel) parallel=$2; shift 2 ;;
+    *) echo "usage: $0 [--small N] [--after SECONDS] [--parallel N]" >&2; exit 2 ;;
   esac
 done
 [ "$(id -u)" = 0 ] || { echo "bench-reopen: needs root (FUSE mounts)" >&2; exit 1; }
@@ -54,10 +58,15 @@ EOF
 echo "== blob $blob" >&2
 
 mkdir -p "$work/m" && cd "$work/m"
-"$bin" --quiet mount --key reopen tree >/dev/null
+"$bin" --quiet mount --key reopen tree >"$work/mount.out"
+log=$(sed -n 's/.*daemon pid [0-9]*, log //p' "$work/mount.out")
 mounted="$work/m/tree"
 t0=$(date +%s.%N)
-( tar -cf - tree 2>"$work/tar.err" | cat >/dev/null; echo $? > "$work/tar.rc" ) &
+if [ "$parallel" -gt 1 ]; then
+  ( find tree -type f -print0 | xargs -0 -P "$parallel" -n 100 cat 2>"$work/tar.err" >/dev/null; echo $? > "$work/tar.rc" ) &
+else
+  ( tar -cf - tree 2>"$work/tar.err" | cat >/dev/null; echo $? > "$work/tar.rc" ) &
+fi
 walker=$!
 sleep "$after"
 echo "== changing the ETag (multipart re-upload of the same bytes) $after s into the walk" >&2
@@ -82,6 +91,7 @@ EOF
 wait "$walker"
 walk=$(awk -v a="$(date +%s.%N)" -v b="$t0" 'BEGIN { printf "%.2f", a - b }')
 echo
-echo "walk (tar of every file): ${walk} s, exit $(cat "$work/tar.rc"), errors: $(wc -l < "$work/tar.err")"
-"$bin" stats tree | grep -E '^(requests|precondition_failed|reopens|reopen_ms|reopen_max_ms|reopen_waits|reopen_refused|invalidated_blocks|changed_files|stale_handles|read_errors) '
+echo "walk (every file, $parallel reader(s)): ${walk} s, exit $(cat "$work/tar.rc"), errors: $(wc -l < "$work/tar.err")"
+"$bin" stats tree | grep -E '^(requests|cache_misses|precondition_failed|reopens|reopen_ms|reopen_max_ms|reopen_waits|reopen_refused|invalidated_blocks|changed_files|stale_handles|read_errors) '
 "$bin" umount tree >/dev/null && mounted=""
+grep -h "reopened in" "$log" 2>/dev/null | tail -1 || true

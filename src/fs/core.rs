@@ -124,7 +124,7 @@ impl Current {
 /// version's index, swapped together (a remap never shows half of either).
 pub struct Mapped {
     pub version: Arc<Version>,
-    pub tree: Tree,
+    pub tree: Arc<Tree>,
 }
 
 /// An open file: the version and entry it was opened on, so that it keeps
@@ -177,7 +177,10 @@ impl<S: ObjectStore> FsCore<S> {
     pub fn new(tree: Tree, current: Arc<Current>, fetcher: Arc<Fetcher<S>>) -> Self {
         let version = current.load();
         FsCore {
-            state: RwLock::new(Arc::new(Mapped { version, tree })),
+            state: RwLock::new(Arc::new(Mapped {
+                version,
+                tree: Arc::new(tree),
+            })),
             root: Vec::new(),
             fetcher,
             reopener: None,
@@ -556,6 +559,22 @@ impl<S: ObjectStore> Follower for FsCore<S> {
                     None
                 }
             };
+            // The same index (a content-addressed blob rewritten): the tree
+            // stays as it is, every handle follows entry for entry.
+            let identical = mv.id == old.id
+                && same.len() == new.index.entries.len()
+                && same.iter().enumerate().all(|(i, s)| *s == Some(i as u32))
+                && (0..same.len() as u32).all(|i| same_attrs(mv.entry(i), new.entry(i)));
+            if identical {
+                for h in handles.values_mut().filter(|h| !h.stale) {
+                    h.version = new.id;
+                }
+                *self.state.write() = Arc::new(Mapped {
+                    version: new.clone(),
+                    tree: m.tree.clone(),
+                });
+                return;
+            }
             let remapped = m.tree.remap(
                 &new.index,
                 &self.root,
@@ -613,7 +632,7 @@ impl<S: ObjectStore> Follower for FsCore<S> {
             }
             *self.state.write() = Arc::new(Mapped {
                 version: new.clone(),
-                tree,
+                tree: Arc::new(tree),
             });
             let mut data = report.changed;
             data.extend(report.dirs_changed);

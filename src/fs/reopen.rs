@@ -125,6 +125,7 @@ impl Reopener {
             tracing::error!("{e}; reads fail with EIO");
             e
         })?;
+        let open_ms = now.elapsed().as_millis() as u64;
         let new = Arc::new(opened);
         let same = unchanged_entries(&cur.index, &new.index);
         let old = self.current.swap(new.clone());
@@ -144,10 +145,11 @@ impl Reopener {
         Stats::add(&self.stats.invalidated_blocks, dropped);
         let kept = same.iter().filter(|s| s.is_some()).count();
         tracing::warn!(
-            "{} changed in the store (ETag {} → {}); reopened in {ms} ms: {kept} of {} entries unchanged, {} in the new version, {dropped} cached blocks invalidated",
+            "{} changed in the store (ETag {} → {}); reopened in {ms} ms (HEAD + index {open_ms} ms, remap {} ms): {kept} of {} entries unchanged, {} in the new version, {dropped} cached blocks invalidated",
             self.key,
             old.pin.etag,
             new.pin.etag,
+            ms - open_ms,
             old.index.entries.len(),
             new.index.entries.len(),
         );
