@@ -180,10 +180,15 @@ fn seed_scenario(test: &str, s3: TestS3, change: Change) {
                 sb_b.env
                     .push(("CACHEMOUNT_REFRESH_AFTER_SECS".into(), "0".into()));
                 let b = Mount::new(&sb_b, &["--key", "k"]);
+                // Both the blob and the key pointer get their lifetime refreshed.
+                let log = b.log_text();
+                let pointer = cachemount::store::layout::pointer_key("k").unwrap();
+                let refreshed: Vec<&str> =
+                    log.lines().filter(|l| l.contains("refreshed")).collect();
                 assert!(
-                    b.log_text().contains("refreshed"),
-                    "mount B refreshes: {}",
-                    b.log_text()
+                    refreshed.iter().any(|l| l.contains(&blob))
+                        && refreshed.iter().any(|l| l.contains(&pointer)),
+                    "mount B refreshes blob and pointer: {log}"
                 );
                 b_mount = Some((b, sb_b));
                 rt.block_on(async { s3.store().await.head(&blob).await.unwrap().version.etag })
