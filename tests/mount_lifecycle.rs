@@ -132,7 +132,11 @@ fn killed_daemon_leaves_a_stale_mount_that_umount_cleans() {
                 .flatten()
         },
     );
-    assert_eq!(e, Some(libc::ENOTCONN));
+    // ENOTCONN, or ECONNABORTED when the kernel aborted requests in flight.
+    assert!(
+        matches!(e, Some(libc::ENOTCONN | libc::ECONNABORTED)),
+        "{e:?}"
+    );
     // Mounting again over it says what to do.
     let (_, err) = mount_fails(&sb, &["--key", "kill"]);
     assert!(err.contains("stale") && err.contains("umount"), "{err}");

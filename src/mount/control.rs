@@ -237,7 +237,7 @@ pub fn stats(path: &Path) -> anyhow::Result<String> {
     match xattr::get(path, std::str::from_utf8(STATS_XATTR).expect("ASCII")) {
         Ok(Some(v)) => Ok(String::from_utf8_lossy(&v).into_owned()),
         Ok(None) => bail!("{} is not the root of a cachemount mount", path.display()),
-        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+        Err(e) if preflight::is_disconnected(&e) => {
             bail!("{} is a stale mount (its daemon is gone)", path.display())
         }
         Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => {

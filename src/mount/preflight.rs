@@ -72,9 +72,16 @@ pub fn fs_type(path: &Path) -> io::Result<i64> {
 
 /// A FUSE mount whose daemon is gone. `statfs` always reaches the daemon
 /// (`stat` may be answered from the kernel's attribute cache), so it is what
-/// tells: ENOTCONN.
+/// tells.
 pub fn is_stale(path: &Path) -> bool {
-    matches!(fs_type(path), Err(e) if e.raw_os_error() == Some(libc::ENOTCONN))
+    matches!(fs_type(path), Err(e) if is_disconnected(&e))
+}
+
+/// The errors of a FUSE mount whose daemon is gone: ENOTCONN ("Transport
+/// endpoint is not connected"), or ECONNABORTED when the connection was
+/// aborted with requests in flight (a daemon killed mid-read).
+pub fn is_disconnected(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOTCONN | libc::ECONNABORTED))
 }
 
 /// Whether `path` is the root of a mount (per /proc/self/mountinfo).
@@ -146,7 +153,7 @@ pub fn prepare_mountpoint(path: &Path, force: bool) -> anyhow::Result<()> {
             std::fs::create_dir_all(path).with_context(|| format!("cannot create the mountpoint {}", path.display()))?;
             return Ok(());
         }
-        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => bail!(
+        Err(e) if is_disconnected(&e) => bail!(
             "{} is a stale mount (its daemon is gone: \"Transport endpoint is not connected\"); run `cachemount umount {}` first",
             path.display(),
             path.display()
