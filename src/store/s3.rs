@@ -480,32 +480,46 @@ impl S3Store {
             .send()
             .await
             .map_err(|e| self.map_err(key, e))?;
-        let upload_id = created
-            .upload_id()
-            .ok_or_else(|| StoreError::Other {
-                key: self.location(key),
-                message: "the server sent no upload id".into(),
-            })?
-            .to_string();
+        let part_size = part_size(size, self.tuning.min_part_size);
+        let version = self
+            .run_multipart(key, created.upload_id(), |upload_id| {
+                upload_ranges(size, part_size)
+                    .map(|(number, range)| self.upload_part(key, upload_id, path, number, range))
+                    .collect()
+            })
+            .await?;
+        self.meta_after_put(key, size, version).await
+    }
+
+    /// Runs the parts of a multipart upload (`make_parts(upload_id)`), at most
+    /// `concurrency` at once, and completes it; on any failure the upload is
+    /// aborted, so no orphaned parts are left to pay for.
+    async fn run_multipart<'a, F, Fut>(
+        &self,
+        key: &str,
+        upload_id: Option<&'a str>,
+        make_parts: F,
+    ) -> StoreResult<ObjectVersion>
+    where
+        F: FnOnce(&'a str) -> Vec<Fut>,
+        Fut: std::future::Future<Output = StoreResult<CompletedPart>>,
+    {
+        let upload_id = upload_id.ok_or_else(|| StoreError::Other {
+            key: self.location(key),
+            message: "the server sent no upload id".into(),
+        })?;
         let result = async {
-            let part_size = part_size(size, self.tuning.min_part_size);
-            let parts = upload_ranges(size, part_size)
-                .map(|(number, range)| self.upload_part(key, &upload_id, path, number, range))
-                .collect::<Vec<_>>();
-            let parts = futures::stream::iter(parts)
+            let parts = futures::stream::iter(make_parts(upload_id))
                 .buffer_unordered(self.tuning.concurrency)
                 .try_collect()
                 .await?;
-            self.complete(key, &upload_id, parts).await
+            self.complete(key, upload_id, parts).await
         }
         .await;
-        match result {
-            Ok(version) => self.meta_after_put(key, size, version).await,
-            Err(e) => {
-                self.abort(key, &upload_id).await;
-                Err(e)
-            }
+        if result.is_err() {
+            self.abort(key, upload_id).await;
         }
+        result
     }
 
     async fn upload_part(
@@ -689,55 +703,39 @@ impl S3Store {
             .send()
             .await
             .map_err(|e| self.map_err(key, e))?;
-        let upload_id = created
-            .upload_id()
-            .ok_or_else(|| StoreError::Other {
-                key: self.location(key),
-                message: "the server sent no upload id".into(),
-            })?
-            .to_string();
         let source = copy_source(&self.bucket, &full_key);
-        let result = async {
-            let parts = upload_ranges(size, self.tuning.copy_part_size)
-                .map(|(number, range)| {
-                    let request = self
-                        .client
-                        .upload_part_copy()
-                        .bucket(&self.bucket)
-                        .key(&full_key)
-                        .upload_id(&upload_id)
-                        .part_number(number)
-                        .copy_source(&source)
-                        .copy_source_range(format!("bytes={}-{}", range.start, range.end - 1))
-                        .copy_source_if_match(&etag);
-                    async move {
-                        let out = request.send().await.map_err(|e| self.map_err(key, e))?;
-                        let part_etag = out.copy_part_result().and_then(|r| r.e_tag());
-                        Ok::<_, StoreError>(
-                            CompletedPart::builder()
-                                .part_number(number)
-                                .e_tag(self.etag_of(key, part_etag)?)
-                                .build(),
-                        )
-                    }
-                })
-                .collect::<Vec<_>>();
-            let parts = futures::stream::iter(parts)
-                .buffer_unordered(self.tuning.concurrency)
-                .try_collect()
-                .await?;
-            self.complete(key, &upload_id, parts).await
-        }
-        .await;
+        let result = self
+            .run_multipart(key, created.upload_id(), |upload_id| {
+                upload_ranges(size, self.tuning.copy_part_size)
+                    .map(|(number, range)| {
+                        let request = self
+                            .client
+                            .upload_part_copy()
+                            .bucket(&self.bucket)
+                            .key(&full_key)
+                            .upload_id(upload_id)
+                            .part_number(number)
+                            .copy_source(&source)
+                            .copy_source_range(format!("bytes={}-{}", range.start, range.end - 1))
+                            .copy_source_if_match(&etag);
+                        async move {
+                            let out = request.send().await.map_err(|e| self.map_err(key, e))?;
+                            let part_etag = out.copy_part_result().and_then(|r| r.e_tag());
+                            Ok::<_, StoreError>(
+                                CompletedPart::builder()
+                                    .part_number(number)
+                                    .e_tag(self.etag_of(key, part_etag)?)
+                                    .build(),
+                            )
+                        }
+                    })
+                    .collect()
+            })
+            .await;
         match result {
             Ok(_) => Ok(RefreshOutcome::Refreshed),
-            Err(e) => {
-                self.abort(key, &upload_id).await;
-                match e {
-                    StoreError::PreconditionFailed(_) => Ok(RefreshOutcome::StillFresh),
-                    e => Err(e),
-                }
-            }
+            Err(StoreError::PreconditionFailed(_)) => Ok(RefreshOutcome::StillFresh),
+            Err(e) => Err(e),
         }
     }
 }
