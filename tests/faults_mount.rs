@@ -10,46 +10,25 @@ mod mount_support;
 
 use std::fs;
 use std::io::Read;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::cli::Sandbox;
 use common::proxy::{Fault, Proxy, Rule};
-use common::s3::TestS3;
+use common::saved::Saved;
 use common::tree::{assert_same_tree, feature_tree, small_files_tree, Rng};
 use mount_support::{bounded, fuse_available, is_mounted, run_bounded, Mount};
 
-struct Saved {
-    sb: Sandbox,
-    s3: TestS3,
-    expected: PathBuf,
-}
-
-/// A cache saved directly (not through the proxy) under key `k`, its source
-/// moved aside as the expected tree; None (skip) without FUSE or S3.
+/// A cache saved directly (not through the proxy) under key `k`; None
+/// (skip) without FUSE or S3.
 fn saved(test: &str, big: usize) -> Option<Saved> {
     if !fuse_available(test) {
         return None;
     }
-    let s3 = TestS3::from_env(test)?;
-    let mut sb = Sandbox::new();
-    sb.store = s3.url().to_string();
-    let src = sb.work().join("cache");
-    feature_tree(&src, 21);
-    small_files_tree(&src.join("deps"), 22, 300);
-    fs::write(src.join("big.bin"), Rng::new(23).noise(big)).unwrap();
-    sb.ok(&[
-        "save",
-        "-q",
-        "--endpoint-url",
-        &s3.endpoint,
-        "--key",
-        "k",
-        "cache",
-    ]);
-    let expected = sb.dir.path().join("expected");
-    fs::rename(&src, &expected).unwrap();
-    Some(Saved { sb, s3, expected })
+    Saved::on_s3(test, |src| {
+        feature_tree(src, 21);
+        small_files_tree(&src.join("deps"), 22, 300);
+        fs::write(src.join("big.bin"), Rng::new(23).noise(big)).unwrap();
+    })
 }
 
 fn mount_through(saved: &Saved, proxy: &Proxy) -> Mount {

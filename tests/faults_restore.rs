@@ -9,7 +9,7 @@
 mod common;
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,35 +18,16 @@ use cachemount::store::{ObjectStore, PutSource};
 use common::cli::{local_blobs, Sandbox};
 use common::proxy::{Fault, Proxy, Rule};
 use common::s3::TestS3;
+use common::saved::Saved;
 use common::tree::{assert_same_tree, feature_tree, Rng};
 
 /// A cache saved (directly, not through the proxy) under key `k`: a feature
 /// tree and 40 MiB of noise, so the download takes several range GETs.
-struct Saved {
-    sb: Sandbox,
-    s3: TestS3,
-    expected: PathBuf,
-}
-
 fn saved(test: &str) -> Option<Saved> {
-    let s3 = TestS3::from_env(test)?;
-    let mut sb = Sandbox::new();
-    sb.store = s3.url().to_string();
-    let src = sb.work().join("cache");
-    feature_tree(&src, 11);
-    fs::write(src.join("noise.bin"), Rng::new(12).noise(40 << 20)).unwrap();
-    sb.ok(&[
-        "save",
-        "-q",
-        "--endpoint-url",
-        &s3.endpoint,
-        "--key",
-        "k",
-        "cache",
-    ]);
-    let expected = sb.dir.path().join("expected");
-    fs::rename(&src, &expected).unwrap();
-    Some(Saved { sb, s3, expected })
+    Saved::on_s3(test, |src| {
+        feature_tree(src, 11);
+        fs::write(src.join("noise.bin"), Rng::new(12).noise(40 << 20)).unwrap();
+    })
 }
 
 /// Restores key `k` through `proxy`, timed.

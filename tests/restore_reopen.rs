@@ -12,33 +12,20 @@ use std::sync::Arc;
 
 use cachemount::store::s3::S3Tuning;
 use cachemount::store::{ObjectStore, PutSource};
-use common::cli::Sandbox;
+
 use common::proxy::Proxy;
-use common::s3::TestS3;
+use common::saved::Saved;
 use common::tree::{assert_same_tree, feature_tree, Rng};
 
 #[test]
 fn restore_of_a_key_survives_an_etag_change_mid_download() {
     let test = "restore_of_a_key_survives_an_etag_change_mid_download";
-    let Some(s3) = TestS3::from_env(test) else {
+    let Some(Saved { sb, s3, expected }) = Saved::on_s3(test, |src| {
+        feature_tree(src, 31);
+        fs::write(src.join("noise.bin"), Rng::new(32).noise(30 << 20)).unwrap();
+    }) else {
         return;
     };
-    let mut sb = Sandbox::new();
-    sb.store = s3.url().to_string();
-    let src = sb.work().join("cache");
-    feature_tree(&src, 31);
-    fs::write(src.join("noise.bin"), Rng::new(32).noise(30 << 20)).unwrap();
-    sb.ok(&[
-        "save",
-        "-q",
-        "--endpoint-url",
-        &s3.endpoint,
-        "--key",
-        "k",
-        "cache",
-    ]);
-    let expected = sb.dir.path().join("expected");
-    fs::rename(&src, &expected).unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let (blob, bytes, etag) = rt.block_on(async {
         let store = s3.store().await;

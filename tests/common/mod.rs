@@ -3,5 +3,6 @@
 pub mod cli;
 pub mod proxy;
 pub mod s3;
+pub mod saved;
 pub mod tree;
 pub mod zips;
