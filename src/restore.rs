@@ -72,7 +72,7 @@ pub async fn download<S: ObjectStore>(
                             .map(|_| progress.advance(bytes.len() as u64))
                             .map_err(|e| StoreError::Io {
                                 context: "writing the download".into(),
-                                source: e,
+                                error: e,
                             }),
                         Err(e) => Err(e),
                     };

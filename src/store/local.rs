@@ -75,7 +75,7 @@ impl LocalStore {
             io::ErrorKind::PermissionDenied => StoreError::AccessDenied(self.location(key)),
             _ => StoreError::Io {
                 context: format!("{what} {}", self.location(key)),
-                source: e,
+                error: e,
             },
         }
     }
@@ -170,7 +170,7 @@ impl LocalStore {
             };
             StoreError::Io {
                 context: format!("{what} {}", self.location(key)),
-                source: e,
+                error: e,
             }
         })
     }

@@ -91,11 +91,12 @@ pub enum StoreError {
         range: Range<u64>,
         size: u64,
     },
-    #[error("{context}: {source}")]
+    /// The cause is part of the message (not a `source`): store errors are
+    /// often shown alone, with `Display`, in logs and in EIO explanations.
+    #[error("{context}: {error}")]
     Io {
         context: String,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("store error on {key}: {message}")]
     Other { key: String, message: String },

@@ -1161,7 +1161,7 @@ impl ObjectStore for S3Store {
                     .await
                     .map_err(|e| StoreError::Io {
                         context: format!("reading {}", path.display()),
-                        source: e,
+                        error: e,
                     })?
                     .len();
                 if size >= self.tuning.multipart_threshold {

@@ -27,7 +27,7 @@ pub enum ExtractError {
     Unsafe { name: String, reason: &'static str },
     #[error(transparent)]
     Decode(#[from] DecodeError),
-    #[error("{context}: {source}")]
+    #[error("{context}")]
     Io {
         context: String,
         #[source]

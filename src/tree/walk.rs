@@ -30,7 +30,7 @@ pub struct SourceEntry {
 
 #[derive(Debug, thiserror::Error)]
 pub enum WalkError {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Unreadable {
         path: PathBuf,
         #[source]
