@@ -8,7 +8,8 @@ cargo build --release --quiet
 bin="${CARGO_TARGET_DIR:-$PWD/target}/release/cachemount"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
-export CACHEMOUNT_STORE="$work/store"
+# The embedded default store: a local directory under ~/.cache/cachemount.
+unset CACHEMOUNT_STORE
 
 cp -r src "$work/src"
 cd "$work"
