@@ -169,7 +169,7 @@ impl ArchiveIndex {
 
     /// The index as stored in the archive (zstd-compressed encoding).
     pub fn to_stored(&self) -> Vec<u8> {
-        zstd::bulk::compress(&self.encode(), INDEX_ZSTD_LEVEL).expect("in-memory zstd compression")
+        compress_encoded(&self.encode())
     }
 
     /// Parses the stored (compressed) index after checking it against `sha256_hex`.
@@ -296,6 +296,11 @@ fn validate_frames(e: &Entry) -> Result<(), FormatError> {
         ));
     }
     Ok(())
+}
+
+/// The stored form of an already encoded index (see [`ArchiveIndex::to_stored`]).
+pub fn compress_encoded(raw: &[u8]) -> Vec<u8> {
+    zstd::bulk::compress(raw, INDEX_ZSTD_LEVEL).expect("in-memory zstd compression")
 }
 
 /// Lower-case hex SHA-256.

@@ -11,7 +11,8 @@ use std::io::{self, Seek, SeekFrom, Write};
 use sha2::{Digest, Sha256};
 
 use super::index::{
-    digest, ArchiveIndex, Compression, DataOffset, Entry, EntryKind, Frame, Timestamp,
+    self as index, digest, ArchiveIndex, Compression, DataOffset, Entry, EntryKind, Frame,
+    Timestamp,
 };
 use super::manifest::Manifest;
 use super::seek_table::{self, SeekEntry};
@@ -328,9 +329,11 @@ impl<W: Write + Seek> ArchiveWriter<W> {
     /// Writes the index, the central directory and the end records.
     pub fn finish(mut self) -> io::Result<FinishedArchive> {
         self.index.entries.sort_by(|a, b| a.name.cmp(&b.name));
-        let stored = self.index.to_stored();
-        let raw_len = self.index.encode().len() as u64;
-        let raw_crc = crc32fast::hash(&self.index.encode());
+        // Encoded once: the zip entry needs its size and CRC, the store its compressed bytes.
+        let raw = self.index.encode();
+        let stored = index::compress_encoded(&raw);
+        let raw_len = raw.len() as u64;
+        let raw_crc = crc32fast::hash(&raw);
         let index_offset = self.write_whole(
             INDEX_NAME.as_bytes(),
             zip::METHOD_ZSTD,
