@@ -103,7 +103,10 @@ pub struct FinishedArchive {
 
 pub struct ArchiveWriter<W: Write + Seek> {
     out: W,
+    /// Position in the archive of the next byte written.
     pos: u64,
+    /// Archive bytes before `out`'s first byte (see [`ArchiveWriter::append_to`]).
+    base: u64,
     options: WriterOptions,
     central: Vec<HeaderFields>,
     index: ArchiveIndex,
@@ -112,9 +115,24 @@ pub struct ArchiveWriter<W: Write + Seek> {
 impl<W: Write + Seek> ArchiveWriter<W> {
     /// Starts an archive at the current position of `out` (expected: 0).
     pub fn new(out: W, manifest: Manifest, options: WriterOptions) -> io::Result<Self> {
+        Self::append_to(out, 0, manifest, options)
+    }
+
+    /// Continues an archive whose first `base` bytes already exist elsewhere
+    /// (an older archive's entries, reused by [`ArchiveWriter::add_reused`]):
+    /// `out` receives only what follows them, from its position 0, and every
+    /// offset written is one in the whole archive. The manifest is written
+    /// again (the old one, if any, becomes unreferenced bytes).
+    pub fn append_to(
+        out: W,
+        base: u64,
+        manifest: Manifest,
+        options: WriterOptions,
+    ) -> io::Result<Self> {
         let mut w = ArchiveWriter {
             out,
-            pos: 0,
+            pos: base,
+            base,
             options,
             central: Vec::new(),
             index: ArchiveIndex::default(),
@@ -303,9 +321,9 @@ impl<W: Write + Seek> ArchiveWriter<W> {
         fields.crc32 = crc.finalize();
         fields.compressed_size = self.pos - data_offset;
         // Patch the local header now that sizes and CRC are known.
-        self.out.seek(SeekFrom::Start(header_offset))?;
+        self.out.seek(SeekFrom::Start(header_offset - self.base))?;
         self.out.write_all(&fields.encode_local())?;
-        self.out.seek(SeekFrom::Start(self.pos))?;
+        self.out.seek(SeekFrom::Start(self.pos - self.base))?;
         let crc32 = fields.crc32;
         let compressed = fields.compressed_size;
         self.central.push(fields);
@@ -323,6 +341,50 @@ impl<W: Write + Seek> ArchiveWriter<W> {
         let e = self.index.entries.last_mut().unwrap();
         e.compressed_size = compressed;
         e.frame_size = self.options.frame_size;
+        Ok(())
+    }
+
+    /// Lists a file whose local header and data are already in the archive's
+    /// first `base` bytes (an entry of the archive those bytes come from, as
+    /// its index describes it): only its central directory record and index
+    /// entry are written. A zip entry is position independent, so nothing of
+    /// it has to be read.
+    pub fn add_reused(&mut self, entry: &Entry) -> io::Result<()> {
+        let DataOffset::Data(data_offset) = entry.offset else {
+            return Err(io::Error::other(
+                "only entries of cachemount archives can be reused",
+            ));
+        };
+        let method = match (entry.kind, entry.compression) {
+            (EntryKind::File, Compression::Stored) => zip::METHOD_STORED,
+            (EntryKind::File, Compression::Zstd) => zip::METHOD_ZSTD,
+            _ => {
+                return Err(io::Error::other(
+                    "only files written by cachemount can be reused",
+                ))
+            }
+        };
+        let mut fields = HeaderFields {
+            name: entry.name.clone(),
+            method,
+            crc32: entry.crc32,
+            compressed_size: entry.compressed_size,
+            uncompressed_size: entry.size,
+            local_header_offset: 0,
+            unix_mode: libc::S_IFREG | entry.mode,
+            mtime_secs: entry.mtime.secs,
+            zip64_local: entry.size >= ZIP64_LOCAL_THRESHOLD,
+        };
+        let header_len = fields.encode_local().len() as u64;
+        if data_offset < header_len || data_offset + entry.compressed_size > self.base {
+            return Err(io::Error::other(format!(
+                "{} lies outside the reused part of the archive",
+                String::from_utf8_lossy(&entry.name)
+            )));
+        }
+        fields.local_header_offset = data_offset - header_len;
+        self.central.push(fields);
+        self.index.entries.push(entry.clone());
         Ok(())
     }
 

@@ -10,8 +10,8 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::archive::WriterOptions;
 use crate::cache::Stats;
-use crate::mount::control;
 use crate::mount::daemon::{self, MountOptions};
+use crate::mount::{control, overlay};
 use crate::paths::{Anchors, PathSpec};
 use crate::progress::Progress;
 use crate::restore::{self, Source};
@@ -59,7 +59,8 @@ pub struct GlobalArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Archive PATHs and store them under a key.
+    /// Archive PATHs and store them under a key. A PATH that is a writable
+    /// mount is saved incrementally: only what changed is uploaded.
     Save {
         #[arg(long)]
         key: String,
@@ -77,8 +78,8 @@ pub enum Command {
         /// Paths to restore (default: every path the cache holds).
         paths: Vec<String>,
     },
-    /// Mount cached paths lazily (read-only FUSE) instead of restoring them;
-    /// returns once every path answers. `umount` undoes it.
+    /// Mount cached paths lazily (FUSE) instead of restoring them; returns
+    /// once every path answers. `umount` undoes it.
     Mount {
         #[command(flatten)]
         source: SourceArgs,
@@ -87,6 +88,11 @@ pub enum Command {
         /// Mount over a non-empty directory (its content is hidden while mounted).
         #[arg(long)]
         force: bool,
+        /// Let the build change the paths: an overlay over the read-only
+        /// mount keeps every change locally until `umount` (`save` of the
+        /// path uploads only what changed). Needs --key.
+        #[arg(long)]
+        writable: bool,
         /// Keep the daemon attached (logs also go to stderr).
         #[arg(long)]
         foreground: bool,
@@ -108,6 +114,10 @@ pub enum Command {
         /// Detach a busy mount now; it goes away when its last user leaves.
         #[arg(long)]
         lazy: bool,
+        /// For a writable mount: keep the changes made (the overlay's upper
+        /// dir) instead of removing them; the path is printed.
+        #[arg(long)]
+        keep_changes: bool,
         #[arg(required = true)]
         paths: Vec<String>,
     },
@@ -280,16 +290,31 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 Progress::new("saving", cli.global.quiet),
             )
             .await?;
+            let how = if report.unchanged {
+                "unchanged since it was mounted: only the key was written".to_string()
+            } else if !report.uploaded {
+                "already in the store, not uploaded".to_string()
+            } else if report.reused_files > 0 {
+                format!(
+                    "incremental: {} unchanged files ({}) reused from the mounted cache",
+                    report.reused_files,
+                    human_bytes(report.reused_bytes)
+                )
+            } else {
+                "uploaded".to_string()
+            };
             println!(
-                "saved {key}: {} entries, {} archive sha256:{} ({})",
+                "saved {key}: {} entries, {} archive sha256:{} ({how})",
                 report.entries,
                 human_bytes(report.archive_size),
                 report.digest,
-                if report.uploaded {
-                    "uploaded"
-                } else {
-                    "already in the store, not uploaded"
-                }
+            );
+            println!(
+                "transferred: {} bytes uploaded, {} bytes copied inside the store, {} bytes downloaded; archive {} bytes",
+                report.transfer.uploaded,
+                report.transfer.copied,
+                report.transfer.downloaded,
+                report.archive_size
             );
         }
         Command::Restore { source, paths } => {
@@ -349,6 +374,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             source,
             paths,
             force,
+            writable,
             cache_size,
             fuse_threads,
             daemon_child,
@@ -358,6 +384,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 force,
                 cache_size,
                 fuse_threads,
+                writable,
                 ..MountOptions::default()
             };
             let result =
@@ -374,11 +401,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             result?;
         }
-        Command::Umount { lazy, paths } => {
+        Command::Umount {
+            lazy,
+            keep_changes,
+            paths,
+        } => {
             let mut failed = Vec::new();
             for p in &paths {
-                match control::unmount(std::path::Path::new(p), lazy) {
-                    Ok(()) => println!("unmounted {p}"),
+                match umount(std::path::Path::new(p), lazy, keep_changes) {
+                    Ok(None) => println!("unmounted {p}"),
+                    Ok(Some(kept)) => {
+                        println!("unmounted {p}; its changes are kept in {}", kept.display())
+                    }
                     Err(e) => {
                         eprintln!("error: {e:#}");
                         failed.push(p.clone());
@@ -389,7 +423,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 anyhow::bail!("could not unmount {}", failed.join(", "));
             }
         }
-        Command::Stats { path } => print!("{}", control::stats(&path)?),
+        Command::Stats { path } => {
+            // A writable mount's counters are on its read-only layer.
+            let layer = overlay::find(&path).map_or(path, |w| w.lower);
+            print!("{}", control::stats(&layer)?)
+        }
         Command::Keys { prefix } => {
             let store = open_store(&cli.global).await?;
             let keys = layout::list_keys(&store, &prefix).await?;
@@ -408,6 +446,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Unmounts `path`, both layers of a writable mount, whose changes are then
+/// removed or (`keep_changes`) moved aside, to the returned path.
+fn umount(
+    path: &std::path::Path,
+    lazy: bool,
+    keep_changes: bool,
+) -> anyhow::Result<Option<PathBuf>> {
+    match overlay::find(path) {
+        Some(w) => {
+            w.unmount(lazy)?;
+            w.discard(keep_changes)
+        }
+        None if keep_changes => {
+            anyhow::bail!(
+                "{} is not a writable mount: there are no changes to keep",
+                path.display()
+            )
+        }
+        None => control::unmount(path, lazy).map(|()| None),
+    }
 }
 
 fn exit_code_of(e: &anyhow::Error) -> u8 {
@@ -432,9 +492,9 @@ fn mount_parent(log_file: Option<PathBuf>) -> ExitCode {
     });
     match control::spawn_daemon(&args, &log, std::time::Duration::from_secs(600)) {
         Ok(started) => {
-            for (path, nodes) in &started.mounted {
+            for (path, nodes, mode) in &started.mounted {
                 println!(
-                    "mounted {} at {} ({nodes} entries)",
+                    "mounted {} at {} ({nodes} entries, {mode})",
                     started.what,
                     path.display()
                 );
@@ -546,9 +606,14 @@ async fn mount_and_serve(
     if daemon_child {
         let mut out = String::new();
         for m in &d.mounted {
+            let mode = if m.writable.is_some() {
+                "writable"
+            } else {
+                "read-only"
+            };
             out += &control::protocol_line(
                 "mounted",
-                &[&m.path.to_string_lossy(), &m.nodes.to_string()],
+                &[&m.path.to_string_lossy(), &m.nodes.to_string(), mode],
             );
         }
         out += &control::protocol_line("ready", &[&std::process::id().to_string(), &what]);
@@ -566,8 +631,13 @@ async fn mount_and_serve(
         let _ = std::env::set_current_dir("/");
     } else {
         for m in &d.mounted {
+            let mode = if m.writable.is_some() {
+                "writable"
+            } else {
+                "read-only"
+            };
             println!(
-                "mounted {what} at {} ({} entries)",
+                "mounted {what} at {} ({} entries, {mode})",
                 m.path.display(),
                 m.nodes
             );

@@ -5,7 +5,7 @@
 //! The daemon is this same binary re-executed with `--daemon-child` in a new
 //! session (so the terminal's SIGINT does not reach it), its stderr appended to
 //! the log file and its stdout a pipe to the parent that carries the readiness
-//! protocol: `mounted\t<path>\t<files>` lines, then `ready\t<pid>\t<what>`, or
+//! protocol: `mounted\t<path>\t<files>\t<writable|read-only>` lines, then `ready\t<pid>\t<what>`, or
 //! `error\t<exit code>\t<message>`. The daemon closes the pipe once ready.
 
 use std::ffi::OsString;
@@ -27,8 +27,8 @@ pub struct Started {
     pub pid: u32,
     /// The cache mounted (key, fallback, or URL).
     pub what: String,
-    /// (mountpoint, number of files/dirs/symlinks) per mounted path.
-    pub mounted: Vec<(PathBuf, u64)>,
+    /// (mountpoint, number of files/dirs/symlinks, "writable" or "read-only") per mounted path.
+    pub mounted: Vec<(PathBuf, u64, String)>,
 }
 
 /// The daemon reported a failure; `code` is the exit code it chose.
@@ -120,7 +120,8 @@ pub fn spawn_daemon(args: &[OsString], log: &Path, timeout: Duration) -> anyhow:
                     Some("mounted") => {
                         let path = PathBuf::from(parts.next().unwrap_or_default());
                         let files = parts.next().and_then(|n| n.parse().ok()).unwrap_or(0);
-                        mounted.push((path, files));
+                        let mode = parts.next().unwrap_or_default();
+                        mounted.push((path, files, mode));
                     }
                     Some("ready") => {
                         let _pid = parts.next();

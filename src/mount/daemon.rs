@@ -12,6 +12,7 @@ use anyhow::{bail, Context};
 use bytes::Bytes;
 
 use super::control;
+use super::overlay::WritableMount;
 use super::preflight::{self, FUSE_SUPER_MAGIC};
 use crate::archive::{self, ArchiveIndex, OpenError};
 use crate::cache::{FetchConfig, Fetcher, Stats, Version};
@@ -35,6 +36,8 @@ pub struct MountOptions {
     pub fetch: FetchConfig,
     /// FUSE worker threads per mountpoint.
     pub fuse_threads: usize,
+    /// Each target an overlay over the read-only mount (`--writable`).
+    pub writable: bool,
 }
 
 impl Default for MountOptions {
@@ -44,6 +47,7 @@ impl Default for MountOptions {
             cache_size: DEFAULT_CACHE_SIZE,
             fetch: FetchConfig::from_env(),
             fuse_threads: 4,
+            writable: false,
         }
     }
 }
@@ -185,9 +189,34 @@ impl Signals {
 
 /// A mounted path.
 pub struct Mounted {
+    /// Where the user sees it.
     pub path: PathBuf,
     pub name: Vec<u8>,
     pub nodes: usize,
+    /// For a writable mount, its layers (the FUSE mount is the lower one).
+    pub writable: Option<WritableMount>,
+}
+
+impl Mounted {
+    /// Unmounts the path (both layers of a writable one). The changes of a
+    /// writable mount are kept aside unless `discard_changes`: a signal must
+    /// not lose a build's work.
+    fn unmount(&self, discard_changes: bool) -> anyhow::Result<()> {
+        match &self.writable {
+            None => control::unmount(&self.path, true),
+            Some(w) => {
+                w.unmount(true)?;
+                if let Some(kept) = w.discard(!discard_changes)? {
+                    tracing::warn!(
+                        "the changes made at {} are kept in {}",
+                        self.path.display(),
+                        kept.display()
+                    );
+                }
+                Ok(())
+            }
+        }
+    }
 }
 
 /// Every mountpoint of one daemon and the sessions serving them.
@@ -202,7 +231,7 @@ impl<S: ObjectStore> Daemon<S> {
     /// be reported, so it must not stay).
     pub fn abandon(self) {
         for m in &self.mounted {
-            let _ = control::unmount(&m.path, true);
+            let _ = m.unmount(true);
         }
         for s in self.sessions {
             let _ = s.join();
@@ -221,7 +250,6 @@ impl<S: ObjectStore> Daemon<S> {
             mut int,
             mut hup,
         } = signals;
-        let paths: Vec<PathBuf> = self.mounted.iter().map(|m| m.path.clone()).collect();
         let joins = futures::future::join_all(
             self.sessions
                 .into_iter()
@@ -237,15 +265,15 @@ impl<S: ObjectStore> Daemon<S> {
         if let Some(sig) = signalled {
             tracing::info!(
                 "{sig}: unmounting {}",
-                paths
+                self.mounted
                     .iter()
-                    .map(|p| p.display().to_string())
+                    .map(|m| m.path.display().to_string())
                     .collect::<Vec<_>>()
                     .join(", ")
             );
-            for p in &paths {
-                if let Err(e) = control::unmount(p, true) {
-                    tracing::warn!("cannot unmount {}: {e:#}", p.display());
+            for m in &self.mounted {
+                if let Err(e) = m.unmount(false) {
+                    tracing::warn!("cannot unmount {}: {e:#}", m.path.display());
                 }
             }
             if tokio::time::timeout(Duration::from_secs(10), &mut joins)
@@ -296,8 +324,16 @@ pub fn mount_all<S: ObjectStore>(
         preflight::prepare_mountpoint(&t.local, options.force)?;
     }
     let fsname = format!("cachemount:{}", version.key);
+    let object = version.key.clone();
     let current = Current::new(version);
     let content_addressed = expected_digest.is_some();
+    if options.writable && !content_addressed {
+        // overlayfs does not allow its lower layer to change, and a raw
+        // object may be overwritten with other content (a key's blob never is).
+        bail!("--writable needs a cache mounted by --key: an archive URL may be overwritten with other content under the overlay");
+    }
+    let store_name = store.describe();
+    let digest = expected_digest.clone();
     let fetcher = Fetcher::new(
         store.clone(),
         options.cache_size,
@@ -317,6 +353,20 @@ pub fn mount_all<S: ObjectStore>(
     let result = (|| -> anyhow::Result<()> {
         for (t, tree) in targets.iter().zip(trees) {
             let nodes = tree.len();
+            let writable = if options.writable {
+                Some(WritableMount::prepare(
+                    &t.local,
+                    &t.name,
+                    store_name.clone(),
+                    object.clone(),
+                    digest.clone(),
+                )?)
+            } else {
+                None
+            };
+            let fuse_path = writable
+                .as_ref()
+                .map_or(t.local.clone(), |w| w.lower.clone());
             let core = FsCore::with_reopen(
                 tree,
                 &t.name,
@@ -343,8 +393,8 @@ pub fn mount_all<S: ObjectStore>(
             };
             config.n_threads = Some(options.fuse_threads.max(1));
             config.clone_fd = true;
-            let session =
-                fuser::Session::new(fs, &t.local, &config).map_err(|e| mount_error(&t.local, e))?;
+            let session = fuser::Session::new(fs, &fuse_path, &config)
+                .map_err(|e| mount_error(&fuse_path, e))?;
             let notifier = session.notifier();
             core.set_notify(Box::new(move |inval| {
                 crate::fs::fuse::send_invalidations(&notifier, &inval)
@@ -353,19 +403,31 @@ pub fn mount_all<S: ObjectStore>(
                 .spawn()
                 .with_context(|| format!("cannot start serving {}", t.local.display()))?;
             daemon.sessions.push(session);
+            let mounted_overlay = writable.is_some();
             daemon.mounted.push(Mounted {
                 path: t.local.clone(),
                 name: t.name.clone(),
                 nodes,
+                writable,
             });
-            wait_ready(&t.local)?;
-            raise_read_ahead(&t.local);
+            wait_ready(&fuse_path)?;
+            raise_read_ahead(&fuse_path);
+            if mounted_overlay {
+                let m = daemon.mounted.last().expect("just pushed");
+                m.writable.as_ref().expect("writable").mount_overlay()?;
+                if let Err(e) = std::fs::metadata(&t.local) {
+                    bail!(
+                        "the writable overlay at {} does not answer: {e}",
+                        t.local.display()
+                    );
+                }
+            }
         }
         Ok(())
     })();
     if let Err(e) = result {
         for m in &daemon.mounted {
-            let _ = control::unmount(&m.path, true);
+            let _ = m.unmount(true);
         }
         for s in daemon.sessions.drain(..) {
             let _ = s.join();

@@ -1,7 +1,8 @@
 //! The mount lifecycle (DESIGN §5): checking that FUSE is usable, preparing
-//! mountpoints, serving every path of one archive from one daemon, unmounting
-//! and reading a mount's counters.
+//! mountpoints, serving every path of one archive from one daemon (read-only,
+//! or writable through an overlay), unmounting and reading a mount's counters.
 
 pub mod control;
 pub mod daemon;
+pub mod overlay;
 pub mod preflight;

@@ -182,6 +182,11 @@ impl Drop for Mount {
                 }
             }
         }
+        // A writable mount's daemon still serves its private lower layer:
+        // SIGTERM makes it unmount that too.
+        if !self.wait_daemon_gone(Duration::from_secs(2)) {
+            unsafe { libc::kill(self.pid as libc::pid_t, libc::SIGTERM) };
+        }
         if !self.wait_daemon_gone(Duration::from_secs(5)) {
             unsafe { libc::kill(self.pid as libc::pid_t, libc::SIGKILL) };
         }

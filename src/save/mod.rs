@@ -1,6 +1,9 @@
 //! `save`: walk the paths, compress in parallel, write the archive to a
 //! temporary file, upload it under its content address unless the store has
-//! it already, and write the key pointer last (DESIGN §2).
+//! it already, and write the key pointer last (DESIGN §2). Paths that are
+//! writable mounts are saved incrementally ([`incremental`]).
+
+pub mod incremental;
 
 use std::fs::File;
 use std::io::{self, BufWriter};
@@ -12,11 +15,11 @@ use anyhow::{bail, Context};
 use rayon::prelude::*;
 
 use crate::archive::writer::{compress_frame, CompressedFrame};
-use crate::archive::{ArchiveWriter, FinishedArchive, Manifest, WriterOptions};
+use crate::archive::{ArchiveWriter, Entry, FinishedArchive, Manifest, WriterOptions};
 use crate::paths::{Anchors, PathSpec};
 use crate::progress::Progress;
 use crate::store::layout::{self, KeyPointer};
-use crate::store::{ObjectStore, PutSource};
+use crate::store::{Composition, ObjectStore, ObjectVersion, PutSource, TransferCounts};
 use crate::tree::walk::{walk, Skipped, SourceEntry, SourceKind};
 
 /// How many small entries are compressed together before being written.
@@ -62,25 +65,49 @@ enum Item<'a> {
     Small(&'a SourceEntry, u64, CompressedFrame),
     /// A file of many frames; they follow on the channel, in order.
     Large(&'a SourceEntry, u64, Receiver<io::Result<CompressedFrame>>),
+    /// A file whose bytes are the base archive's (incremental save).
+    Reused(&'a Entry),
 }
 
 /// Items in flight between compressing and writing: enough to keep both busy.
 const PIPELINE_DEPTH: usize = 8192;
 
-/// Writes the archive of `entries` to `out`: compression on all cores
-/// (rayon) overlaps with writing (one thread), which keeps archive order.
+/// Archive bytes that already exist: the first `len` bytes of another
+/// archive, and for each entry to write, the file of that archive it is
+/// (`None`: read and compress it). A full save has none.
+#[derive(Default)]
+pub struct Reuse<'a> {
+    pub len: u64,
+    pub entries: Vec<Option<&'a Entry>>,
+}
+
+impl<'a> Reuse<'a> {
+    fn get(&self, i: usize) -> Option<&'a Entry> {
+        self.entries.get(i).copied().flatten()
+    }
+}
+
+/// Writes the archive of `entries` to `out` (everything after `reuse.len`
+/// bytes): compression on all cores (rayon) overlaps with writing (one
+/// thread), which keeps archive order.
 pub fn write_archive(
     entries: &[SourceEntry],
+    reuse: &Reuse<'_>,
     manifest: Manifest,
     options: WriterOptions,
     out: &File,
     progress: &Progress,
 ) -> anyhow::Result<FinishedArchive> {
-    let writer = ArchiveWriter::new(BufWriter::with_capacity(1 << 20, out), manifest, options)?;
+    let writer = ArchiveWriter::append_to(
+        BufWriter::with_capacity(1 << 20, out),
+        reuse.len,
+        manifest,
+        options,
+    )?;
     let (tx, rx) = sync_channel::<Item<'_>>(PIPELINE_DEPTH);
     std::thread::scope(|scope| {
         let writing = scope.spawn(move || write_items(writer, rx, progress));
-        let compressed = compress_items(entries, options, tx, progress);
+        let compressed = compress_items(entries, reuse, options, tx, progress);
         let written = writing.join().expect("archive writer thread panicked");
         // A failure to read a source file is the cause; the writer only saw the channel close.
         compressed?;
@@ -105,6 +132,10 @@ fn write_items<W: std::io::Write + std::io::Seek>(
             Item::Large(e, size, frames) => writer
                 .add_file(e.meta.clone(), size, frames)
                 .with_context(|| format!("cannot save {}", e.path.display()))?,
+            Item::Reused(entry) => {
+                writer.add_reused(entry)?;
+                progress.advance(entry.size);
+            }
         }
     }
     Ok(writer.finish()?)
@@ -115,6 +146,7 @@ fn write_items<W: std::io::Write + std::io::Seek>(
 /// writer has gone away; its error is the one to report then.
 fn compress_items<'a>(
     entries: &'a [SourceEntry],
+    reuse: &Reuse<'a>,
     options: WriterOptions,
     tx: SyncSender<Item<'a>>,
     progress: &Progress,
@@ -122,6 +154,13 @@ fn compress_items<'a>(
     let frame_size = u64::from(options.frame_size);
     let mut i = 0;
     while i < entries.len() {
+        if let Some(entry) = reuse.get(i) {
+            if tx.send(Item::Reused(entry)).is_err() {
+                return Ok(());
+            }
+            i += 1;
+            continue;
+        }
         if let SourceKind::File { size } = entries[i].kind {
             if size > frame_size {
                 let (ftx, frx) = sync_channel(large_chunk() as usize * 2);
@@ -136,7 +175,11 @@ fn compress_items<'a>(
         // A run of small entries, compressed in parallel, sent in order.
         let mut end = i;
         let mut bytes = 0;
-        while end < entries.len() && end - i < SMALL_BATCH_ENTRIES && bytes < SMALL_BATCH_BYTES {
+        while end < entries.len()
+            && end - i < SMALL_BATCH_ENTRIES
+            && bytes < SMALL_BATCH_BYTES
+            && reuse.get(end).is_none()
+        {
             match entries[end].kind {
                 SourceKind::File { size } if size > frame_size => break,
                 SourceKind::File { size } => bytes += size,
@@ -242,9 +285,17 @@ pub struct SaveReport {
     pub archive_size: u64,
     pub entries: usize,
     pub uploaded: bool,
+    /// Incremental saves: files reused from the mounted cache, and their bytes.
+    pub reused_files: usize,
+    pub reused_bytes: u64,
+    /// Nothing changed since the writable mount's cache: only the pointer was written.
+    pub unchanged: bool,
+    /// What this save moved to and inside the store.
+    pub transfer: TransferCounts,
 }
 
-/// Saves `specs` under `key` in `store`.
+/// Saves `specs` under `key` in `store`. Paths that are writable mounts of
+/// a cache in this store are saved incrementally ([`incremental`]).
 pub async fn save<S: ObjectStore>(
     store: &S,
     key: &str,
@@ -257,55 +308,92 @@ pub async fn save<S: ObjectStore>(
     if specs.is_empty() {
         bail!("nothing to save: name at least one PATH");
     }
+    let transfer_before = store.transfer_counts();
+    let started = std::time::Instant::now();
     let specs_owned = specs.to_vec();
     let anchors_owned = anchors.clone();
-    let tmp =
-        tempfile::NamedTempFile::new().context("cannot create a temporary file for the archive")?;
-    let tmp_file = tmp.as_file().try_clone()?;
-    let (finished, skipped) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-        let started = std::time::Instant::now();
+    let (entries, manifest, skipped) = tokio::task::spawn_blocking(move || {
         let mut manifest = Manifest::default();
-        let (entries, skipped) = collect(&specs_owned, &anchors_owned, &mut manifest)?;
-        tracing::info!(entries = entries.len(), elapsed = ?started.elapsed(), "walked the paths");
-        let total: u64 = entries
-            .iter()
-            .map(|e| {
-                if let SourceKind::File { size } = e.kind {
-                    size
-                } else {
-                    0
-                }
-            })
-            .sum();
-        progress.start(total);
-        let finished = write_archive(&entries, manifest, options, &tmp_file, &progress)?;
-        progress.finish();
-        tracing::info!(bytes = finished.size, elapsed = ?started.elapsed(), "wrote the archive");
-        Ok((finished, skipped))
+        collect(&specs_owned, &anchors_owned, &mut manifest).map(|(e, s)| (e, manifest, s))
     })
     .await??;
+    tracing::info!(entries = entries.len(), elapsed = ?started.elapsed(), "walked the paths");
     for path in &skipped.special {
         tracing::warn!(
             "skipped {} (sockets, devices and FIFOs cannot be cached)",
             path.display()
         );
     }
-    let blob = layout::blob_key(&finished.digest);
-    let upload_started = std::time::Instant::now();
-    let uploaded = match store.head(&blob).await {
-        Ok(meta) if meta.size == finished.size => false,
-        _ => {
-            store
-                .put(&blob, PutSource::File(tmp.path().to_path_buf()))
-                .await
-                .with_context(|| format!("cannot upload the archive to {}", store.describe()))?;
-            true
+    let base = incremental::find_base(store, specs, anchors, &manifest).await;
+    let tmp =
+        tempfile::NamedTempFile::new().context("cannot create a temporary file for the archive")?;
+    let tmp_file = tmp.as_file().try_clone()?;
+    let written = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let plan = base.as_ref().and_then(|b| b.plan(&entries, &manifest));
+        if plan.as_ref().is_some_and(|p| p.unchanged) {
+            drop(plan);
+            return Ok(Written::Unchanged(base.expect("planned")));
         }
-    };
-    tracing::info!(uploaded, elapsed = ?upload_started.elapsed(), "stored the archive");
+        let (reuse, reused_files, reused_bytes) = match plan {
+            Some(p) => (p.reuse, p.reused_files, p.reused_bytes),
+            None => (Reuse::default(), 0, 0),
+        };
+        let total: u64 = entries
+            .iter()
+            .map(|e| match e.kind {
+                SourceKind::File { size } => size,
+                _ => 0,
+            })
+            .sum();
+        progress.start(total);
+        let finished = write_archive(&entries, &reuse, manifest, options, &tmp_file, &progress)?;
+        progress.finish();
+        let reused_len = reuse.len;
+        drop(reuse);
+        let base = base
+            .filter(|_| reused_len > 0)
+            .map(|b| (b.key, b.version, reused_len));
+        tracing::info!(bytes = finished.size, elapsed = ?started.elapsed(), "wrote the archive");
+        Ok(Written::Archive {
+            finished,
+            base,
+            reused_files,
+            reused_bytes,
+        })
+    })
+    .await??;
+    let (finished_digest, size, entries, uploaded, reused_files, reused_bytes, unchanged) =
+        match written {
+            Written::Unchanged(base) => (
+                base.digest,
+                base.size,
+                base.index.entries.len(),
+                false,
+                0,
+                0,
+                true,
+            ),
+            Written::Archive {
+                finished,
+                base,
+                reused_files,
+                reused_bytes,
+            } => {
+                let uploaded = upload(store, &finished, base, tmp.path()).await?;
+                (
+                    finished.digest,
+                    finished.size,
+                    finished.index.entries.len(),
+                    uploaded,
+                    reused_files,
+                    reused_bytes,
+                    false,
+                )
+            }
+        };
     let pointer = KeyPointer {
-        digest: finished.digest.clone(),
-        size: finished.size,
+        digest: finished_digest.clone(),
+        size,
         created: layout::unix_now(),
         paths: specs.iter().map(|s| s.given.clone()).collect(),
         format_version: FORMAT_VERSION,
@@ -314,9 +402,76 @@ pub async fn save<S: ObjectStore>(
         .await
         .with_context(|| format!("cannot write key {key:?}"))?;
     Ok(SaveReport {
-        digest: finished.digest,
-        archive_size: finished.size,
-        entries: finished.index.entries.len(),
+        digest: finished_digest,
+        archive_size: size,
+        entries,
         uploaded,
+        reused_files,
+        reused_bytes,
+        unchanged,
+        transfer: transferred_since(store, transfer_before),
     })
+}
+
+/// What the writing step of [`save`] produced.
+enum Written {
+    /// The saved tree is the writable mounts' cache, unchanged.
+    Unchanged(incremental::Base),
+    Archive {
+        finished: FinishedArchive,
+        /// (key, version, length) of the base archive whose first bytes
+        /// precede the written ones.
+        base: Option<(String, ObjectVersion, u64)>,
+        reused_files: usize,
+        reused_bytes: u64,
+    },
+}
+
+/// Stores the archive under its content address unless the store has it:
+/// whole, or as the base's first bytes (copied in the store) followed by the
+/// written ones. Returns whether anything was stored.
+async fn upload<S: ObjectStore>(
+    store: &S,
+    finished: &FinishedArchive,
+    base: Option<(String, ObjectVersion, u64)>,
+    written: &Path,
+) -> anyhow::Result<bool> {
+    let blob = layout::blob_key(&finished.digest);
+    let started = std::time::Instant::now();
+    if matches!(store.head(&blob).await, Ok(meta) if meta.size == finished.size) {
+        return Ok(false);
+    }
+    match base {
+        None => {
+            store
+                .put(&blob, PutSource::File(written.to_path_buf()))
+                .await
+        }
+        Some((base_key, base_version, prefix_len)) => {
+            store
+                .compose(
+                    &blob,
+                    Composition {
+                        base_key,
+                        base_version,
+                        prefix_len,
+                        tail: written.to_path_buf(),
+                    },
+                )
+                .await
+        }
+    }
+    .with_context(|| format!("cannot upload the archive to {}", store.describe()))?;
+    tracing::info!(elapsed = ?started.elapsed(), "stored the archive");
+    Ok(true)
+}
+
+/// What `store` has moved since `before`.
+fn transferred_since<S: ObjectStore>(store: &S, before: TransferCounts) -> TransferCounts {
+    let now = store.transfer_counts();
+    TransferCounts {
+        uploaded: now.uploaded - before.uploaded,
+        copied: now.copied - before.copied,
+        downloaded: now.downloaded - before.downloaded,
+    }
 }
