@@ -12,8 +12,8 @@ use bytes::Bytes;
 use super::local::LocalStore;
 use super::s3::S3Store;
 use super::{
-    ListedObject, ObjectMeta, ObjectStore, ObjectVersion, PutSource, RefreshOutcome, StoreResult,
-    StoreUrl,
+    Composition, ListedObject, ObjectMeta, ObjectStore, ObjectVersion, PutSource, RefreshOutcome,
+    StoreResult, StoreUrl, TransferCounts,
 };
 
 /// One of the store implementations, chosen by URL.
@@ -92,6 +92,20 @@ impl ObjectStore for AnyStore {
         match self {
             AnyStore::Local(s) => s.delete(key).await,
             AnyStore::S3(s) => s.delete(key).await,
+        }
+    }
+
+    async fn compose(&self, key: &str, composition: Composition) -> StoreResult<ObjectMeta> {
+        match self {
+            AnyStore::Local(s) => s.compose(key, composition).await,
+            AnyStore::S3(s) => s.compose(key, composition).await,
+        }
+    }
+
+    fn transfer_counts(&self) -> TransferCounts {
+        match self {
+            AnyStore::Local(s) => s.transfer_counts(),
+            AnyStore::S3(s) => s.transfer_counts(),
         }
     }
 

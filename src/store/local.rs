@@ -4,7 +4,9 @@
 //! (temp file + fsync + rename), and every object has an ETag that changes
 //! whenever the object is replaced or touched — emulated from the file's
 //! (inode, size, mtime in ns) — so the pinned-read / 412 path works and is
-//! tested the same way on both stores.
+//! tested the same way on both stores. A composition copies the base's
+//! prefix file to file (`copy_file_range`), checked against the base's version
+//! like a pinned read.
 
 use std::fs::{self, File};
 use std::io;
@@ -12,13 +14,14 @@ use std::ops::Range;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use bytes::Bytes;
 
 use super::{
-    ListedObject, ObjectMeta, ObjectStore, ObjectVersion, PutSource, RefreshOutcome, StoreError,
-    StoreResult,
+    Composition, ListedObject, ObjectMeta, ObjectStore, ObjectVersion, PutSource, RefreshOutcome,
+    StoreError, StoreResult, TransferCounters, TransferCounts,
 };
 
 /// Names of in-flight writes start with this; `list` skips them.
@@ -28,13 +31,18 @@ const TEMP_PREFIX: &str = ".cachemount-tmp-";
 #[derive(Debug, Clone)]
 pub struct LocalStore {
     root: PathBuf,
+    /// Shared with the clones that run each operation on a blocking thread.
+    counters: Arc<TransferCounters>,
 }
 
 impl LocalStore {
     /// A store rooted at `root`. The directory is created by the first `put`, so
     /// opening a store that does not exist yet is fine (reads answer NotFound).
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        LocalStore { root: root.into() }
+        LocalStore {
+            root: root.into(),
+            counters: Arc::default(),
+        }
     }
 
     pub fn root(&self) -> &Path {
@@ -126,7 +134,16 @@ fn temp_name() -> String {
 }
 
 impl LocalStore {
-    fn put_blocking(&self, key: &str, source: PutSource) -> StoreResult<ObjectMeta> {
+    /// Writes `key` atomically: `fill` writes the content into a new temp file in
+    /// the key's directory, which is fsynced and renamed over the key (and the
+    /// rename made durable). The temp file is removed on any failure. `what` says
+    /// what was being written, for the error.
+    fn write_atomically(
+        &self,
+        key: &str,
+        what: impl FnOnce() -> String,
+        fill: impl FnOnce(&Path) -> io::Result<File>,
+    ) -> StoreResult<ObjectMeta> {
         let path = self.path_of(key)?;
         let dir = path
             .parent()
@@ -135,23 +152,7 @@ impl LocalStore {
         fs::create_dir_all(&dir).map_err(|e| self.io_err(key, "creating the directory of", e))?;
         let tmp = dir.join(temp_name());
         let result = (|| {
-            let out = match &source {
-                PutSource::Bytes(bytes) => {
-                    let mut out = File::create(&tmp)?;
-                    io::Write::write_all(&mut out, bytes)?;
-                    out
-                }
-                // Same filesystem: take the file over with a hard link instead of
-                // copying an archive of gigabytes (the caller is done with it).
-                PutSource::File(src) => match fs::hard_link(src, &tmp) {
-                    Ok(()) => File::open(&tmp)?,
-                    Err(_) => {
-                        let mut out = File::create(&tmp)?;
-                        io::copy(&mut File::open(src)?, &mut out)?;
-                        out
-                    }
-                },
-            };
+            let out = fill(&tmp)?;
             out.sync_all()?;
             // rename keeps the inode and mtime, so this is the version readers will see.
             let meta = out.metadata()?;
@@ -163,16 +164,93 @@ impl LocalStore {
         if result.is_err() {
             let _ = fs::remove_file(&tmp);
         }
-        result.map_err(|e: io::Error| {
-            let what = match &source {
-                PutSource::File(src) => format!("writing {} to", src.display()),
-                PutSource::Bytes(_) => "writing".to_string(),
-            };
-            StoreError::Io {
-                context: format!("{what} {}", self.location(key)),
-                error: e,
-            }
+        result.map_err(|e: io::Error| StoreError::Io {
+            context: format!("{} {}", what(), self.location(key)),
+            error: e,
         })
+    }
+
+    fn put_blocking(&self, key: &str, source: PutSource) -> StoreResult<ObjectMeta> {
+        let what = || match &source {
+            PutSource::File(src) => format!("writing {} to", src.display()),
+            PutSource::Bytes(_) => "writing".to_string(),
+        };
+        let meta = self.write_atomically(key, what, |tmp| {
+            Ok(match &source {
+                PutSource::Bytes(bytes) => {
+                    let mut out = File::create(tmp)?;
+                    io::Write::write_all(&mut out, bytes)?;
+                    out
+                }
+                // Same filesystem: take the file over with a hard link instead of
+                // copying an archive of gigabytes (the caller is done with it).
+                PutSource::File(src) => match fs::hard_link(src, tmp) {
+                    Ok(()) => File::open(tmp)?,
+                    Err(_) => {
+                        let mut out = File::create(tmp)?;
+                        io::copy(&mut File::open(src)?, &mut out)?;
+                        out
+                    }
+                },
+            })
+        })?;
+        // The whole object counts, even when a hard link wrote none of it: it is
+        // what the caller handed to the store.
+        self.counters.uploaded(meta.size);
+        Ok(meta)
+    }
+
+    /// [`ObjectStore::compose`]: the prefix is copied from an fd whose version
+    /// was checked (`io::copy` between files is `copy_file_range` on Linux, so
+    /// the kernel may share or copy the blocks without a trip through memory),
+    /// then the tail is appended, all into a temp file renamed into place.
+    fn compose_blocking(&self, key: &str, composition: Composition) -> StoreResult<ObjectMeta> {
+        let Composition {
+            base_key,
+            base_version,
+            prefix_len,
+            tail,
+        } = composition;
+        // One fd for the check and the copy, as in get_range: a concurrent
+        // replace of the base cannot make us check one version and copy another.
+        let base = File::open(self.path_of(&base_key)?)
+            .map_err(|e| self.io_err(&base_key, "opening", e))?;
+        let base_meta = base
+            .metadata()
+            .map_err(|e| self.io_err(&base_key, "stat of", e))?;
+        if version_of(&base_meta) != base_version {
+            return Err(StoreError::PreconditionFailed(self.location(&base_key)));
+        }
+        if prefix_len > base_meta.size() {
+            return Err(StoreError::InvalidRange {
+                key: self.location(&base_key),
+                range: 0..prefix_len,
+                size: base_meta.size(),
+            });
+        }
+        let mut tail_len = 0;
+        let what = || {
+            format!(
+                "composing {prefix_len} bytes of {} and {} into",
+                self.location(&base_key),
+                tail.display()
+            )
+        };
+        let meta = self.write_atomically(key, what, |tmp| {
+            let mut out = File::create(tmp)?;
+            let copied = io::copy(&mut io::Read::take(&base, prefix_len), &mut out)?;
+            if copied != prefix_len {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("the base ended after {copied} of {prefix_len} bytes"),
+                ));
+            }
+            tail_len = io::copy(&mut File::open(&tail)?, &mut out)?;
+            Ok(out)
+        })?;
+        self.counters.copied(prefix_len);
+        self.counters.uploaded(tail_len);
+        Ok(meta)
     }
 
     fn get_range_blocking(
@@ -203,6 +281,7 @@ impl LocalStore {
         let mut buf = vec![0u8; (range.end - range.start) as usize];
         file.read_exact_at(&mut buf, range.start)
             .map_err(|e| self.io_err(key, "reading", e))?;
+        self.counters.downloaded(buf.len() as u64);
         Ok(Bytes::from(buf))
     }
 
@@ -345,6 +424,15 @@ impl ObjectStore for LocalStore {
             other => other.map_err(|e| this.io_err(&key, "deleting", e)),
         })
         .await
+    }
+
+    async fn compose(&self, key: &str, composition: Composition) -> StoreResult<ObjectMeta> {
+        let (this, key) = (self.clone(), key.to_string());
+        blocking(move || this.compose_blocking(&key, composition)).await
+    }
+
+    fn transfer_counts(&self) -> TransferCounts {
+        self.counters.snapshot()
     }
 }
 

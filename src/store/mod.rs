@@ -8,6 +8,12 @@
 //! Reads can be pinned to one version of an object ([`ObjectVersion`]): the
 //! store then answers [`StoreError::PreconditionFailed`] instead of returning
 //! bytes of another version, which is what lets a reader never mix versions.
+//!
+//! A new object can also be composed from the start of an existing one and a
+//! local file ([`ObjectStore::compose`]): an incremental save reuses an old
+//! archive's bytes inside the store and sends only what changed. Every handle
+//! counts what it moves ([`TransferCounts`]) so callers can report, and tests
+//! can check, that reused bytes were copied rather than sent.
 
 mod any;
 pub mod layout;
@@ -18,6 +24,7 @@ pub mod url;
 use std::future::Future;
 use std::ops::Range;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 
 use bytes::Bytes;
@@ -58,6 +65,67 @@ pub enum PutSource {
     /// A file on local disk (archives); large ones go up as concurrent multipart parts.
     /// The local store may take the file over (hard link): do not change it afterwards.
     File(PathBuf),
+}
+
+/// A new object made of the first `prefix_len` bytes of an existing object
+/// followed by the bytes of a local file.
+#[derive(Debug, Clone)]
+pub struct Composition {
+    /// The object whose first `prefix_len` bytes start the new object.
+    pub base_key: String,
+    /// The version of the base the prefix must come from (If-Match / versionId).
+    pub base_version: ObjectVersion,
+    pub prefix_len: u64,
+    /// Appended after the prefix.
+    pub tail: PathBuf,
+}
+
+/// Bytes this store handle has moved, counted where they cross the wire (or the disk for the local store).
+///
+/// Counted once per request that succeeded (an attempt the SDK retried is not
+/// counted twice), except GET bodies, which count every byte received. The
+/// local store counts a put's whole size as uploaded, also when it takes the
+/// file over with a hard link. Clones of a handle share its counts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TransferCounts {
+    /// Bytes sent as request bodies (PutObject, UploadPart; local: bytes written).
+    pub uploaded: u64,
+    /// Bytes the store copied server-side (CopyObject, UploadPartCopy; local: bytes copied from the base).
+    pub copied: u64,
+    /// Bytes received in GET bodies (local: bytes read by get_range).
+    pub downloaded: u64,
+}
+
+/// The live counters behind [`TransferCounts`], shared (in an `Arc`) by the
+/// clones of a store handle: the local store clones itself into every blocking
+/// task, and callers clone handles freely.
+#[derive(Debug, Default)]
+struct TransferCounters {
+    uploaded: AtomicU64,
+    copied: AtomicU64,
+    downloaded: AtomicU64,
+}
+
+impl TransferCounters {
+    fn uploaded(&self, bytes: u64) {
+        self.uploaded.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    fn copied(&self, bytes: u64) {
+        self.copied.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    fn downloaded(&self, bytes: u64) {
+        self.downloaded.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    fn snapshot(&self) -> TransferCounts {
+        TransferCounts {
+            uploaded: self.uploaded.load(Ordering::Relaxed),
+            copied: self.copied.load(Ordering::Relaxed),
+            downloaded: self.downloaded.load(Ordering::Relaxed),
+        }
+    }
 }
 
 /// Result of a lifetime refresh.
@@ -144,6 +212,21 @@ pub trait ObjectStore: Send + Sync + 'static {
 
     /// Removes `key`; removing a missing key is not an error.
     fn delete(&self, key: &str) -> impl Future<Output = StoreResult<()>> + Send;
+
+    /// Writes `key` atomically as `composition` describes, copying the prefix inside the store where it can
+    /// (S3 UploadPartCopy) so that only the tail is sent. Fails with PreconditionFailed if the base is no longer `base_version`.
+    ///
+    /// A prefix longer than the base fails with [`StoreError::InvalidRange`], a
+    /// base that is gone with [`StoreError::NotFound`] (PreconditionFailed when
+    /// pinned by version id, as for reads); a failed composition leaves `key` as it was.
+    fn compose(
+        &self,
+        key: &str,
+        composition: Composition,
+    ) -> impl Future<Output = StoreResult<ObjectMeta>> + Send;
+
+    /// What this handle has transferred so far.
+    fn transfer_counts(&self) -> TransferCounts;
 
     /// The object as an open local file, when the store is on local disk, so
     /// a restore reads it in place instead of copying it first. The open file

@@ -6,6 +6,10 @@
 //! self-copy (multipart `UploadPartCopy` above CopyObject's 5 GiB limit), paginated
 //! listing, and the mapping of SDK errors onto [`StoreError`] — by HTTP status
 //! where servers disagree on error codes (a 412 may come with an empty body).
+//! A composition ([`ObjectStore::compose`]) is a multipart upload whose first
+//! parts are `UploadPartCopy` ranges of the base, pinned to its version, and
+//! whose last parts are the local tail; the handle counts the bytes each
+//! request sends, copies and receives ([`TransferCounts`]).
 //!
 //! Network faults are handled in two layers ([`RetryPolicy`]): the SDK's standard
 //! retry mode (exponential backoff with full jitter) retries whole requests that
@@ -35,12 +39,14 @@ use aws_sdk_s3::primitives::{ByteStream, DateTime, Length};
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, MetadataDirective};
 use aws_sdk_s3::Client;
 use bytes::{Bytes, BytesMut};
+use futures::future::Either;
 use futures::{Stream, StreamExt, TryStreamExt};
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::time::Instant;
 
 use super::{
-    ListedObject, ObjectMeta, ObjectStore, ObjectVersion, PutSource, RefreshOutcome, StoreError,
-    StoreResult,
+    Composition, ListedObject, ObjectMeta, ObjectStore, ObjectVersion, PutSource, RefreshOutcome,
+    StoreError, StoreResult, TransferCounters, TransferCounts,
 };
 
 const MIB: u64 = 1024 * 1024;
@@ -49,6 +55,10 @@ const GIB: u64 = 1024 * MIB;
 const MAX_PARTS: u64 = 10_000;
 /// CopyObject refuses sources larger than this; bigger objects are copied in parts.
 const COPY_OBJECT_MAX: u64 = 5 * GIB;
+/// S3 refuses a multipart part (uploaded or copied) smaller than this, except the last.
+const PART_MIN: u64 = 5 * MIB;
+/// S3 refuses a multipart part (uploaded or copied) larger than this.
+const PART_MAX: u64 = 5 * GIB;
 
 /// How requests and reads survive a flaky network or a struggling server.
 ///
@@ -233,6 +243,8 @@ pub struct S3Store {
     endpoint: String,
     /// Boxed: keeps the store small to move around (it is in an enum with the local one).
     tuning: Arc<S3Tuning>,
+    /// Shared by the clones of this handle.
+    counters: Arc<TransferCounters>,
 }
 
 impl S3Store {
@@ -293,6 +305,7 @@ impl S3Store {
             },
             endpoint,
             tuning: Arc::new(tuning),
+            counters: Arc::default(),
         }
     }
 
@@ -463,6 +476,7 @@ impl S3Store {
             .send()
             .await
             .map_err(|e| self.map_err(key, e))?;
+        self.counters.uploaded(size);
         let version = ObjectVersion {
             etag: self.etag_of(key, out.e_tag())?,
             version_id: out.version_id().map(str::to_string),
@@ -484,7 +498,9 @@ impl S3Store {
         let version = self
             .run_multipart(key, created.upload_id(), |upload_id| {
                 upload_ranges(size, part_size)
-                    .map(|(number, range)| self.upload_part(key, upload_id, path, number, range))
+                    .map(|(number, range)| {
+                        self.upload_part(key, upload_id, number, PartBody::file(path, range))
+                    })
                     .collect()
             })
             .await?;
@@ -526,22 +542,37 @@ impl S3Store {
         &self,
         key: &str,
         upload_id: &str,
-        path: &Path,
         number: i32,
-        range: Range<u64>,
+        part: PartBody<'_>,
     ) -> StoreResult<CompletedPart> {
-        let len = range.end - range.start;
-        // Streams the part from the file (and re-reads it on a retry): no part is held in memory.
-        let body = ByteStream::read_from()
-            .path(path)
-            .offset(range.start)
-            .length(Length::Exact(len))
-            .build()
-            .await
-            .map_err(|e| StoreError::Other {
-                key: self.location(key),
-                message: format!("reading part {number} of {}: {e}", path.display()),
-            })?;
+        let PartBody { head, path, range } = part;
+        let len = head.len() as u64 + (range.end - range.start);
+        let reading_failed = |e: &dyn std::fmt::Display| StoreError::Other {
+            key: self.location(key),
+            message: format!("reading part {number} from {}: {e}", path.display()),
+        };
+        let body = if head.is_empty() {
+            // Streams the part from the file (and re-reads it on a retry): no part is held in memory.
+            ByteStream::read_from()
+                .path(path)
+                .offset(range.start)
+                .length(Length::Exact(range.end - range.start))
+                .build()
+                .await
+                .map_err(|e| reading_failed(&e))?
+        } else if range.is_empty() {
+            ByteStream::from(head)
+        } else {
+            // Only the part joining a composition's downloaded prefix to its tail:
+            // at most one part, in memory.
+            let mut joined = BytesMut::with_capacity(len as usize);
+            joined.extend_from_slice(&head);
+            joined.resize(len as usize, 0);
+            read_file_range(path, range.start, &mut joined[head.len()..])
+                .await
+                .map_err(|e| reading_failed(&e))?;
+            ByteStream::from(joined.freeze())
+        };
         let out = self
             .client
             .upload_part()
@@ -554,6 +585,7 @@ impl S3Store {
             .send()
             .await
             .map_err(|e| self.map_err(key, e))?;
+        self.counters.uploaded(len);
         Ok(CompletedPart::builder()
             .part_number(number)
             .e_tag(self.etag_of(key, out.e_tag())?)
@@ -672,8 +704,208 @@ impl S3Store {
             }),
             start,
             total,
-            body: body_chunks(out.body),
+            body: {
+                let counters = self.counters.clone();
+                Box::pin(body_chunks(out.body).inspect(move |chunk| {
+                    if let Ok(bytes) = chunk {
+                        counters.downloaded(bytes.len() as u64);
+                    }
+                }))
+            },
         })
+    }
+
+    /// One `UploadPartCopy` of `range` of `source` as part `number` of `key`'s
+    /// upload. Errors are about the source (412: it is no longer the pinned
+    /// version; 404: it is gone).
+    async fn copy_part(
+        &self,
+        key: &str,
+        upload_id: &str,
+        number: i32,
+        source: &CopySource<'_>,
+        range: Range<u64>,
+    ) -> StoreResult<CompletedPart> {
+        let out = self
+            .client
+            .upload_part_copy()
+            .bucket(&self.bucket)
+            .key(self.full_key(key))
+            .upload_id(upload_id)
+            .part_number(number)
+            .copy_source(&source.header)
+            .copy_source_range(format!("bytes={}-{}", range.start, range.end - 1))
+            .copy_source_if_match(&source.if_match)
+            .send()
+            .await
+            .map_err(|e| match self.map_err(source.key, e) {
+                // The pinned version id was deleted, as in get_range.
+                StoreError::NotFound(location) if source.version_pinned => {
+                    StoreError::PreconditionFailed(location)
+                }
+                other => other,
+            })?;
+        self.counters.copied(range.end - range.start);
+        let part_etag = out.copy_part_result().and_then(|r| r.e_tag());
+        Ok(CompletedPart::builder()
+            .part_number(number)
+            .e_tag(self.etag_of(key, part_etag)?)
+            .build())
+    }
+
+    /// The size of `key`, if it is still `version`: a HEAD pinned like a read
+    /// (`If-Match`, `versionId`), and the answer's ETag checked too, for
+    /// servers that ignore `If-Match`.
+    async fn size_if_version(&self, key: &str, version: &ObjectVersion) -> StoreResult<u64> {
+        let out = self
+            .read_client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(self.full_key(key))
+            .if_match(quote_etag(&version.etag))
+            .set_version_id(version.version_id.clone())
+            .send()
+            .await
+            .map_err(|e| match self.map_err(key, e) {
+                StoreError::NotFound(location) if version.version_id.is_some() => {
+                    StoreError::PreconditionFailed(location)
+                }
+                other => other,
+            })?;
+        if self.etag_of(key, out.e_tag())? != version.etag {
+            return Err(StoreError::PreconditionFailed(self.location(key)));
+        }
+        Ok(out.content_length().unwrap_or(0).max(0) as u64)
+    }
+
+    /// [`ObjectStore::compose`]. The base is checked first (HEAD pinned to its
+    /// version): a stale base or a prefix past its end fails before any upload
+    /// starts — and on servers that ignore `CopySourceIfMatch` on
+    /// `UploadPartCopy` (moto) or answer a range past the end with the whole
+    /// object (moto again), that check is the only one, so a base replaced in the
+    /// moment between it and the copies goes unnoticed there. AWS and SeaweedFS
+    /// refuse such a copy with 412, which aborts the upload.
+    async fn compose_object(&self, key: &str, c: Composition) -> StoreResult<ObjectMeta> {
+        let base_size = self.size_if_version(&c.base_key, &c.base_version).await?;
+        if c.prefix_len > base_size {
+            return Err(StoreError::InvalidRange {
+                key: self.location(&c.base_key),
+                range: 0..c.prefix_len,
+                size: base_size,
+            });
+        }
+        let tail_len = tokio::fs::metadata(&c.tail)
+            .await
+            .map_err(|e| StoreError::Io {
+                context: format!("reading {}", c.tail.display()),
+                error: e,
+            })?
+            .len();
+        if c.prefix_len < PART_MIN {
+            // A copied part this small could only be the last one: send the prefix
+            // with the tail instead (at most 5 MiB more on the wire).
+            let prefix = if c.prefix_len == 0 {
+                Bytes::new()
+            } else {
+                self.get_range(&c.base_key, 0..c.prefix_len, Some(&c.base_version))
+                    .await?
+            };
+            return self.put_joined(key, prefix, &c.tail, tail_len).await;
+        }
+
+        let created = self
+            .client
+            .create_multipart_upload()
+            .bucket(&self.bucket)
+            .key(self.full_key(key))
+            .send()
+            .await
+            .map_err(|e| self.map_err(key, e))?;
+        let copies = copy_ranges(c.prefix_len, self.tuning.copy_part_size);
+        let copy_parts = copies.len() as i32;
+        let tail_part_size = part_size_within(
+            tail_len,
+            self.tuning.min_part_size,
+            MAX_PARTS - copies.len() as u64,
+        );
+        let source = CopySource {
+            key: &c.base_key,
+            header: copy_source(
+                &self.bucket,
+                &self.full_key(&c.base_key),
+                c.base_version.version_id.as_deref(),
+            ),
+            if_match: quote_etag(&c.base_version.etag),
+            version_pinned: c.base_version.version_id.is_some(),
+        };
+        let version = self
+            .run_multipart(key, created.upload_id(), |upload_id| {
+                let copied = (1..).zip(copies).map(|(number, range)| {
+                    Either::Left(self.copy_part(key, upload_id, number, &source, range))
+                });
+                let sent = upload_ranges(tail_len, tail_part_size).map(|(number, range)| {
+                    Either::Right(self.upload_part(
+                        key,
+                        upload_id,
+                        copy_parts + number,
+                        PartBody::file(&c.tail, range),
+                    ))
+                });
+                copied.chain(sent).collect()
+            })
+            .await?;
+        self.meta_after_put(key, c.prefix_len + tail_len, version)
+            .await
+    }
+
+    /// Uploads `prefix` followed by the file `tail` (`tail_len` bytes) as `key`,
+    /// the way `put` would upload one file of that size.
+    async fn put_joined(
+        &self,
+        key: &str,
+        prefix: Bytes,
+        tail: &Path,
+        tail_len: u64,
+    ) -> StoreResult<ObjectMeta> {
+        let size = prefix.len() as u64 + tail_len;
+        if size < self.tuning.multipart_threshold {
+            let mut body = BytesMut::from(&prefix[..]);
+            body.resize(size as usize, 0);
+            read_file_range(tail, 0, &mut body[prefix.len()..])
+                .await
+                .map_err(|e| StoreError::Io {
+                    context: format!("reading {}", tail.display()),
+                    error: e,
+                })?;
+            return self
+                .put_single(key, ByteStream::from(body.freeze()), size)
+                .await;
+        }
+        let created = self
+            .client
+            .create_multipart_upload()
+            .bucket(&self.bucket)
+            .key(self.full_key(key))
+            .send()
+            .await
+            .map_err(|e| self.map_err(key, e))?;
+        let part_size = part_size(size, self.tuning.min_part_size);
+        let version = self
+            .run_multipart(key, created.upload_id(), |upload_id| {
+                upload_ranges(size, part_size)
+                    .map(|(number, range)| {
+                        let (head, tail_range) = split_joined(prefix.len() as u64, range);
+                        let part = PartBody {
+                            head: prefix.slice(head.start as usize..head.end as usize),
+                            path: tail,
+                            range: tail_range,
+                        };
+                        self.upload_part(key, upload_id, number, part)
+                    })
+                    .collect()
+            })
+            .await?;
+        self.meta_after_put(key, size, version).await
     }
 
     /// Refreshes an object above CopyObject's limit by copying it onto itself in
@@ -703,32 +935,16 @@ impl S3Store {
             .send()
             .await
             .map_err(|e| self.map_err(key, e))?;
-        let source = copy_source(&self.bucket, &full_key);
+        let source = CopySource {
+            key,
+            header: copy_source(&self.bucket, &full_key, None),
+            if_match: etag,
+            version_pinned: false,
+        };
         let result = self
             .run_multipart(key, created.upload_id(), |upload_id| {
                 upload_ranges(size, self.tuning.copy_part_size)
-                    .map(|(number, range)| {
-                        let request = self
-                            .client
-                            .upload_part_copy()
-                            .bucket(&self.bucket)
-                            .key(&full_key)
-                            .upload_id(upload_id)
-                            .part_number(number)
-                            .copy_source(&source)
-                            .copy_source_range(format!("bytes={}-{}", range.start, range.end - 1))
-                            .copy_source_if_match(&etag);
-                        async move {
-                            let out = request.send().await.map_err(|e| self.map_err(key, e))?;
-                            let part_etag = out.copy_part_result().and_then(|r| r.e_tag());
-                            Ok::<_, StoreError>(
-                                CompletedPart::builder()
-                                    .part_number(number)
-                                    .e_tag(self.etag_of(key, part_etag)?)
-                                    .build(),
-                            )
-                        }
-                    })
+                    .map(|(number, range)| self.copy_part(key, upload_id, number, &source, range))
                     .collect()
             })
             .await;
@@ -1065,8 +1281,85 @@ fn credentials_error(err: &(dyn StdError + 'static)) -> Option<String> {
 /// Part size for `size` bytes: at least `min`, large enough for S3's part-count
 /// limit, rounded to whole MiB.
 fn part_size(size: u64, min: u64) -> u64 {
-    let needed = size.div_ceil(MAX_PARTS).div_ceil(MIB) * MIB;
+    part_size_within(size, min, MAX_PARTS)
+}
+
+/// [`part_size`] for `size` bytes in at most `parts` parts (what a composition's
+/// copied parts leave of the limit).
+fn part_size_within(size: u64, min: u64, parts: u64) -> u64 {
+    let needed = size.div_ceil(parts.max(1)).div_ceil(MIB) * MIB;
     needed.max(min)
+}
+
+/// The ranges of a composition's prefix (`0..prefix_len`, at least
+/// [`PART_MIN`]) to copy as parts: as few as `max_part` (the tuning's
+/// `copy_part_size`) allows, of sizes differing by at most a byte, so that every
+/// part is within S3's limits: at least 5 MiB and at most 5 GiB. They take at
+/// most half of S3's part-count limit; the tail gets the rest.
+fn copy_ranges(prefix_len: u64, max_part: u64) -> Vec<Range<u64>> {
+    let max_part = max_part
+        .max(prefix_len.div_ceil(MAX_PARTS / 2))
+        .clamp(1, PART_MAX);
+    let count = prefix_len
+        .div_ceil(max_part)
+        .min(prefix_len / PART_MIN)
+        .max(1);
+    let (even, longer) = (prefix_len / count, prefix_len % count);
+    let mut start = 0;
+    (0..count)
+        .map(|i| {
+            let len = even + u64::from(i < longer);
+            start += len;
+            start - len..start
+        })
+        .collect()
+}
+
+/// Where the part `range` of a prefix (`prefix_len` bytes, in memory) joined to a
+/// tail file falls: (the range of the prefix, the range of the tail file).
+fn split_joined(prefix_len: u64, range: Range<u64>) -> (Range<u64>, Range<u64>) {
+    let in_prefix = range.start.min(prefix_len)..range.end.min(prefix_len);
+    let in_tail = range.start.max(prefix_len) - prefix_len..range.end.max(prefix_len) - prefix_len;
+    (in_prefix, in_tail)
+}
+
+/// Fills `buf` from `path` at `offset`.
+async fn read_file_range(path: &Path, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+    let mut file = tokio::fs::File::open(path).await?;
+    file.seek(std::io::SeekFrom::Start(offset)).await?;
+    file.read_exact(buf).await?;
+    Ok(())
+}
+
+/// The bytes of one uploaded part: `head` (in memory, usually empty) followed by
+/// `range` of the file at `path`.
+struct PartBody<'a> {
+    head: Bytes,
+    path: &'a Path,
+    range: Range<u64>,
+}
+
+impl<'a> PartBody<'a> {
+    /// `range` of the file at `path`.
+    fn file(path: &'a Path, range: Range<u64>) -> Self {
+        PartBody {
+            head: Bytes::new(),
+            path,
+            range,
+        }
+    }
+}
+
+/// The object an `UploadPartCopy` reads, and how it is pinned.
+struct CopySource<'a> {
+    /// Its key (relative to the prefix), for errors.
+    key: &'a str,
+    /// `x-amz-copy-source`.
+    header: String,
+    /// `x-amz-copy-source-if-match`: the quoted ETag.
+    if_match: String,
+    /// The header names a version id: a 404 means that version was deleted.
+    version_pinned: bool,
 }
 
 /// Numbered (from 1) consecutive ranges of `part` bytes covering `0..size`.
@@ -1074,15 +1367,23 @@ fn upload_ranges(size: u64, part: u64) -> impl Iterator<Item = (i32, Range<u64>)
     (0..size.div_ceil(part)).map(move |i| (i as i32 + 1, i * part..((i + 1) * part).min(size)))
 }
 
-/// `x-amz-copy-source`: bucket and URL-encoded key (keys hold `%` from key escaping).
-fn copy_source(bucket: &str, key: &str) -> String {
+/// `x-amz-copy-source`: bucket and URL-encoded key (keys hold `%` from key
+/// escaping), and the version id when the copy is pinned to one.
+fn copy_source(bucket: &str, key: &str, version_id: Option<&str>) -> String {
     let mut out = format!("{bucket}/");
-    for b in key.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~/".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
+    let encode = |out: &mut String, s: &str, keep: &[u8]| {
+        for b in s.bytes() {
+            if b.is_ascii_alphanumeric() || keep.contains(&b) {
+                out.push(b as char);
+            } else {
+                out.push_str(&format!("%{b:02X}"));
+            }
         }
+    };
+    encode(&mut out, key, b"-._~/");
+    if let Some(id) = version_id {
+        out.push_str("?versionId=");
+        encode(&mut out, id, b"-._~");
     }
     out
 }
@@ -1197,7 +1498,7 @@ impl ObjectStore for S3Store {
             .copy_object()
             .bucket(&self.bucket)
             .key(self.full_key(key))
-            .copy_source(copy_source(&self.bucket, &self.full_key(key)))
+            .copy_source(copy_source(&self.bucket, &self.full_key(key), None))
             .metadata_directive(MetadataDirective::Replace)
             .copy_source_if_unmodified_since(DateTime::from(older_than))
             .set_metadata(head.metadata().cloned())
@@ -1211,7 +1512,10 @@ impl ObjectStore for S3Store {
             .send()
             .await;
         match copied {
-            Ok(_) => Ok(RefreshOutcome::Refreshed),
+            Ok(_) => {
+                self.counters.copied(size);
+                Ok(RefreshOutcome::Refreshed)
+            }
             Err(e) => match self.map_err(key, e) {
                 // Modified after `older_than` (by someone else, since our HEAD).
                 StoreError::PreconditionFailed(_) => Ok(RefreshOutcome::StillFresh),
@@ -1253,6 +1557,14 @@ impl ObjectStore for S3Store {
             }
         }
         Ok(out)
+    }
+
+    async fn compose(&self, key: &str, composition: Composition) -> StoreResult<ObjectMeta> {
+        self.compose_object(key, composition).await
+    }
+
+    fn transfer_counts(&self) -> TransferCounts {
+        self.counters.snapshot()
     }
 
     async fn delete(&self, key: &str) -> StoreResult<()> {
@@ -1297,9 +1609,110 @@ mod tests {
         assert_eq!(upload_ranges(8, 4).count(), 2);
     }
 
+    /// What S3 asks of a composition's copied parts, whatever the tuning.
+    fn check_copy_plan(prefix_len: u64, max_part: u64) -> Result<(), String> {
+        let parts = copy_ranges(prefix_len, max_part);
+        let lens: Vec<u64> = parts.iter().map(|r| r.end - r.start).collect();
+        let (min, max) = (lens.iter().min().unwrap(), lens.iter().max().unwrap());
+        let mut next = 0;
+        for r in &parts {
+            if r.start != next {
+                return Err(format!("gap or overlap at {r:?}"));
+            }
+            next = r.end;
+        }
+        if next != prefix_len {
+            return Err(format!("covers 0..{next}, not 0..{prefix_len}"));
+        }
+        if *min < PART_MIN || *max > PART_MAX {
+            return Err(format!("a part outside 5 MiB..=5 GiB: {min}..={max}"));
+        }
+        if max - min > 1 {
+            return Err(format!("uneven: {min}..={max}"));
+        }
+        if parts.len() as u64 > MAX_PARTS / 2 {
+            return Err(format!("{} parts leave too few for the tail", parts.len()));
+        }
+        // The tuning is honoured whenever S3's limits allow it.
+        if (2 * PART_MIN..=PART_MAX).contains(&max_part)
+            && prefix_len <= max_part * (MAX_PARTS / 2)
+            && *max > max_part
+        {
+            return Err(format!("a part of {max} above copy_part_size {max_part}"));
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn copy_plans_on_the_edges() {
+        assert_eq!(copy_ranges(PART_MIN, GIB), vec![0..PART_MIN]);
+        assert_eq!(copy_ranges(12 * MIB, GIB), vec![0..12 * MIB]);
+        // 10 GiB + 1 in parts of at most 5 GiB: three, not 5 GiB, 5 GiB and 1 byte.
+        let p = 10 * GIB + 1;
+        assert_eq!(copy_ranges(p, PART_MAX).len(), 3);
+        // A copy_part_size below what S3 allows for the prefix cannot make parts too small.
+        assert_eq!(
+            copy_ranges(12 * MIB, 5 * MIB),
+            vec![0..6 * MIB, 6 * MIB..12 * MIB]
+        );
+        assert_eq!(copy_ranges(7 * MIB, MIB), vec![0..7 * MIB]);
+        for (len, max) in [
+            (PART_MIN, 1),
+            (PART_MIN + 1, PART_MIN),
+            (5 * 1024 * GIB, GIB),
+            (5 * 1024 * GIB, u64::MAX),
+            (PART_MAX + 1, PART_MAX),
+            (2 * PART_MAX, PART_MAX),
+        ] {
+            check_copy_plan(len, max).unwrap_or_else(|e| panic!("{len}, {max}: {e}"));
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn copy_plans_respect_s3_part_limits(
+            // Up to S3's largest object (5 TiB).
+            prefix_len in PART_MIN..=5 * 1024 * GIB,
+            max_part in proptest::prop_oneof![1..=16 * MIB, 16 * MIB..=8 * GIB, proptest::strategy::Just(GIB)],
+        ) {
+            check_copy_plan(prefix_len, max_part).map_err(proptest::test_runner::TestCaseError::fail)?;
+        }
+
+        #[test]
+        fn joined_parts_split_at_the_prefix_end(
+            prefix_len in 0u64..100,
+            start in 0u64..200,
+            len in 0u64..100,
+        ) {
+            let range = start..start + len;
+            let (head, tail) = split_joined(prefix_len, range.clone());
+            proptest::prop_assert_eq!(head.end - head.start + tail.end - tail.start, len);
+            // Together they are `range` of prefix ++ tail, in order.
+            let joined: Vec<u64> = head.clone().chain(tail.map(|t| t + prefix_len)).collect();
+            proptest::prop_assert_eq!(joined, range.collect::<Vec<_>>());
+            proptest::prop_assert!(head.end <= prefix_len);
+        }
+    }
+
+    #[test]
+    fn tail_parts_fit_in_what_the_copies_leave() {
+        let copies = MAX_PARTS / 2;
+        let tail = 5 * 1024 * GIB;
+        let p = part_size_within(tail, 16 * MIB, MAX_PARTS - copies);
+        assert!(tail.div_ceil(p) <= MAX_PARTS - copies);
+        assert_eq!(part_size_within(0, 16 * MIB, 1), 16 * MIB);
+    }
+
     #[test]
     fn copy_source_encodes_the_key() {
-        assert_eq!(copy_source("b", "p/keys/a%2Fb c"), "b/p/keys/a%252Fb%20c");
+        assert_eq!(
+            copy_source("b", "p/keys/a%2Fb c", None),
+            "b/p/keys/a%252Fb%20c"
+        );
+        assert_eq!(
+            copy_source("b", "k", Some("3/L4kqtJl+cA")),
+            "b/k?versionId=3%2FL4kqtJl%2BcA"
+        );
     }
 
     // --- the resume logic, without a server ---
