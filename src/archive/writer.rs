@@ -344,34 +344,45 @@ impl<W: Write + Seek> ArchiveWriter<W> {
         Ok(())
     }
 
-    /// Lists a file whose local header and data are already in the archive's
-    /// first `base` bytes (an entry of the archive those bytes come from, as
-    /// its index describes it): only its central directory record and index
-    /// entry are written. A zip entry is position independent, so nothing of
-    /// it has to be read.
+    /// Lists an entry whose local header and data are already in the
+    /// archive's first `base` bytes (an entry of the archive those bytes come
+    /// from, as its index describes it): only its central directory record
+    /// and index entry are written. A zip entry is position independent, so
+    /// nothing of it has to be read.
     pub fn add_reused(&mut self, entry: &Entry) -> io::Result<()> {
         let DataOffset::Data(data_offset) = entry.offset else {
             return Err(io::Error::other(
                 "only entries of cachemount archives can be reused",
             ));
         };
-        let method = match (entry.kind, entry.compression) {
-            (EntryKind::File, Compression::Stored) => zip::METHOD_STORED,
-            (EntryKind::File, Compression::Zstd) => zip::METHOD_ZSTD,
+        // The fields the writer gave the entry (add_dir, add_symlink, add_file).
+        let (name, method, file_type) = match (entry.kind, entry.compression) {
+            (EntryKind::Dir, _) => {
+                let mut name = entry.name.clone();
+                name.push(b'/');
+                (name, zip::METHOD_STORED, libc::S_IFDIR)
+            }
+            (EntryKind::Symlink, _) => (entry.name.clone(), zip::METHOD_STORED, libc::S_IFLNK),
+            (EntryKind::File, Compression::Stored) => {
+                (entry.name.clone(), zip::METHOD_STORED, libc::S_IFREG)
+            }
+            (EntryKind::File, Compression::Zstd) => {
+                (entry.name.clone(), zip::METHOD_ZSTD, libc::S_IFREG)
+            }
             _ => {
                 return Err(io::Error::other(
-                    "only files written by cachemount can be reused",
+                    "only entries written by cachemount can be reused",
                 ))
             }
         };
         let mut fields = HeaderFields {
-            name: entry.name.clone(),
+            name,
             method,
             crc32: entry.crc32,
             compressed_size: entry.compressed_size,
             uncompressed_size: entry.size,
             local_header_offset: 0,
-            unix_mode: libc::S_IFREG | entry.mode,
+            unix_mode: file_type | entry.mode,
             mtime_secs: entry.mtime.secs,
             zip64_local: entry.size >= ZIP64_LOCAL_THRESHOLD,
         };

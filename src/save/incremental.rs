@@ -6,11 +6,19 @@
 //! directory. Entries the new archive does not list (deleted, changed, or
 //! rewritten directories) stay behind as unreferenced bytes.
 //!
-//! Which files are untouched is told by the overlay, not by reading them: a
-//! file whose path is not in the upper dir is the lower layer's, which is the
-//! base archive's entry (the walk's metadata is checked against it too).
+//! The saved tree is not walked through the mount: it is the base's index
+//! with the overlay's upper dir applied (what overlayfs itself shows), so
+//! only what the build changed is read. A path in the upper dir is a changed
+//! file or directory, a whiteout a deletion, an opaque directory one whose
+//! old content is gone; everything else is the lower layer's, which is the
+//! base archive's. Directories and symlinks whose metadata is unchanged are
+//! reused too.
 
-use std::path::PathBuf;
+use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
 
 use crate::archive::{ArchiveIndex, DataOffset, Entry, EntryKind, Manifest};
 use crate::cache::Stats;
@@ -18,7 +26,7 @@ use crate::mount::daemon::open_version_pinned;
 use crate::mount::overlay;
 use crate::paths::{Anchors, PathSpec};
 use crate::store::{ObjectStore, ObjectVersion};
-use crate::tree::walk::{SourceEntry, SourceKind};
+use crate::tree::walk::{entry_of, SourceEntry, SourceKind, WalkError};
 
 use super::Reuse;
 
@@ -36,7 +44,7 @@ pub struct Base {
 }
 
 /// A saved path mounted writable over the base.
-struct Layer {
+pub struct Layer {
     /// Its archive name (`_0/node_modules`).
     name: Vec<u8>,
     /// Where it is mounted (the merged view the walk read).
@@ -141,43 +149,53 @@ impl Base {
             .unwrap_or(0)
     }
 
-    fn entry(&self, name: &[u8]) -> Option<&Entry> {
-        let i = self
-            .index
-            .entries
-            .binary_search_by(|e| e.name.as_slice().cmp(name))
-            .ok()?;
-        Some(&self.index.entries[i])
+    /// The writable mount saved as `name` from `root`, if it is one of this base's.
+    pub fn layer(&self, root: &Path, name: &[u8]) -> Option<&Layer> {
+        self.layers
+            .iter()
+            .find(|l| l.root == root && l.name == name)
     }
 
-    /// Decides, for each entry of the walk, whether it is a base file to
-    /// reuse. `None` when reusing would leave more than half of the new
-    /// archive unreferenced: saving everything compacts it.
-    pub fn plan(&self, entries: &[SourceEntry], manifest: &Manifest) -> Option<Plan<'_>> {
-        let mut reuse = Vec::with_capacity(entries.len());
-        let mut unchanged =
-            entries.len() == self.index.entries.len() && *manifest == self.index.manifest;
-        let (mut reused_files, mut reused_bytes) = (0, 0);
-        for e in entries {
-            let old = self.entry(&e.meta.name);
-            let same = old.is_some_and(|old| same_metadata(e, old));
-            let reused = match (old, &e.kind) {
-                (Some(old), SourceKind::File { .. }) if same && !self.changed(e) => Some(old),
-                _ => None,
-            };
-            if let Some(old) = reused {
-                reused_files += 1;
-                reused_bytes += old.compressed_size;
-            }
-            unchanged &= same && (reused.is_some() || !matches!(e.kind, SourceKind::File { .. }));
-            reuse.push(reused);
-        }
+    /// The saved tree of `layer` as the merged view shows it, in name order:
+    /// each entry with the base's entry it is, or `None` when it must be read
+    /// (from the upper dir). Special files found are added to `special`.
+    pub fn merged(
+        &self,
+        layer: &Layer,
+        special: &mut Vec<PathBuf>,
+    ) -> Result<Vec<(SourceEntry, Option<&Entry>)>, WalkError> {
+        let mut tree: BTreeMap<Vec<u8>, Slot<'_>> = self
+            .index
+            .entries
+            .iter()
+            .filter(|e| is_within(&e.name, &layer.name))
+            .map(|e| (e.name.clone(), Slot::Old(e)))
+            .collect();
+        apply_upper(&layer.upper, layer.name.clone(), true, &mut tree, special)?;
+        Ok(tree
+            .into_values()
+            .map(|slot| match slot {
+                Slot::Old(e) => (source_of(e, layer), Some(e)),
+                Slot::New(s) => (s, None),
+            })
+            .collect())
+    }
+
+    /// What an incremental save of `reuse` (the base's entry of each entry
+    /// of the saved tree, if any) writes. `None` when reusing would leave
+    /// more than half of the new archive unreferenced: saving everything
+    /// compacts it.
+    pub fn plan<'a>(&self, reuse: Vec<Option<&'a Entry>>, manifest: &Manifest) -> Option<Plan<'a>> {
+        let unchanged = reuse.len() == self.index.entries.len()
+            && *manifest == self.index.manifest
+            && reuse.iter().all(Option::is_some);
+        let files = reuse.iter().flatten().filter(|e| e.kind == EntryKind::File);
+        let reused_files = files.clone().count();
+        let reused_bytes: u64 = files.map(|e| e.compressed_size).sum();
         let len = self.reusable_len();
         if !unchanged && reused_bytes < len / 2 {
             tracing::info!(
-                "{} of the {} bytes of the mounted cache are still used: saving everything, which compacts the archive",
-                reused_bytes,
-                len
+                "{reused_bytes} of the {len} bytes of the mounted cache are still used: saving everything, which compacts the archive"
             );
             return None;
         }
@@ -191,25 +209,153 @@ impl Base {
             unchanged,
         })
     }
+}
 
-    /// Whether the overlay's upper dir has anything at `e`'s path (a file
-    /// written, replaced or with changed metadata is there whole).
-    fn changed(&self, e: &SourceEntry) -> bool {
-        let layer = self.layers.iter().find(|l| {
-            e.meta.name.starts_with(&l.name)
-                && matches!(e.meta.name.get(l.name.len()), None | Some(b'/'))
-        });
-        let Some(layer) = layer else {
-            return true;
+/// One path of a merged tree: the base's entry, or one found in the upper dir.
+enum Slot<'a> {
+    Old(&'a Entry),
+    New(SourceEntry),
+}
+
+/// Whether `name` is `dir` or below it.
+fn is_within(name: &[u8], dir: &[u8]) -> bool {
+    name.starts_with(dir) && matches!(name.get(dir.len()), None | Some(b'/'))
+}
+
+/// Removes `name` and everything below it.
+fn remove_subtree(tree: &mut BTreeMap<Vec<u8>, Slot<'_>>, name: &[u8]) {
+    tree.remove(name);
+    let mut below = name.to_vec();
+    below.push(b'/');
+    let mut end = name.to_vec();
+    end.push(b'0'); // sorts right after '/'
+    let mut after = tree.split_off(below.as_slice());
+    let rest = after.split_off(end.as_slice());
+    tree.extend(rest);
+}
+
+fn child_name(parent: &[u8], child: &OsStr) -> Vec<u8> {
+    let mut name = parent.to_vec();
+    name.push(b'/');
+    name.extend_from_slice(child.as_bytes());
+    name
+}
+
+/// Applies the upper dir `dir` (named `name` in the archive) to `tree` the
+/// way overlayfs merges it over the lower layer.
+fn apply_upper(
+    dir: &Path,
+    name: Vec<u8>,
+    is_root: bool,
+    tree: &mut BTreeMap<Vec<u8>, Slot<'_>>,
+    special: &mut Vec<PathBuf>,
+) -> Result<(), WalkError> {
+    let unreadable = |source| WalkError::Unreadable {
+        path: dir.to_path_buf(),
+        source,
+    };
+    if !is_root && is_opaque(dir) {
+        remove_subtree(tree, &name);
+    }
+    let mut children = std::fs::read_dir(dir)
+        .map_err(unreadable)?
+        .map(|e| e.map(|e| e.file_name()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(unreadable)?;
+    children.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+    for child in children {
+        let path = dir.join(&child);
+        let md = std::fs::symlink_metadata(&path).map_err(|source| WalkError::Unreadable {
+            path: path.clone(),
+            source,
+        })?;
+        let bytes = child.as_bytes();
+        // fuse-overlayfs marks deletions with `.wh.NAME` files where it cannot make devices.
+        if bytes == b".wh..wh..opq" {
+            continue;
+        }
+        if let Some(deleted) = bytes.strip_prefix(b".wh.") {
+            remove_subtree(tree, &child_name(&name, OsStr::from_bytes(deleted)));
+            continue;
+        }
+        let cname = child_name(&name, &child);
+        if md.file_type().is_char_device() && md.rdev() == 0 {
+            remove_subtree(tree, &cname); // a whiteout
+            continue;
+        }
+        if md.is_dir() {
+            if !matches!(tree.get(&cname), Some(Slot::Old(e)) if e.kind == EntryKind::Dir)
+                && !matches!(tree.get(&cname), Some(Slot::New(_)))
+            {
+                remove_subtree(tree, &cname);
+            }
+            apply_upper(&path, cname, false, tree, special)?;
+        } else {
+            let old = match tree.get(&cname) {
+                Some(Slot::Old(e)) => Some(*e),
+                _ => None,
+            };
+            remove_subtree(tree, &cname);
+            match entry_of(&path, cname.clone())? {
+                None => special.push(path),
+                Some(e) => {
+                    let slot = match old {
+                        Some(old)
+                            if !matches!(e.kind, SourceKind::File { .. })
+                                && same_metadata(&e, old) =>
+                        {
+                            Slot::Old(old)
+                        }
+                        _ => Slot::New(e),
+                    };
+                    tree.insert(cname, slot);
+                }
+            }
+        }
+    }
+    // The directory itself, with the upper dir's metadata (which overlayfs shows).
+    if let Some(mut e) = entry_of(dir, name.clone())? {
+        e.meta
+            .xattrs
+            .retain(|(k, _)| !k.starts_with(b"user.fuseoverlayfs."));
+        let slot = match tree.get(&name) {
+            Some(Slot::Old(old)) if same_metadata(&e, old) => Slot::Old(*old),
+            _ => Slot::New(e),
         };
-        let Ok(rel) = e.path.strip_prefix(&layer.root) else {
-            return true;
-        };
-        // Not found in the upper dir: the lower layer's file, untouched.
-        !matches!(
-            std::fs::symlink_metadata(layer.upper.join(rel)),
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound
-        )
+        tree.insert(name, slot);
+    }
+    Ok(())
+}
+
+/// An upper directory that hides the lower one's content (it replaced a
+/// deleted directory of the same name).
+fn is_opaque(dir: &Path) -> bool {
+    let marked = |attr: &str| matches!(xattr::get(dir, attr), Ok(Some(v)) if v == b"y");
+    marked("trusted.overlay.opaque")
+        || marked("user.fuseoverlayfs.opaque")
+        || dir.join(".wh..wh..opq").exists()
+}
+
+/// The walk's view of a base entry: where it is in the merged view.
+fn source_of(e: &Entry, layer: &Layer) -> SourceEntry {
+    let rel = e.name[layer.name.len()..].strip_prefix(b"/").unwrap_or(&[]);
+    SourceEntry {
+        path: layer.root.join(OsStr::from_bytes(rel)),
+        kind: match e.kind {
+            EntryKind::Dir => SourceKind::Dir,
+            EntryKind::File => SourceKind::File { size: e.size },
+            EntryKind::Symlink => SourceKind::Symlink {
+                target: e.link_target.clone().unwrap_or_default(),
+            },
+        },
+        meta: crate::archive::writer::EntryMeta {
+            name: e.name.clone(),
+            mode: e.mode,
+            uid: e.uid,
+            gid: e.gid,
+            mtime: e.mtime,
+            xattrs: e.xattrs.clone(),
+        },
     }
 }
 

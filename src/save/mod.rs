@@ -28,13 +28,18 @@ const SMALL_BATCH_ENTRIES: usize = 4096;
 /// Recorded in key pointers: the version of the archive layout written.
 pub const FORMAT_VERSION: u32 = 1;
 
-/// Walks `specs` into a list of entries (the manifest gains their namespaces).
-pub fn collect(
+/// Walks `specs` into a list of entries (the manifest gains their
+/// namespaces). A path that is a writable mount of `base` is not walked: its
+/// tree is the base's index with the overlay's changes applied, and each of
+/// its entries comes with the base's entry it still is (see [`incremental`]).
+pub fn collect<'a>(
     specs: &[PathSpec],
     anchors: &Anchors,
     manifest: &mut Manifest,
-) -> anyhow::Result<(Vec<SourceEntry>, Skipped)> {
+    base: Option<&'a incremental::Base>,
+) -> anyhow::Result<(Vec<SourceEntry>, Vec<Option<&'a Entry>>, Skipped)> {
     let mut entries = Vec::new();
+    let mut reuse = Vec::new();
     let mut skipped = Skipped::default();
     let mut names: Vec<Vec<u8>> = Vec::new();
     for spec in specs {
@@ -48,13 +53,34 @@ pub fn collect(
         }
         names.push(name.clone());
         let local = spec.local_path(anchors);
-        walk(&local, &name, &mut entries, &mut skipped)
-            .with_context(|| format!("cannot save path {:?}", spec.given))?;
+        let context = || format!("cannot save path {:?}", spec.given);
+        match base.and_then(|b| Some((b, b.layer(&local, &name)?))) {
+            Some((base, layer)) => {
+                let merged = base
+                    .merged(layer, &mut skipped.special)
+                    .with_context(context)?;
+                for (entry, reused) in merged {
+                    entries.push(entry);
+                    reuse.push(reused);
+                }
+            }
+            None => {
+                walk(&local, &name, &mut entries, &mut skipped).with_context(context)?;
+                reuse.resize(entries.len(), None);
+            }
+        }
     }
     // A saved path that contains an earlier one: drop the earlier copy.
     let mut seen = std::collections::HashSet::new();
-    entries.retain(|e| seen.insert(e.meta.name.clone()));
-    Ok((entries, skipped))
+    let keep: Vec<bool> = entries
+        .iter()
+        .map(|e| seen.insert(e.meta.name.clone()))
+        .collect();
+    let mut keep_iter = keep.iter();
+    entries.retain(|_| *keep_iter.next().expect("one flag per entry"));
+    let mut keep_iter = keep.iter();
+    reuse.retain(|_| *keep_iter.next().expect("one flag per entry"));
+    Ok((entries, reuse, skipped))
 }
 
 /// What the compressing side hands the writing side, in archive order.
@@ -132,10 +158,7 @@ fn write_items<W: std::io::Write + std::io::Seek>(
             Item::Large(e, size, frames) => writer
                 .add_file(e.meta.clone(), size, frames)
                 .with_context(|| format!("cannot save {}", e.path.display()))?,
-            Item::Reused(entry) => {
-                writer.add_reused(entry)?;
-                progress.advance(entry.size);
-            }
+            Item::Reused(entry) => writer.add_reused(entry)?,
         }
     }
     Ok(writer.finish()?)
@@ -310,26 +333,29 @@ pub async fn save<S: ObjectStore>(
     }
     let transfer_before = store.transfer_counts();
     let started = std::time::Instant::now();
+    // The archive names the paths get (collect gives them in the same order).
+    let mut names = Manifest::default();
+    for spec in specs {
+        spec.archive_name(&mut names);
+    }
+    let base = incremental::find_base(store, specs, anchors, &names).await;
     let specs_owned = specs.to_vec();
     let anchors_owned = anchors.clone();
-    let (entries, manifest, skipped) = tokio::task::spawn_blocking(move || {
-        let mut manifest = Manifest::default();
-        collect(&specs_owned, &anchors_owned, &mut manifest).map(|(e, s)| (e, manifest, s))
-    })
-    .await??;
-    tracing::info!(entries = entries.len(), elapsed = ?started.elapsed(), "walked the paths");
-    for path in &skipped.special {
-        tracing::warn!(
-            "skipped {} (sockets, devices and FIFOs cannot be cached)",
-            path.display()
-        );
-    }
-    let base = incremental::find_base(store, specs, anchors, &manifest).await;
     let tmp =
         tempfile::NamedTempFile::new().context("cannot create a temporary file for the archive")?;
     let tmp_file = tmp.as_file().try_clone()?;
     let written = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-        let plan = base.as_ref().and_then(|b| b.plan(&entries, &manifest));
+        let mut manifest = Manifest::default();
+        let (entries, reuse, skipped) =
+            collect(&specs_owned, &anchors_owned, &mut manifest, base.as_ref())?;
+        tracing::info!(entries = entries.len(), elapsed = ?started.elapsed(), "listed the paths");
+        for path in &skipped.special {
+            tracing::warn!(
+                "skipped {} (sockets, devices and FIFOs cannot be cached)",
+                path.display()
+            );
+        }
+        let plan = base.as_ref().and_then(|b| b.plan(reuse, &manifest));
         if plan.as_ref().is_some_and(|p| p.unchanged) {
             drop(plan);
             return Ok(Written::Unchanged(base.expect("planned")));
@@ -340,8 +366,9 @@ pub async fn save<S: ObjectStore>(
         };
         let total: u64 = entries
             .iter()
-            .map(|e| match e.kind {
-                SourceKind::File { size } => size,
+            .zip(reuse.entries.iter().chain(std::iter::repeat(&None)))
+            .map(|(e, reused)| match (&e.kind, reused) {
+                (SourceKind::File { size }, None) => *size,
                 _ => 0,
             })
             .sum();

@@ -67,8 +67,9 @@ fn unreadable(path: &Path) -> impl FnOnce(std::io::Error) -> WalkError + '_ {
     }
 }
 
-/// The entries of `path`'s subtree in depth-first order, and the special files skipped.
-fn visit(path: &Path, name: Vec<u8>) -> Result<(Vec<SourceEntry>, Vec<PathBuf>), WalkError> {
+/// The entry for `path` itself, named `name`; None for sockets, devices and
+/// FIFOs, which an archive cannot hold.
+pub fn entry_of(path: &Path, name: Vec<u8>) -> Result<Option<SourceEntry>, WalkError> {
     let md = fs::symlink_metadata(path).map_err(unreadable(path))?;
     let ft = md.file_type();
     let kind = if ft.is_dir() {
@@ -84,7 +85,7 @@ fn visit(path: &Path, name: Vec<u8>) -> Result<(Vec<SourceEntry>, Vec<PathBuf>),
                 .to_vec(),
         }
     } else {
-        return Ok((Vec::new(), vec![path.to_path_buf()]));
+        return Ok(None);
     };
     let xattrs = if ft.is_symlink() {
         Vec::new()
@@ -92,7 +93,7 @@ fn visit(path: &Path, name: Vec<u8>) -> Result<(Vec<SourceEntry>, Vec<PathBuf>),
         user_xattrs(path).map_err(unreadable(path))?
     };
     let meta = EntryMeta {
-        name: name.clone(),
+        name,
         mode: md.mode() & 0o7777,
         uid: md.uid(),
         gid: md.gid(),
@@ -102,13 +103,22 @@ fn visit(path: &Path, name: Vec<u8>) -> Result<(Vec<SourceEntry>, Vec<PathBuf>),
         },
         xattrs,
     };
-    let mut entries = vec![SourceEntry {
+    Ok(Some(SourceEntry {
         path: path.to_path_buf(),
         kind,
         meta,
-    }];
+    }))
+}
+
+/// The entries of `path`'s subtree in depth-first order, and the special files skipped.
+fn visit(path: &Path, name: Vec<u8>) -> Result<(Vec<SourceEntry>, Vec<PathBuf>), WalkError> {
+    let Some(entry) = entry_of(path, name.clone())? else {
+        return Ok((Vec::new(), vec![path.to_path_buf()]));
+    };
+    let is_dir = matches!(entry.kind, SourceKind::Dir);
+    let mut entries = vec![entry];
     let mut special = Vec::new();
-    if ft.is_dir() {
+    if is_dir {
         let mut children = fs::read_dir(path)
             .map_err(unreadable(path))?
             .map(|e| e.map(|e| e.file_name()))
