@@ -319,7 +319,7 @@ fn apply_upper(
             .xattrs
             .retain(|(k, _)| !k.starts_with(b"user.fuseoverlayfs."));
         let slot = match tree.get(&name) {
-            Some(Slot::Old(old)) if same_metadata(&e, old) => Slot::Old(*old),
+            Some(Slot::Old(old)) if same_metadata(&e, old) => Slot::Old(old),
             _ => Slot::New(e),
         };
         tree.insert(name, slot);

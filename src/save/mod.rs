@@ -28,6 +28,14 @@ const SMALL_BATCH_ENTRIES: usize = 4096;
 /// Recorded in key pointers: the version of the archive layout written.
 pub const FORMAT_VERSION: u32 = 1;
 
+/// The saved tree, in archive order.
+pub struct Collected<'a> {
+    pub entries: Vec<SourceEntry>,
+    /// For each entry, the base archive's entry it still is (incremental saves).
+    pub reuse: Vec<Option<&'a Entry>>,
+    pub skipped: Skipped,
+}
+
 /// Walks `specs` into a list of entries (the manifest gains their
 /// namespaces). A path that is a writable mount of `base` is not walked: its
 /// tree is the base's index with the overlay's changes applied, and each of
@@ -37,7 +45,7 @@ pub fn collect<'a>(
     anchors: &Anchors,
     manifest: &mut Manifest,
     base: Option<&'a incremental::Base>,
-) -> anyhow::Result<(Vec<SourceEntry>, Vec<Option<&'a Entry>>, Skipped)> {
+) -> anyhow::Result<Collected<'a>> {
     let mut entries = Vec::new();
     let mut reuse = Vec::new();
     let mut skipped = Skipped::default();
@@ -80,7 +88,11 @@ pub fn collect<'a>(
     entries.retain(|_| *keep_iter.next().expect("one flag per entry"));
     let mut keep_iter = keep.iter();
     reuse.retain(|_| *keep_iter.next().expect("one flag per entry"));
-    Ok((entries, reuse, skipped))
+    Ok(Collected {
+        entries,
+        reuse,
+        skipped,
+    })
 }
 
 /// What the compressing side hands the writing side, in archive order.
@@ -346,8 +358,11 @@ pub async fn save<S: ObjectStore>(
     let tmp_file = tmp.as_file().try_clone()?;
     let written = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
         let mut manifest = Manifest::default();
-        let (entries, reuse, skipped) =
-            collect(&specs_owned, &anchors_owned, &mut manifest, base.as_ref())?;
+        let Collected {
+            entries,
+            reuse,
+            skipped,
+        } = collect(&specs_owned, &anchors_owned, &mut manifest, base.as_ref())?;
         tracing::info!(entries = entries.len(), elapsed = ?started.elapsed(), "listed the paths");
         for path in &skipped.special {
             tracing::warn!(
