@@ -16,6 +16,7 @@
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
+use std::ops::Bound;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
@@ -229,9 +230,13 @@ fn remove_subtree(tree: &mut BTreeMap<Vec<u8>, Slot<'_>>, name: &[u8]) {
     below.push(b'/');
     let mut end = name.to_vec();
     end.push(b'0'); // sorts right after '/'
-    let mut after = tree.split_off(below.as_slice());
-    let rest = after.split_off(end.as_slice());
-    tree.extend(rest);
+    let doomed: Vec<Vec<u8>> = tree
+        .range::<[u8], _>((Bound::Included(&below[..]), Bound::Excluded(&end[..])))
+        .map(|(k, _)| k.clone())
+        .collect();
+    for k in doomed {
+        tree.remove(&k);
+    }
 }
 
 fn child_name(parent: &[u8], child: &OsStr) -> Vec<u8> {
