@@ -82,6 +82,13 @@ fn build_tree(root: &Path) {
     }
 }
 
+/// Saves [`build_tree`] as key `k` from `cache`, then removes `cache`.
+fn save_tree_as_k(sb: &Sandbox) {
+    build_tree(&sb.work().join("cache"));
+    sb.ok(&["save", "-q", "--key", "k", "cache"]);
+    fs::remove_dir_all(sb.work().join("cache")).unwrap();
+}
+
 /// What a build might do to a cache, as shell commands. Every file or
 /// symlink it writes gets a fixed mtime at the end, so two runs at different
 /// moments leave the same files (directories' mtimes are the moment's).
@@ -234,9 +241,7 @@ fn saving_an_unchanged_writable_mount_writes_only_a_pointer() {
         return;
     }
     let sb = Sandbox::new();
-    build_tree(&sb.work().join("cache"));
-    sb.ok(&["save", "-q", "--key", "k", "cache"]);
-    fs::remove_dir_all(sb.work().join("cache")).unwrap();
+    save_tree_as_k(&sb);
     let store = PathBuf::from(&sb.store);
     let blobs = local_blobs(&store);
     let m = Mount::new(&sb, &["--key", "k", "--writable", "cache"]);
@@ -274,9 +279,7 @@ fn umount_keep_changes_keeps_the_upper_dir_and_writable_needs_a_key() {
         return;
     }
     let sb = Sandbox::new();
-    build_tree(&sb.work().join("cache"));
-    sb.ok(&["save", "-q", "--key", "k", "cache"]);
-    fs::remove_dir_all(sb.work().join("cache")).unwrap();
+    save_tree_as_k(&sb);
     let m = Mount::new(&sb, &["--key", "k", "--writable", "cache"]);
     fs::write(m.path().join("written"), b"by the build").unwrap();
     // A read-only path refuses writes; the writable one took it.
@@ -330,21 +333,20 @@ fn cargo_builds_into_a_writable_target_dir() {
         )
         .unwrap()
     };
-    let build = || {
+    // cargo build in the crate, its target dir the crate's own `target/`.
+    let cargo_build = |flag: &str| {
         let mut cmd = Command::new(&cargo);
-        cmd.args(["build", "--offline", "--quiet"])
+        cmd.args(["build", "--offline", flag])
             .current_dir(&krate)
             .env_remove("CARGO_TARGET_DIR")
             .env("HOME", sb.home())
             .env("CARGO_HOME", sb.home().join(".cargo"));
         let out = run_bounded(cmd, Duration::from_secs(120));
-        assert!(
-            out.status.success(),
-            "cargo build: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stderr).into_owned()
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "cargo build: {stderr}");
+        stderr
     };
+    let build = || cargo_build("--quiet");
     let run = || {
         let out = Command::new(krate.join("target/debug/tiny"))
             .output()
@@ -371,15 +373,7 @@ fn cargo_builds_into_a_writable_target_dir() {
     // The saved build is fresh where it is restored: nothing to compile.
     sb.ok(&["restore", "-q", "--key", "target-2"]);
     assert_eq!(run(), "two");
-    let mut cmd = Command::new(&cargo);
-    cmd.args(["build", "--offline", "-v"])
-        .current_dir(&krate)
-        .env_remove("CARGO_TARGET_DIR")
-        .env("HOME", sb.home())
-        .env("CARGO_HOME", sb.home().join(".cargo"));
-    let out = run_bounded(cmd, Duration::from_secs(120));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
+    let stderr = cargo_build("-v");
     assert!(stderr.contains("Fresh tiny"), "cargo rebuilt: {stderr}");
 }
 

@@ -198,6 +198,15 @@ pub struct Mounted {
 }
 
 impl Mounted {
+    /// `writable` or `read-only`, as `mount` reports it.
+    pub fn mode(&self) -> &'static str {
+        if self.writable.is_some() {
+            "writable"
+        } else {
+            "read-only"
+        }
+    }
+
     /// Unmounts the path (both layers of a writable one). The changes of a
     /// writable mount are kept aside unless `discard_changes`: a signal must
     /// not lose a build's work.
@@ -403,7 +412,6 @@ pub fn mount_all<S: ObjectStore>(
                 .spawn()
                 .with_context(|| format!("cannot start serving {}", t.local.display()))?;
             daemon.sessions.push(session);
-            let mounted_overlay = writable.is_some();
             daemon.mounted.push(Mounted {
                 path: t.local.clone(),
                 name: t.name.clone(),
@@ -412,9 +420,9 @@ pub fn mount_all<S: ObjectStore>(
             });
             wait_ready(&fuse_path)?;
             raise_read_ahead(&fuse_path);
-            if mounted_overlay {
-                let m = daemon.mounted.last().expect("just pushed");
-                m.writable.as_ref().expect("writable").mount_overlay()?;
+            let mounted = daemon.mounted.last().expect("just pushed");
+            if let Some(w) = &mounted.writable {
+                w.mount_overlay()?;
                 if let Err(e) = std::fs::metadata(&t.local) {
                     bail!(
                         "the writable overlay at {} does not answer: {e}",

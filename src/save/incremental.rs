@@ -375,14 +375,11 @@ fn same_metadata(e: &SourceEntry, old: &Entry) -> bool {
         }
         _ => false,
     };
-    let mut xattrs = e.meta.xattrs.clone();
-    let mut old_xattrs = old.xattrs.clone();
-    xattrs.sort();
-    old_xattrs.sort();
+    // Both lists are sorted: the walk sorts them, and the index keeps the walk's.
     kind_matches
         && e.meta.mode & 0o7777 == old.mode
         && e.meta.uid == old.uid
         && e.meta.gid == old.gid
         && e.meta.mtime == old.mtime
-        && xattrs == old_xattrs
+        && e.meta.xattrs == old.xattrs
 }

@@ -8,7 +8,7 @@ pub mod incremental;
 use std::fs::File;
 use std::io::{self, BufWriter};
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 
 use anyhow::{bail, Context};
@@ -19,7 +19,7 @@ use crate::archive::{ArchiveWriter, Entry, FinishedArchive, Manifest, WriterOpti
 use crate::paths::{Anchors, PathSpec};
 use crate::progress::Progress;
 use crate::store::layout::{self, KeyPointer};
-use crate::store::{Composition, ObjectStore, ObjectVersion, PutSource, TransferCounts};
+use crate::store::{Composition, ObjectStore, PutSource, TransferCounts};
 use crate::tree::walk::{walk, Skipped, SourceEntry, SourceKind};
 
 /// How many small entries are compressed together before being written.
@@ -356,7 +356,8 @@ pub async fn save<S: ObjectStore>(
     let tmp =
         tempfile::NamedTempFile::new().context("cannot create a temporary file for the archive")?;
     let tmp_file = tmp.as_file().try_clone()?;
-    let written = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+    let tmp_path = tmp.path().to_path_buf();
+    let (mut report, upload_as) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
         let mut manifest = Manifest::default();
         let Collected {
             entries,
@@ -371,14 +372,27 @@ pub async fn save<S: ObjectStore>(
             );
         }
         let plan = base.as_ref().and_then(|b| b.plan(reuse, &manifest));
-        if plan.as_ref().is_some_and(|p| p.unchanged) {
-            drop(plan);
-            return Ok(Written::Unchanged(base.expect("planned")));
-        }
-        let (reuse, reused_files, reused_bytes) = match plan {
-            Some(p) => (p.reuse, p.reused_files, p.reused_bytes),
-            None => (Reuse::default(), 0, 0),
+        let (reuse, reused_files, reused_bytes, unchanged) = match plan {
+            Some(p) => (p.reuse, p.reused_files, p.reused_bytes, p.unchanged),
+            None => (Reuse::default(), 0, 0, false),
         };
+        let mut report = SaveReport {
+            digest: String::new(),
+            archive_size: 0,
+            entries: 0,
+            uploaded: false,
+            reused_files,
+            reused_bytes,
+            unchanged,
+            transfer: TransferCounts::default(),
+        };
+        if unchanged {
+            let base = base.as_ref().expect("planned on a base");
+            report.digest = base.digest.clone();
+            report.archive_size = base.size;
+            report.entries = base.index.entries.len();
+            return Ok((report, None));
+        }
         let total: u64 = entries
             .iter()
             .zip(reuse.entries.iter().chain(std::iter::repeat(&None)))
@@ -390,52 +404,30 @@ pub async fn save<S: ObjectStore>(
         progress.start(total);
         let finished = write_archive(&entries, &reuse, manifest, options, &tmp_file, &progress)?;
         progress.finish();
-        let reused_len = reuse.len;
-        drop(reuse);
-        let base = base
-            .filter(|_| reused_len > 0)
-            .map(|b| (b.key, b.version, reused_len));
         tracing::info!(bytes = finished.size, elapsed = ?started.elapsed(), "wrote the archive");
-        Ok(Written::Archive {
-            finished,
-            base,
-            reused_files,
-            reused_bytes,
-        })
+        let prefix_len = reuse.len;
+        drop(reuse); // it borrows the base's index
+        let upload_as = match base.filter(|_| prefix_len > 0) {
+            Some(b) => Upload::Composed(Composition {
+                base_key: b.key,
+                base_version: b.version,
+                prefix_len,
+                tail: tmp_path,
+            }),
+            None => Upload::Whole(tmp_path),
+        };
+        report.digest = finished.digest;
+        report.archive_size = finished.size;
+        report.entries = finished.index.entries.len();
+        Ok((report, Some(upload_as)))
     })
     .await??;
-    let (finished_digest, size, entries, uploaded, reused_files, reused_bytes, unchanged) =
-        match written {
-            Written::Unchanged(base) => (
-                base.digest,
-                base.size,
-                base.index.entries.len(),
-                false,
-                0,
-                0,
-                true,
-            ),
-            Written::Archive {
-                finished,
-                base,
-                reused_files,
-                reused_bytes,
-            } => {
-                let uploaded = upload(store, &finished, base, tmp.path()).await?;
-                (
-                    finished.digest,
-                    finished.size,
-                    finished.index.entries.len(),
-                    uploaded,
-                    reused_files,
-                    reused_bytes,
-                    false,
-                )
-            }
-        };
+    if let Some(upload_as) = upload_as {
+        report.uploaded = upload(store, &report.digest, report.archive_size, upload_as).await?;
+    }
     let pointer = KeyPointer {
-        digest: finished_digest.clone(),
-        size,
+        digest: report.digest.clone(),
+        size: report.archive_size,
         created: layout::unix_now(),
         paths: specs.iter().map(|s| s.given.clone()).collect(),
         format_version: FORMAT_VERSION,
@@ -443,77 +435,38 @@ pub async fn save<S: ObjectStore>(
     layout::write_pointer(store, key, &pointer)
         .await
         .with_context(|| format!("cannot write key {key:?}"))?;
-    Ok(SaveReport {
-        digest: finished_digest,
-        archive_size: size,
-        entries,
-        uploaded,
-        reused_files,
-        reused_bytes,
-        unchanged,
-        transfer: transferred_since(store, transfer_before),
-    })
+    // The temporary archive lives until here: the store may have read it.
+    drop(tmp);
+    report.transfer = store.transfer_counts().since(transfer_before);
+    Ok(report)
 }
 
-/// What the writing step of [`save`] produced.
-enum Written {
-    /// The saved tree is the writable mounts' cache, unchanged.
-    Unchanged(incremental::Base),
-    Archive {
-        finished: FinishedArchive,
-        /// (key, version, length) of the base archive whose first bytes
-        /// precede the written ones.
-        base: Option<(String, ObjectVersion, u64)>,
-        reused_files: usize,
-        reused_bytes: u64,
-    },
+/// How a written archive goes into the store.
+enum Upload {
+    /// The file is the whole archive.
+    Whole(PathBuf),
+    /// The file follows the first bytes of a base archive.
+    Composed(Composition),
 }
 
-/// Stores the archive under its content address unless the store has it:
-/// whole, or as the base's first bytes (copied in the store) followed by the
-/// written ones. Returns whether anything was stored.
+/// Stores the archive named `digest` unless the store has it already.
+/// Returns whether anything was stored.
 async fn upload<S: ObjectStore>(
     store: &S,
-    finished: &FinishedArchive,
-    base: Option<(String, ObjectVersion, u64)>,
-    written: &Path,
+    digest: &str,
+    size: u64,
+    upload_as: Upload,
 ) -> anyhow::Result<bool> {
-    let blob = layout::blob_key(&finished.digest);
+    let blob = layout::blob_key(digest);
     let started = std::time::Instant::now();
-    if matches!(store.head(&blob).await, Ok(meta) if meta.size == finished.size) {
+    if matches!(store.head(&blob).await, Ok(meta) if meta.size == size) {
         return Ok(false);
     }
-    match base {
-        None => {
-            store
-                .put(&blob, PutSource::File(written.to_path_buf()))
-                .await
-        }
-        Some((base_key, base_version, prefix_len)) => {
-            store
-                .compose(
-                    &blob,
-                    Composition {
-                        base_key,
-                        base_version,
-                        prefix_len,
-                        tail: written.to_path_buf(),
-                    },
-                )
-                .await
-        }
+    match upload_as {
+        Upload::Whole(path) => store.put(&blob, PutSource::File(path)).await,
+        Upload::Composed(composition) => store.compose(&blob, composition).await,
     }
     .with_context(|| format!("cannot upload the archive to {}", store.describe()))?;
     tracing::info!(elapsed = ?started.elapsed(), "stored the archive");
     Ok(true)
-}
-
-/// What `store` has moved since `before`.
-fn transferred_since<S: ObjectStore>(store: &S, before: TransferCounts) -> TransferCounts {
-    let now = store.transfer_counts();
-    TransferCounts {
-        uploaded: now.uploaded - before.uploaded,
-        copied: now.copied - before.copied,
-        downloaded: now.downloaded - before.downloaded,
-    }
 }

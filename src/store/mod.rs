@@ -96,6 +96,17 @@ pub struct TransferCounts {
     pub downloaded: u64,
 }
 
+impl TransferCounts {
+    /// What was moved between `before` and `self` (a later snapshot).
+    pub fn since(self, before: TransferCounts) -> TransferCounts {
+        TransferCounts {
+            uploaded: self.uploaded - before.uploaded,
+            copied: self.copied - before.copied,
+            downloaded: self.downloaded - before.downloaded,
+        }
+    }
+}
+
 /// The live counters behind [`TransferCounts`], shared (in an `Arc`) by the
 /// clones of a store handle: the local store clones itself into every blocking
 /// task, and callers clone handles freely.
