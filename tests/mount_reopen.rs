@@ -3,7 +3,8 @@
 //! under mount A while it streams a large file and walks small ones — by a
 //! re-upload of identical bytes on SeaweedFS, by mount B's self-copy refresh
 //! on moto, as on AWS): A sees every byte right and no error, and `stats`
-//! shows the reopen. A raw-URL mount whose object is overwritten with other
+//! shows the reopen; the same under a writable mount (overlayfs over the
+//! reopening FUSE layer), whose writes survive the change. A raw-URL mount whose object is overwritten with other
 //! content: unchanged files read through the change on the same handle,
 //! changed files give ESTALE on old handles (never a block of the other
 //! version) and the new content on a new open, removed paths vanish. An
@@ -127,7 +128,7 @@ enum Change {
     RefreshByMountB,
 }
 
-fn seed_scenario(test: &str, s3: TestS3, change: Change) {
+fn seed_scenario(test: &str, s3: TestS3, change: Change, writable: bool) {
     let mut sb = sandbox_on(&s3);
     let src = sb.work().join("cache");
     small_files_tree(&src.join("deps"), 41, 200);
@@ -148,9 +149,16 @@ fn seed_scenario(test: &str, s3: TestS3, change: Change) {
     // Mount A, with a small read-ahead so that its reads keep reaching the store.
     sb.env
         .push(("CACHEMOUNT_READAHEAD_BLOCKS".into(), "2".into()));
-    let a = Mount::new(&sb, &["--key", "k"]);
+    let a = if writable {
+        Mount::new(&sb, &["--key", "k", "--writable"])
+    } else {
+        Mount::new(&sb, &["--key", "k"])
+    };
     sb.env.pop();
     let root = a.path().to_path_buf();
+    if writable {
+        fs::write(root.join("written-before"), b"before the change").unwrap();
+    }
     let files = all_files(&expected);
     let (half_files, rest_files) = files.split_at(files.len() / 2);
     // A walks half of the small files and streams half of big.bin...
@@ -213,6 +221,14 @@ fn seed_scenario(test: &str, s3: TestS3, change: Change) {
             rel.display()
         );
     }
+    if writable {
+        assert_eq!(
+            fs::read(root.join("written-before")).unwrap(),
+            b"before the change"
+        );
+        fs::write(root.join("written-after"), b"after").unwrap();
+        assert_eq!(fs::read(root.join("written-after")).unwrap(), b"after");
+    }
     let s = a.stats(&sb);
     assert!(s["reopens"] >= 1, "{test}: A reopened: {s:?}");
     assert!(s["precondition_failed"] >= 1, "{s:?}");
@@ -239,7 +255,21 @@ fn seed_scenario_etag_changes_under_a_key_mount_seaweedfs() {
         return;
     };
     bounded(Duration::from_secs(240), test, move || {
-        seed_scenario(test, s3, Change::Reupload)
+        seed_scenario(test, s3, Change::Reupload, false)
+    });
+}
+
+#[test]
+fn seed_scenario_etag_changes_under_a_writable_mount_seaweedfs() {
+    let test = "seed_scenario_etag_changes_under_a_writable_mount_seaweedfs";
+    if !fuse_available(test) {
+        return;
+    }
+    let Some(s3) = TestS3::from_env(test) else {
+        return;
+    };
+    bounded(Duration::from_secs(240), test, move || {
+        seed_scenario(test, s3, Change::Reupload, true)
     });
 }
 
@@ -253,7 +283,7 @@ fn seed_scenario_self_copy_refresh_by_another_mount_moto() {
         return;
     };
     bounded(Duration::from_secs(240), test, move || {
-        seed_scenario(test, s3, Change::RefreshByMountB)
+        seed_scenario(test, s3, Change::RefreshByMountB, false)
     });
 }
 

@@ -462,3 +462,35 @@ fn one_percent_changed_of_100k_files_sends_only_changes_and_metadata() {
         }
     });
 }
+
+#[test]
+fn umount_cleans_a_writable_mount_whose_daemon_was_killed() {
+    let test = "umount_cleans_a_writable_mount_whose_daemon_was_killed";
+    if !fuse_available(test) {
+        return;
+    }
+    let sb = Sandbox::new();
+    save_tree_as_k(&sb);
+    let m = Mount::new(&sb, &["--key", "k", "--writable", "cache"]);
+    fs::write(m.path().join("written"), b"x").unwrap();
+    unsafe { libc::kill(m.pid as libc::pid_t, libc::SIGKILL) };
+    assert!(m.wait_daemon_gone(Duration::from_secs(10)));
+    let out = run_bounded(sb.command(&["umount", "cache"]), Duration::from_secs(30));
+    assert!(
+        out.status.success(),
+        "umount: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sandbox = sb.dir.path().display().to_string();
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !info.lines().any(|l| l.contains(&sandbox)),
+        "still mounted: {info}"
+    );
+    let state_root = sb.home().join(".cache/cachemount/writable");
+    assert_eq!(fs::read_dir(&state_root).unwrap().count(), 0);
+    // The path can be mounted again.
+    let again = Mount::new(&sb, &["--key", "k", "--writable", "cache"]);
+    assert!(again.path().join("keep.txt").exists());
+    sb.ok(&["umount", "cache"]);
+}
