@@ -176,7 +176,36 @@ fn shell_changes_on_a_writable_mount_match_a_restored_copy_and_save_incrementall
     if !fuse_available(test) {
         return;
     }
-    let Some(sb) = s3_sandbox(test) else { return };
+    if let Some(sb) = s3_sandbox(test) {
+        shell_changes_scenario(sb, "kernel");
+    }
+}
+
+/// The same through fuse-overlayfs (what normal users get), forced as root.
+#[test]
+fn shell_changes_through_fuse_overlayfs_match_a_restored_copy() {
+    let test = "shell_changes_through_fuse_overlayfs_match_a_restored_copy";
+    if !fuse_available(test) {
+        return;
+    }
+    if cachemount::mount::preflight::which("fuse-overlayfs").is_none() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{test}: CI must install fuse-overlayfs"
+        );
+        eprintln!("SKIP {test}: fuse-overlayfs is not installed");
+        return;
+    }
+    if let Some(sb) = s3_sandbox(test) {
+        shell_changes_scenario(sb, "fuse-overlayfs");
+    }
+}
+
+/// Changes a writable mount (`overlay`: kernel or fuse-overlayfs) and a
+/// restored copy alike, compares them, saves the mount incrementally and
+/// checks the new key, the old key and the teardown.
+fn shell_changes_scenario(mut sb: Sandbox, overlay: &str) {
+    sb.env.push(("CACHEMOUNT_OVERLAY".into(), overlay.into()));
     let original = sb.dir.path().join("original");
     build_tree(&original);
     let copy = |to: &Path| {
@@ -195,6 +224,28 @@ fn shell_changes_on_a_writable_mount_match_a_restored_copy_and_save_incrementall
     // The same changes on a writable mount and on a restored copy.
     let m = Mount::new(&sb, &["--key", "k", "--writable", "cache"]);
     let merged = m.path().to_path_buf();
+    let fs_type = {
+        let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let at = merged.display().to_string();
+        let line = info
+            .lines()
+            .find(|l| l.split(' ').nth(4) == Some(at.as_str()))
+            .expect("the merged view is mounted")
+            .to_string();
+        line.split(" - ")
+            .nth(1)
+            .unwrap()
+            .split(' ')
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    let want = if overlay == "kernel" {
+        "overlay"
+    } else {
+        "fuse.fuse-overlayfs"
+    };
+    assert_eq!(fs_type, want);
     let restored_sb = sibling(&sb);
     restored_sb.ok(&["restore", "-q", "--key", "k"]);
     let restored = restored_sb.work().join("cache");

@@ -44,6 +44,16 @@ pub struct WritableMount {
     pub fuse_overlay: bool,
 }
 
+/// fuse-overlayfs for normal users, kernel overlayfs for root;
+/// `CACHEMOUNT_OVERLAY=fuse-overlayfs|kernel` chooses (tests run both as root).
+fn use_fuse_overlayfs() -> bool {
+    match std::env::var("CACHEMOUNT_OVERLAY").as_deref() {
+        Ok("fuse-overlayfs") => true,
+        Ok("kernel") => false,
+        _ => !preflight::is_root(),
+    }
+}
+
 /// Where writable mounts keep their layers; `CACHEMOUNT_STATE_DIR` overrides it.
 fn state_root() -> PathBuf {
     std::env::var_os("CACHEMOUNT_STATE_DIR")
@@ -100,7 +110,7 @@ impl WritableMount {
             store,
             object,
             digest,
-            fuse_overlay: !preflight::is_root(),
+            fuse_overlay: use_fuse_overlayfs(),
         };
         for d in [&state.lower, &state.upper, &state.work] {
             std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;

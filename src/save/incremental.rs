@@ -301,7 +301,7 @@ fn apply_upper(
                 _ => None,
             };
             remove_subtree(tree, &cname);
-            match entry_of(&path, cname.clone())? {
+            match upper_entry(&path, cname.clone())? {
                 None => special.push(path),
                 Some(e) => {
                     let slot = match old {
@@ -319,10 +319,7 @@ fn apply_upper(
         }
     }
     // The directory itself, with the upper dir's metadata (which overlayfs shows).
-    if let Some(mut e) = entry_of(dir, name.clone())? {
-        e.meta
-            .xattrs
-            .retain(|(k, _)| !k.starts_with(b"user.fuseoverlayfs."));
+    if let Some(e) = upper_entry(dir, name.clone())? {
         let slot = match tree.get(&name) {
             Some(Slot::Old(old)) if same_metadata(&e, old) => Slot::Old(old),
             _ => Slot::New(e),
@@ -330,6 +327,19 @@ fn apply_upper(
         tree.insert(name, slot);
     }
     Ok(())
+}
+
+/// The entry for a path of the upper dir, without the xattrs the overlay
+/// keeps there for itself (fuse-overlayfs's `user.fuseoverlayfs.*`, kernel
+/// overlayfs's `user.overlay.*` when mounted with `userxattr`).
+fn upper_entry(path: &Path, name: Vec<u8>) -> Result<Option<SourceEntry>, WalkError> {
+    let mut entry = entry_of(path, name)?;
+    if let Some(e) = &mut entry {
+        e.meta.xattrs.retain(|(k, _)| {
+            !k.starts_with(b"user.fuseoverlayfs.") && !k.starts_with(b"user.overlay.")
+        });
+    }
+    Ok(entry)
 }
 
 /// An upper directory that hides the lower one's content (it replaced a
