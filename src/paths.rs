@@ -114,6 +114,44 @@ impl PathSpec {
     }
 }
 
+/// Archive names (`_0/node_modules/a.js`): byte strings of `/`-separated
+/// components, the first being the namespace.
+pub mod names {
+    /// Whether `name` is `dir` or lies below it (every name is within `""`).
+    pub fn within(name: &[u8], dir: &[u8]) -> bool {
+        strip_within(name, dir).is_some()
+    }
+
+    /// `name` relative to `dir` (empty for `dir` itself), or None when it is
+    /// not within it.
+    pub fn strip_within<'a>(name: &'a [u8], dir: &[u8]) -> Option<&'a [u8]> {
+        if dir.is_empty() {
+            return Some(name);
+        }
+        match name.strip_prefix(dir)? {
+            [] => Some(&[]),
+            [b'/', rest @ ..] => Some(rest),
+            _ => None,
+        }
+    }
+
+    /// The names of `name`'s ancestors, shortest first (`_0`, `_0/a` for `_0/a/b`).
+    pub fn ancestors(name: &[u8]) -> impl Iterator<Item = &[u8]> {
+        name.iter()
+            .enumerate()
+            .filter(|(_, b)| **b == b'/')
+            .map(move |(i, _)| &name[..i])
+    }
+
+    /// The namespace (`_0`) and the rest (`a/b`), None for the namespace itself.
+    pub fn split_namespace(name: &[u8]) -> (&[u8], Option<&[u8]>) {
+        match name.iter().position(|b| *b == b'/') {
+            Some(i) => (&name[..i], Some(&name[i + 1..])),
+            None => (name, None),
+        }
+    }
+}
+
 fn join_name(ns: &[u8], relative: &Path) -> Vec<u8> {
     use std::os::unix::ffi::OsStrExt;
     let mut name = ns.to_vec();
@@ -183,6 +221,22 @@ mod tests {
             (Anchor::Root, "work/shared/x")
         );
         assert_eq!(p.local_path(&a), PathBuf::from("/work/shared/x"));
+    }
+
+    #[test]
+    fn name_helpers() {
+        assert!(names::within(b"_0/a/b", b"_0/a"));
+        assert!(names::within(b"_0/a", b"_0/a"));
+        assert!(!names::within(b"_0/ab", b"_0/a"));
+        assert_eq!(names::strip_within(b"_0/a/b", b"_0/a"), Some(&b"b"[..]));
+        assert_eq!(names::strip_within(b"_0/a/b", b""), Some(&b"_0/a/b"[..]));
+        let anc: Vec<&[u8]> = names::ancestors(b"_0/a/b").collect();
+        assert_eq!(anc, vec![&b"_0"[..], &b"_0/a"[..]]);
+        assert_eq!(names::split_namespace(b"_1"), (&b"_1"[..], None));
+        assert_eq!(
+            names::split_namespace(b"_1/x/y"),
+            (&b"_1"[..], Some(&b"x/y"[..]))
+        );
     }
 
     #[test]

@@ -3,7 +3,9 @@
 //! temporary sibling and swap it in — so a failed restore leaves the previous
 //! directory as it was.
 
+use std::ffi::{OsStr, OsString};
 use std::fs::File;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -13,11 +15,12 @@ use std::time::{Duration, SystemTime};
 use anyhow::{bail, Context};
 use futures::stream::StreamExt;
 
-use crate::archive::{self, ArchiveIndex, Entry, Manifest};
-use crate::paths::{Anchors, PathSpec};
+use crate::archive::{self, ArchiveIndex, DataOffset, Entry, EntryKind, Manifest};
+use crate::paths::{names, Anchors, PathSpec};
 use crate::progress::Progress;
 use crate::store::{ObjectMeta, ObjectStore, RefreshOutcome, StoreError};
-use crate::tree::extract::{check_safe, extract, Planned};
+use crate::tree::beneath::{self, BeneathError};
+use crate::tree::extract::{check_safe, extract, ExtractOptions, Planned};
 
 /// Size of one range GET of a download.
 const DOWNLOAD_CHUNK: u64 = 8 << 20;
@@ -136,37 +139,91 @@ pub async fn refresh_lifetime<S: ObjectStore>(store: &S, key: &str) {
     }
 }
 
-/// One saved path to restore: archive name → local path.
+/// One saved path to restore or mount: archive name → local path.
 #[derive(Debug, Clone)]
 pub struct Target {
     pub name: Vec<u8>,
     pub local: PathBuf,
+    /// The ancestor of `local` up to which symlinks are the user's own (a
+    /// PATH the user gave, or the anchor: the working dir, home, `/`). Below
+    /// it, the directories come from the archive's names, so no symlink there
+    /// is followed (DESIGN §7).
+    pub trusted: PathBuf,
 }
 
-/// Which archive names go where. With `specs`, those paths; otherwise every
-/// top-level path of the archive at its anchor. A zip without a Buildkite
-/// manifest extracts whole into the one path given.
+impl Target {
+    /// Opens the directory that holds `local` without following a symlink
+    /// below [`Target::trusted`], making missing directories on the way.
+    pub fn open_parent(&self) -> Result<OwnedFd, BeneathError> {
+        let parent = self.local.parent().unwrap_or(Path::new("/"));
+        let base = beneath::open_trusted_dir(&self.trusted)?;
+        let below = parent.strip_prefix(&self.trusted).unwrap_or(Path::new(""));
+        beneath::open_dir_beneath(base.as_fd(), below, true, &self.trusted)
+    }
+
+    /// For a mount: the parents exist and hold no symlink below
+    /// [`Target::trusted`], and the target itself is not a symlink (a mount
+    /// there would land wherever it points).
+    pub fn check_mountable(&self) -> anyhow::Result<()> {
+        let parent = self
+            .open_parent()
+            .with_context(|| format!("cannot mount at {}", self.local.display()))?;
+        let st = rustix::fs::statat(
+            &parent,
+            self.file_name(),
+            rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+        );
+        if st.is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFLNK) {
+            bail!(
+                "cannot mount at {}: it is a symlink (cachemount never mounts through one); remove it",
+                self.local.display()
+            );
+        }
+        Ok(())
+    }
+
+    /// The target's own name in its parent directory.
+    fn file_name(&self) -> &OsStr {
+        self.local.file_name().unwrap_or(OsStr::new("root"))
+    }
+}
+
+/// Why the paths a cache declares cannot be restored or mounted.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error("refusing to restore into {0} itself: the cache holds the whole {1}, and restoring it would replace everything in it; name the PATHs inside it to restore instead (for example `cachemount restore … ~/.cache/pip`)")]
+    WholeAnchor(PathBuf, &'static str),
+    #[error("refusing this cache: its paths {0} and {1} overlap (a crafted archive, or two namespaces mapped to one place), so one would write into the other")]
+    Overlap(PathBuf, PathBuf),
+}
+
+/// Which archive names go where. With `specs`, those paths; otherwise the
+/// paths the archive holds at their anchors (see [`saved_roots`]). A zip
+/// without a Buildkite manifest extracts whole into the one path given.
+/// The targets are checked together: none is the home directory or `/`
+/// itself, and none lies inside another.
 pub fn plan_targets(
     index: &ArchiveIndex,
     specs: &[PathSpec],
     anchors: &Anchors,
 ) -> anyhow::Result<Vec<Target>> {
-    let has = |name: &[u8]| {
-        index.entries.iter().any(|e| {
-            e.name == name || (e.name.starts_with(name) && e.name.get(name.len()) == Some(&b'/'))
-        })
+    let has = |name: &[u8]| index.entries.iter().any(|e| names::within(&e.name, name));
+    let user_target = |name: Vec<u8>, spec: &PathSpec| {
+        let local = spec.local_path(anchors);
+        let trusted = local.parent().unwrap_or(Path::new("/")).to_path_buf();
+        Target {
+            name,
+            local,
+            trusted,
+        }
     };
-    if index.manifest.mappings.is_empty() {
+    let targets = if index.manifest.mappings.is_empty() {
         let [spec] = specs else {
             bail!("this zip has no Buildkite cache manifest, so it does not say where its files belong: give exactly one PATH to extract it into");
         };
-        return Ok(vec![Target {
-            name: Vec::new(),
-            local: spec.local_path(anchors),
-        }]);
-    }
-    if !specs.is_empty() {
-        return specs
+        vec![user_target(Vec::new(), spec)]
+    } else if !specs.is_empty() {
+        specs
             .iter()
             .map(|spec| {
                 let name = spec
@@ -179,66 +236,123 @@ pub fn plan_targets(
                         describe_roots(index, anchors)
                     );
                 };
-                Ok(Target {
-                    name,
-                    local: spec.local_path(anchors),
-                })
+                Ok(user_target(name, spec))
             })
-            .collect();
+            .collect::<anyhow::Result<_>>()?
+    } else {
+        saved_roots(index)
+            .into_iter()
+            .map(|name| target_of(&index.manifest, name, anchors))
+            .collect::<anyhow::Result<_>>()?
+    };
+    check_targets(&targets, anchors)?;
+    Ok(targets)
+}
+
+/// Refuses a set of targets that would replace home or `/` whole, or where
+/// one target lies inside another (checked lexically here; symlinks below
+/// the trusted dirs are refused when the parents are opened).
+fn check_targets(targets: &[Target], anchors: &Anchors) -> Result<(), PlanError> {
+    for t in targets {
+        if t.local == Path::new("/") {
+            return Err(PlanError::WholeAnchor(t.local.clone(), "root file system"));
+        }
+        if t.local == anchors.home {
+            return Err(PlanError::WholeAnchor(t.local.clone(), "home directory"));
+        }
     }
-    roots(index)
+    let mut locals: Vec<&Path> = targets.iter().map(|t| t.local.as_path()).collect();
+    locals.sort();
+    for pair in locals.windows(2) {
+        if pair[1].starts_with(pair[0]) {
+            return Err(PlanError::Overlap(
+                pair[0].to_path_buf(),
+                pair[1].to_path_buf(),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The paths an archive holds, as archive names. A cachemount archive has an
+/// entry for every saved path, so those are its entries without an ancestor
+/// entry. A foreign zip (Buildkite's among them) may have no directory
+/// entries at all, so there a namespace's path is the deepest one that holds
+/// all its entries — per first component, so that a namespace holding
+/// `vendor/bundle/…` and `node_modules/…` never becomes the whole working
+/// dir. (A directory entry for the namespace itself carries only the
+/// anchor's metadata and names no path.)
+pub fn saved_roots(index: &ArchiveIndex) -> Vec<Vec<u8>> {
+    let foreign = index
+        .entries
+        .iter()
+        .any(|e| matches!(e.offset, DataOffset::LocalHeader(_)));
+    if foreign {
+        deepest_common_roots(index)
+    } else {
+        top_level_entries(index)
+    }
+}
+
+fn top_level_entries(index: &ArchiveIndex) -> Vec<Vec<u8>> {
+    use std::collections::HashSet;
+    let names: HashSet<&[u8]> = index.entries.iter().map(|e| e.name.as_slice()).collect();
+    index
+        .entries
+        .iter()
+        .filter(|e| !names::ancestors(&e.name).any(|a| names.contains(a)))
+        .map(|e| e.name.clone())
+        .collect()
+}
+
+fn deepest_common_roots(index: &ArchiveIndex) -> Vec<Vec<u8>> {
+    use std::collections::BTreeMap;
+    /// (namespace, first component) → the components all its entries share.
+    type Groups<'a> = BTreeMap<(&'a [u8], &'a [u8]), Vec<&'a [u8]>>;
+    let mut groups = Groups::new();
+    for e in &index.entries {
+        let (ns, rest) = names::split_namespace(&e.name);
+        let Some(rest) = rest else {
+            if e.kind != EntryKind::Dir {
+                groups.entry((ns, b"")).or_default();
+            }
+            continue;
+        };
+        let parts: Vec<&[u8]> = rest.split(|b| *b == b'/').collect();
+        match groups.entry((ns, parts[0])) {
+            std::collections::btree_map::Entry::Vacant(v) => {
+                v.insert(parts);
+            }
+            std::collections::btree_map::Entry::Occupied(mut o) => {
+                let common = o.get_mut();
+                let shared = common
+                    .iter()
+                    .zip(&parts)
+                    .take_while(|(a, b)| a == b)
+                    .count();
+                common.truncate(shared);
+            }
+        }
+    }
+    groups
         .into_iter()
-        .map(|name| {
-            Ok(Target {
-                local: local_path_of(&index.manifest, &name, anchors)?,
-                name,
-            })
+        .map(|((ns, _), common)| {
+            let mut name = ns.to_vec();
+            for part in common.iter().filter(|p| !p.is_empty()) {
+                name.push(b'/');
+                name.extend_from_slice(part);
+            }
+            name
         })
         .collect()
 }
 
-/// Top-level names: entries with no ancestor entry. Foreign zips often have
-/// no directory entries; there a deep file's root is the first directory of
-/// its namespace (restoring `_0/deps/a/b.js` replaces `./deps`), while a
-/// cachemount archive always has an entry for each saved path itself.
-pub fn roots(index: &ArchiveIndex) -> Vec<Vec<u8>> {
-    use std::collections::{BTreeSet, HashSet};
-    let names: HashSet<&[u8]> = index.entries.iter().map(|e| e.name.as_slice()).collect();
-    let parents = |name: &[u8]| -> Vec<usize> {
-        name.iter()
-            .enumerate()
-            .filter(|(_, b)| **b == b'/')
-            .map(|(i, _)| i)
-            .collect()
-    };
-    let mut candidates: BTreeSet<&[u8]> = BTreeSet::new();
-    for e in &index.entries {
-        let slashes = parents(&e.name);
-        if slashes.iter().any(|&i| names.contains(&e.name[..i])) {
-            continue;
-        }
-        let implied_dirs = e.content_hash.is_none() && slashes.len() >= 2;
-        candidates.insert(if implied_dirs {
-            &e.name[..slashes[1]]
-        } else {
-            &e.name
-        });
-    }
-    candidates
-        .iter()
-        .filter(|c| !parents(c).iter().any(|&i| candidates.contains(&c[..i])))
-        .map(|c| c.to_vec())
-        .collect()
-}
-
 fn describe_roots(index: &ArchiveIndex, anchors: &Anchors) -> String {
-    roots(index)
-        .iter()
+    saved_roots(index)
+        .into_iter()
         .map(|r| {
-            local_path_of(&index.manifest, r, anchors).map_or_else(
-                |_| String::from_utf8_lossy(r).into_owned(),
-                |p| p.display().to_string(),
-            )
+            let shown = String::from_utf8_lossy(&r).into_owned();
+            target_of(&index.manifest, r, anchors).map_or(shown, |t| t.local.display().to_string())
         })
         .collect::<Vec<_>>()
         .join(", ")
@@ -250,18 +364,19 @@ pub fn local_path_of(
     name: &[u8],
     anchors: &Anchors,
 ) -> anyhow::Result<PathBuf> {
-    let (ns, rel) = match name.iter().position(|b| *b == b'/') {
-        Some(i) => (&name[..i], &name[i + 1..]),
-        None => (name, &b""[..]),
-    };
+    Ok(target_of(manifest, name.to_vec(), anchors)?.local)
+}
+
+fn target_of(manifest: &Manifest, name: Vec<u8>, anchors: &Anchors) -> anyhow::Result<Target> {
+    let (ns, rel) = names::split_namespace(&name);
     let ns = std::str::from_utf8(ns).unwrap_or_default();
     let Some(anchor) = manifest.anchor_of(ns) else {
         bail!(
             "refusing archive entry {:?}: it is in no namespace of the cache manifest, so it has no place to go",
-            String::from_utf8_lossy(name)
+            String::from_utf8_lossy(&name)
         );
     };
-    let rel = Path::new(std::ffi::OsStr::from_bytes(rel));
+    let rel = Path::new(OsStr::from_bytes(rel.unwrap_or_default()));
     if rel.is_absolute()
         || rel
             .components()
@@ -269,10 +384,22 @@ pub fn local_path_of(
     {
         bail!(
             "refusing archive entry {:?}: it would land outside its base",
-            String::from_utf8_lossy(name)
+            String::from_utf8_lossy(&name)
         );
     }
-    Ok(anchors.resolve(anchor).join(rel))
+    let base = anchors.resolve(anchor);
+    let local = base.join(rel);
+    // The anchor itself (a saved `.`) is held by its parent, which is the user's.
+    let trusted = if rel.as_os_str().is_empty() {
+        base.parent().unwrap_or(Path::new("/")).to_path_buf()
+    } else {
+        base
+    };
+    Ok(Target {
+        name,
+        local,
+        trusted,
+    })
 }
 
 /// The entries below `target.name`, with their paths relative to it.
@@ -283,85 +410,144 @@ fn plan_entries<'a>(index: &'a ArchiveIndex, target: &Target) -> Vec<Planned<'a>
         .filter_map(|e: &'a Entry| {
             let rel: &[u8] = if target.name.is_empty() {
                 &e.name
-            } else if e.name == target.name {
-                b""
-            } else if e.name.starts_with(&target.name)
-                && e.name.get(target.name.len()) == Some(&b'/')
-            {
-                &e.name[target.name.len() + 1..]
             } else {
-                return None;
+                names::strip_within(&e.name, &target.name)?
             };
             Some(Planned {
                 entry: e,
-                relative: PathBuf::from(std::ffi::OsStr::from_bytes(rel)),
+                relative: PathBuf::from(OsStr::from_bytes(rel)),
             })
         })
         .collect()
 }
 
+/// A target extracted next to where it goes, waiting to be swapped in.
+struct Staged<'t> {
+    target: &'t Target,
+    parent: OwnedFd,
+    name: OsString,
+}
+
+impl Staged<'_> {
+    fn remove(&self) {
+        if let Err(e) = beneath::remove_at(self.parent.as_fd(), &self.name) {
+            tracing::warn!(path = %self.target.local.display(), error = %e, "cannot remove a staged restore");
+        }
+    }
+}
+
 /// Extracts every target from the downloaded `archive` and swaps them in.
-/// Nothing is swapped unless every target extracted and verified.
+/// Nothing is swapped unless every target extracted and verified; a swap
+/// that fails removes what is still staged.
 pub fn extract_targets(
     archive: &File,
     index: &ArchiveIndex,
     targets: &[Target],
+    options: ExtractOptions,
 ) -> anyhow::Result<()> {
-    let preserve_owner = unsafe { libc::geteuid() } == 0;
-    let mut staged: Vec<(PathBuf, &Target)> = Vec::new();
+    let mut staged: Vec<Staged<'_>> = Vec::new();
     let result = (|| -> anyhow::Result<()> {
         for t in targets {
             let planned = plan_entries(index, t);
             check_safe(&planned)?;
-            let parent = t.local.parent().unwrap_or(Path::new("/"));
-            std::fs::create_dir_all(parent)
-                .with_context(|| format!("cannot create {}", parent.display()))?;
-            let tmp = sibling(&t.local, "restoring");
-            staged.push((tmp.clone(), t));
-            extract(archive, &planned, &tmp, preserve_owner)
+            let parent = t
+                .open_parent()
                 .with_context(|| format!("cannot restore {}", t.local.display()))?;
+            sweep_leftovers(parent.as_fd(), t);
+            let name = staging_name(t.file_name(), "restoring");
+            let shown = t.local.with_file_name(&name);
+            let s = Staged {
+                target: t,
+                parent,
+                name,
+            };
+            let extracted = extract(
+                archive,
+                &planned,
+                s.parent.as_fd(),
+                &s.name,
+                &shown,
+                options,
+            );
+            staged.push(s);
+            extracted.with_context(|| format!("cannot restore {}", t.local.display()))?;
         }
         Ok(())
     })();
     if let Err(e) = result {
-        for (tmp, _) in &staged {
-            remove_any(tmp);
-        }
+        staged.iter().for_each(Staged::remove);
         return Err(e);
     }
-    for (tmp, t) in staged {
-        let old = sibling(&t.local, "old");
-        let had_old = std::fs::symlink_metadata(&t.local).is_ok();
-        if had_old {
-            std::fs::rename(&t.local, &old)
-                .with_context(|| format!("cannot move {} aside", t.local.display()))?;
-        }
-        if let Err(e) = std::fs::rename(&tmp, &t.local) {
-            if had_old {
-                let _ = std::fs::rename(&old, &t.local);
-            }
-            remove_any(&tmp);
+    for (i, s) in staged.iter().enumerate() {
+        let aside = staging_name(s.target.file_name(), "old");
+        if let Err(e) = beneath::replace_at(s.parent.as_fd(), &s.name, s.target.file_name(), &aside)
+        {
+            staged[i..].iter().for_each(Staged::remove);
             return Err(e).with_context(|| {
-                format!("cannot move the restored {} into place", t.local.display())
+                format!(
+                    "cannot move the restored {} into place",
+                    s.target.local.display()
+                )
             });
-        }
-        if had_old {
-            remove_any(&old);
         }
     }
     Ok(())
 }
 
-fn sibling(path: &Path, what: &str) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "root".into());
-    let nonce: u32 = rand_nonce();
-    path.with_file_name(format!(
-        ".{name}.cachemount-{what}-{}-{nonce:08x}",
-        std::process::id()
-    ))
+/// `.{name}.cachemount-{what}-{pid}-{nonce}`: hidden, next to its target, and
+/// recognisable by [`sweep_leftovers`].
+fn staging_name(name: &OsStr, what: &str) -> OsString {
+    let mut staged = OsString::from(".");
+    staged.push(name);
+    staged.push(format!(
+        ".cachemount-{what}-{}-{:08x}",
+        std::process::id(),
+        rand_nonce()
+    ));
+    staged
+}
+
+/// Removes staging and set-aside trees of `target` that a killed restore
+/// left in its parent: only names of [`staging_name`]'s form for this
+/// target, and only when the process that made them is gone.
+fn sweep_leftovers(parent: BorrowedFd<'_>, target: &Target) {
+    let Ok(names) = beneath::list_at(parent) else {
+        return;
+    };
+    let mut prefix = b".".to_vec();
+    prefix.extend_from_slice(target.file_name().as_bytes());
+    prefix.extend_from_slice(b".cachemount-");
+    for n in names {
+        let Some(rest) = n.as_bytes().strip_prefix(prefix.as_slice()) else {
+            continue;
+        };
+        let rest = String::from_utf8_lossy(rest);
+        let mut parts = rest.split('-');
+        let (Some("restoring" | "old"), Some(pid), Some(nonce), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            continue;
+        };
+        let Ok(pid) = pid.parse::<i32>() else {
+            continue;
+        };
+        if nonce.len() != 8 || process_alive(pid) {
+            continue;
+        }
+        tracing::info!(path = %target.local.with_file_name(&n).display(), "removing what a killed restore left behind");
+        if let Err(e) = beneath::remove_at(parent, &n) {
+            tracing::warn!(error = %e, "cannot remove a leftover staging dir");
+        }
+    }
+}
+
+fn process_alive(pid: i32) -> bool {
+    if pid <= 0 || pid as u32 == std::process::id() {
+        return true;
+    }
+    // SAFETY: signal 0 only checks that the process exists.
+    let rc = unsafe { libc::kill(pid, 0) };
+    rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
 fn rand_nonce() -> u32 {
@@ -369,25 +555,6 @@ fn rand_nonce() -> u32 {
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap_or_default();
     t.subsec_nanos() ^ (t.as_secs() as u32).rotate_left(16)
-}
-
-/// Removes a file or a tree, making read-only directories writable first.
-fn remove_any(path: &Path) {
-    use std::os::unix::fs::PermissionsExt;
-    let Ok(md) = std::fs::symlink_metadata(path) else {
-        return;
-    };
-    if md.is_dir() {
-        let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700));
-        if let Ok(rd) = std::fs::read_dir(path) {
-            for e in rd.flatten() {
-                remove_any(&e.path());
-            }
-        }
-        let _ = std::fs::remove_dir(path);
-    } else {
-        let _ = std::fs::remove_file(path);
-    }
 }
 
 /// What `restore` did.
@@ -402,6 +569,7 @@ pub async fn restore<S: ObjectStore>(
     source: Source<'_, S>,
     specs: &[PathSpec],
     anchors: &Anchors,
+    options: ExtractOptions,
     progress: Progress,
 ) -> anyhow::Result<RestoreReport> {
     let mut downloads = 0;
@@ -418,7 +586,7 @@ pub async fn restore<S: ObjectStore>(
             }
         };
         progress.finish();
-        match verify_and_extract(&source, file, &meta, specs, anchors).await {
+        match verify_and_extract(&source, file, &meta, specs, anchors, options).await {
             Ok(targets) => break (targets, meta),
             // Damage may have happened in transit: download once more before
             // blaming the stored bytes. The previous targets are untouched.
@@ -445,6 +613,7 @@ async fn verify_and_extract<S: ObjectStore>(
     meta: &ObjectMeta,
     specs: &[PathSpec],
     anchors: &Anchors,
+    options: ExtractOptions,
 ) -> anyhow::Result<Vec<Target>> {
     let archive = Arc::new(file);
     let index = archive::open_file(&archive).map_err(|e| {
@@ -456,7 +625,8 @@ async fn verify_and_extract<S: ObjectStore>(
     }
     let targets = plan_targets(&index, specs, anchors)?;
     let planned = targets.clone();
-    tokio::task::spawn_blocking(move || extract_targets(&archive, &index, &planned)).await??;
+    tokio::task::spawn_blocking(move || extract_targets(&archive, &index, &planned, options))
+        .await??;
     Ok(targets)
 }
 

@@ -19,6 +19,7 @@ use crate::save;
 use crate::store::layout::{self, LayoutError};
 use crate::store::url::split_object_url;
 use crate::store::{AnyStore, StoreUrl};
+use crate::tree::extract::ExtractOptions;
 
 /// Exit code of `restore` when no cache matches the key or any fallback, so CI
 /// scripts can tell a cache miss from a failure.
@@ -77,6 +78,11 @@ pub enum Command {
         source: SourceArgs,
         /// Paths to restore (default: every path the cache holds).
         paths: Vec<String>,
+        /// Give restored files the owner and group the archive records (as
+        /// tar's option of that name; needs root). By default they belong to
+        /// whoever restores them: a cache grants nothing.
+        #[arg(long)]
+        same_owner: bool,
     },
     /// Mount cached paths lazily (FUSE) instead of restoring them; returns
     /// once every path answers. `umount` undoes it.
@@ -183,7 +189,7 @@ fn limit_malloc_arenas() {
 /// Runs the command line; returns the process exit code.
 pub fn main() -> ExitCode {
     let mut cli = Cli::parse();
-    if let Command::Restore { source, paths } | Command::Mount { source, paths, .. } =
+    if let Command::Restore { source, paths, .. } | Command::Mount { source, paths, .. } =
         &mut cli.command
     {
         if let Err(e) = source.take_url_from(paths) {
@@ -317,8 +323,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 report.archive_size
             );
         }
-        Command::Restore { source, paths } => {
+        Command::Restore {
+            source,
+            paths,
+            same_owner,
+        } => {
             let specs = parse_specs(&paths, &anchors)?;
+            let options = ExtractOptions { same_owner };
             let progress = Progress::new("downloading", cli.global.quiet);
             let (report, what) = if let Some(url) = source.url {
                 let (store_url, object) = split_object_url(&url)?;
@@ -337,7 +348,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     pointer: None,
                 };
                 (
-                    restore::restore(src, &specs, &anchors, progress).await?,
+                    restore::restore(src, &specs, &anchors, options, progress).await?,
                     url,
                 )
             } else {
@@ -351,7 +362,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     expected_digest: Some(resolved.pointer.digest.clone()),
                     pointer: Some(layout::pointer_key(&resolved.key)?),
                 };
-                let report = restore::restore(src, &specs, &anchors, progress).await?;
+                let report = restore::restore(src, &specs, &anchors, options, progress).await?;
                 let what = if resolved.key == key {
                     key
                 } else {
@@ -597,6 +608,9 @@ async fn mount_and_serve(
         started.elapsed().as_millis()
     );
     let targets = restore::plan_targets(&version.index, &specs, anchors)?;
+    for t in &targets {
+        t.check_mountable()?;
+    }
     let runtime = tokio::runtime::Handle::current();
     let store = std::sync::Arc::new(store);
     let d = tokio::task::spawn_blocking(move || {

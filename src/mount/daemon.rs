@@ -322,8 +322,8 @@ pub fn mount_all<S: ObjectStore>(
     let targets: Vec<Target> = targets
         .iter()
         .map(|t| Target {
-            name: t.name.clone(),
             local: preflight::absolute(&t.local),
+            ..t.clone()
         })
         .collect();
     for (i, t) in targets.iter().enumerate() {

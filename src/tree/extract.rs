@@ -3,21 +3,28 @@
 //! Every entry is checked before anything is written: no `..`, no absolute
 //! or empty components, no entry below a symlink entry (which could point
 //! anywhere), no repeated names. Extraction goes into a fresh directory that
-//! only this process writes to; symlinks are created after every file, and
-//! directory modes and mtimes are set last (deepest first) so restoring
-//! read-only directories and their mtimes works.
+//! only this process writes to, and every entry is created by directory fd
+//! ([`super::beneath`]), so not even a symlink raced into the staging tree is
+//! followed. Symlinks are created after every file, and directory modes and
+//! mtimes are set last (deepest first) so restoring read-only directories and
+//! their mtimes works. A restore grants nothing the restoring user did not
+//! have: no setuid/setgid bits, only `user.*` xattrs, and the archived owner
+//! only when asked (`--same-owner`).
 
 use std::collections::HashSet;
-use std::fs::{self, File, OpenOptions};
+use std::ffi::OsStr;
+use std::fs::File;
 use std::io::{self, BufWriter, Read};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use filetime::FileTime;
 use rayon::prelude::*;
+use rustix::fs::{AtFlags, Mode, OFlags};
 
-use crate::archive::decode::{decode_entry, decode_entry_to, DecodeError};
+use super::beneath::{open_dir_beneath, open_extracted_dir, BeneathError, Dir};
+use crate::archive::decode::{decode_entry_to, DecodeError};
 use crate::archive::reader::resolve_data_offset;
 use crate::archive::{Entry, EntryKind};
 
@@ -27,6 +34,8 @@ pub enum ExtractError {
     Unsafe { name: String, reason: &'static str },
     #[error(transparent)]
     Decode(#[from] DecodeError),
+    #[error(transparent)]
+    Beneath(#[from] BeneathError),
     #[error("{context}")]
     Io {
         context: String,
@@ -134,148 +143,255 @@ fn entry_data<'a>(archive: &'a File, entry: &Entry) -> Result<EntryData<'a>, Ext
     })
 }
 
+/// How extraction treats what the archive claims about ownership (DESIGN §7:
+/// a cache grants nothing).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ExtractOptions {
+    /// Apply the archived uid/gid (`--same-owner`); otherwise files belong to
+    /// whoever restores them.
+    pub same_owner: bool,
+}
+
+/// Permission bits a restore sets: never setuid or setgid, whatever the
+/// archive says (rwx and the sticky bit are kept).
+pub const RESTORABLE_MODE: u32 = 0o1777;
+/// Extended attributes a restore sets: the `user.*` namespace, which is what
+/// `save` records; `security.*`, `trusted.*` and `system.*` would grant.
+pub const RESTORABLE_XATTR_PREFIX: &[u8] = b"user.";
+/// The kernel's limit on a symlink target.
+const PATH_MAX: u64 = libc::PATH_MAX as u64;
+
+/// An entry's place: its parent directory (open) and its name there.
+struct Place<'a> {
+    dir: Dir<'a>,
+    name: &'a OsStr,
+}
+
+/// One extraction: the staged root below `parent` and what every entry needs.
+struct Extraction<'a> {
+    archive: &'a File,
+    parent: BorrowedFd<'a>,
+    staged: &'a OsStr,
+    /// The staged root when it is a directory.
+    root: Option<BorrowedFd<'a>>,
+    shown: &'a Path,
+    options: ExtractOptions,
+}
+
 /// Extracts `planned` (already checked with [`check_safe`]) from `archive`
-/// into `root`, which must not exist yet. `preserve_owner`: chown to the
-/// archived uid/gid (as root).
+/// as `staged` in the directory `parent`, which must not hold `staged` yet.
+/// Every entry is created below `staged` by directory fd, never through a
+/// symlink. `shown` is the path of `staged`, for messages.
 pub fn extract(
     archive: &File,
     planned: &[Planned<'_>],
-    root: &Path,
-    preserve_owner: bool,
+    parent: BorrowedFd<'_>,
+    staged: &OsStr,
+    shown: &Path,
+    options: ExtractOptions,
 ) -> Result<(), ExtractError> {
-    let root_is_dir = planned
-        .iter()
-        .any(|p| p.relative.as_os_str().is_empty() && p.entry.kind == EntryKind::Dir)
-        || !planned.iter().any(|p| p.relative.as_os_str().is_empty());
-    if root_is_dir {
-        fs::create_dir(root).map_err(io_err(format!("cannot create {}", root.display())))?;
-    }
-    let target = |p: &Planned<'_>| {
-        if p.relative.as_os_str().is_empty() {
-            root.to_path_buf()
-        } else {
-            root.join(&p.relative)
-        }
+    let root_entry = planned.iter().find(|p| p.relative.as_os_str().is_empty());
+    let root_is_dir = root_entry.is_none_or(|p| p.entry.kind == EntryKind::Dir);
+    let root_fd = if root_is_dir {
+        rustix::fs::mkdirat(parent, staged, Mode::from_raw_mode(0o700))
+            .map_err(|e| io_err(format!("cannot create {}", shown.display()))(e.into()))?;
+        Some(
+            rustix::fs::openat(parent, staged, DIR_OPEN, Mode::empty())
+                .map_err(|e| io_err(format!("cannot open {}", shown.display()))(e.into()))?,
+        )
+    } else {
+        None
     };
-    // Directories first (owner-writable until the end), then files in parallel.
-    for p in planned
+    let x = Extraction {
+        archive,
+        parent,
+        staged,
+        root: root_fd.as_ref().map(|fd| fd.as_fd()),
+        shown,
+        options,
+    };
+    // Directories first, parents before children (the names are sorted),
+    // owner-only until their metadata is applied at the end.
+    let mut dirs: Vec<&Planned<'_>> = planned
         .iter()
         .filter(|p| p.entry.kind == EntryKind::Dir && !p.relative.as_os_str().is_empty())
-    {
-        let path = target(p);
-        fs::create_dir_all(&path).map_err(io_err(format!("cannot create {}", path.display())))?;
+        .collect();
+    dirs.sort_by(|a, b| a.relative.cmp(&b.relative));
+    for p in &dirs {
+        let place = x.place(p)?;
+        match rustix::fs::mkdirat(&place.dir, place.name, Mode::from_raw_mode(0o700)) {
+            Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+            Err(e) => {
+                return Err(io_err(format!("cannot create {}", x.path(p).display()))(
+                    e.into(),
+                ))
+            }
+        }
     }
     planned
         .par_iter()
         .filter(|p| p.entry.kind == EntryKind::File)
-        .try_for_each(|p| {
-            let path = target(p);
-            let create = || {
-                OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .custom_flags(libc::O_NOFOLLOW)
-                    .mode(0o600)
-                    .open(&path)
-            };
-            // Parents normally exist (directory entries come first); foreign
-            // zips may have no directory entries, so create them on demand.
-            let file = match create() {
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    if let Some(parent) = path.parent() {
-                        fs::create_dir_all(parent)
-                            .map_err(io_err(format!("cannot create {}", parent.display())))?;
-                    }
-                    create()
-                }
-                other => other,
-            }
-            .map_err(io_err(format!("cannot create {}", path.display())))?;
-            let buffer = p.entry.size.clamp(1, 1 << 20) as usize;
-            decode_entry_to(
-                p.entry,
-                entry_data(archive, p.entry)?,
-                BufWriter::with_capacity(buffer, &file),
-            )?;
-            apply_file_metadata(&file, &path, p.entry, preserve_owner)
-        })?;
+        .try_for_each(|p| x.write_file(p))?;
     for p in planned
         .iter()
         .filter(|p| p.entry.kind == EntryKind::Symlink)
     {
-        let path = target(p);
-        let link = match &p.entry.link_target {
+        x.write_symlink(p)?;
+    }
+    // Directory metadata last, deepest first, so setting a read-only mode or
+    // an mtime is not undone by creating the entries inside.
+    dirs.reverse();
+    for p in dirs {
+        let place = x.place(p)?;
+        let fd = rustix::fs::openat(&place.dir, place.name, DIR_OPEN, Mode::empty())
+            .map_err(|e| io_err(format!("cannot open {}", x.path(p).display()))(e.into()))?;
+        x.apply_metadata(fd.as_fd(), p)?;
+    }
+    if let (Some(root), Some(p)) = (x.root, root_entry.filter(|_| root_is_dir)) {
+        x.apply_metadata(root, p)?;
+    }
+    Ok(())
+}
+
+/// Flags to open a directory for metadata and `*at` calls, never through a symlink.
+const DIR_OPEN: OFlags = OFlags::DIRECTORY
+    .union(OFlags::NOFOLLOW)
+    .union(OFlags::CLOEXEC)
+    .union(OFlags::RDONLY);
+
+impl<'a> Extraction<'a> {
+    fn path(&self, p: &Planned<'_>) -> PathBuf {
+        if p.relative.as_os_str().is_empty() {
+            self.shown.to_path_buf()
+        } else {
+            self.shown.join(&p.relative)
+        }
+    }
+
+    /// The open parent of `p` and its name there. Foreign zips may have no
+    /// directory entries, so missing parents are made (by the same walk that
+    /// refuses symlinks).
+    fn place<'p>(&self, p: &'p Planned<'_>) -> Result<Place<'p>, ExtractError>
+    where
+        'a: 'p,
+    {
+        let Some(name) = p.relative.file_name() else {
+            return Ok(Place {
+                dir: Dir::Borrowed(self.parent),
+                name: self.staged,
+            });
+        };
+        let Some(root) = self.root else {
+            return Err(ExtractError::Unsafe {
+                name: String::from_utf8_lossy(&p.entry.name).into_owned(),
+                reason: "entry below a file",
+            });
+        };
+        let parent = p.relative.parent().unwrap_or(Path::new(""));
+        let dir = match open_extracted_dir(root, parent, self.shown) {
+            Err(BeneathError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+                open_dir_beneath(root, parent, true, self.shown).map(Dir::Owned)
+            }
+            other => other,
+        }?;
+        Ok(Place { dir, name })
+    }
+
+    fn write_file(&self, p: &Planned<'_>) -> Result<(), ExtractError> {
+        let place = self.place(p)?;
+        let flags =
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let fd = rustix::fs::openat(&place.dir, place.name, flags, Mode::from_raw_mode(0o600))
+            .map_err(|e| io_err(format!("cannot create {}", self.path(p).display()))(e.into()))?;
+        let file = File::from(fd);
+        let buffer = p.entry.size.clamp(1, 1 << 20) as usize;
+        decode_entry_to(
+            p.entry,
+            entry_data(self.archive, p.entry)?,
+            BufWriter::with_capacity(buffer, &file),
+        )?;
+        self.apply_metadata(file.as_fd(), p)
+    }
+
+    fn write_symlink(&self, p: &Planned<'_>) -> Result<(), ExtractError> {
+        let too_long = ExtractError::Unsafe {
+            name: String::from_utf8_lossy(&p.entry.name).into_owned(),
+            reason: "symlink target longer than PATH_MAX",
+        };
+        let target = match &p.entry.link_target {
             Some(t) => t.clone(),
+            None if p.entry.size >= PATH_MAX => return Err(too_long),
             None => {
-                let mut data = Vec::new();
-                entry_data(archive, p.entry)?
-                    .read_to_end(&mut data)
-                    .map_err(io_err("reading the archive"))?;
-                decode_entry(p.entry, &data)?
+                // Streamed and bounded by the declared size, whatever the data inflates to.
+                let mut target = Vec::new();
+                decode_entry_to(p.entry, entry_data(self.archive, p.entry)?, &mut target)?;
+                target
             }
         };
-        if let Some(parent) = path.parent() {
-            fs::create_dir_all(parent)
-                .map_err(io_err(format!("cannot create {}", parent.display())))?;
+        if target.len() as u64 >= PATH_MAX {
+            return Err(too_long);
         }
-        std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(&link), &path)
-            .map_err(io_err(format!("cannot create symlink {}", path.display())))?;
-        apply_metadata(&path, p.entry, preserve_owner, true)?;
+        let place = self.place(p)?;
+        rustix::fs::symlinkat(OsStr::from_bytes(&target), &place.dir, place.name).map_err(|e| {
+            io_err(format!("cannot create symlink {}", self.path(p).display()))(e.into())
+        })?;
+        let ctx = || format!("cannot set metadata of {}", self.path(p).display());
+        if self.options.same_owner {
+            rustix::fs::chownat(
+                &place.dir,
+                place.name,
+                Some(rustix::fs::Uid::from_raw(p.entry.uid)),
+                Some(rustix::fs::Gid::from_raw(p.entry.gid)),
+                AtFlags::SYMLINK_NOFOLLOW,
+            )
+            .map_err(|e| io_err(ctx())(e.into()))?;
+        }
+        rustix::fs::utimensat(
+            &place.dir,
+            place.name,
+            &timestamps(p.entry),
+            AtFlags::SYMLINK_NOFOLLOW,
+        )
+        .map_err(|e| io_err(ctx())(e.into()))
     }
-    let mut dirs: Vec<&Planned<'_>> = planned
-        .iter()
-        .filter(|p| p.entry.kind == EntryKind::Dir)
-        .collect();
-    dirs.sort_by(|a, b| b.relative.cmp(&a.relative));
-    for p in dirs {
-        apply_metadata(&target(p), p.entry, preserve_owner, false)?;
+
+    /// Sets `user.*` xattrs, the owner (with `--same-owner`), the mode without
+    /// setuid/setgid, and the times, all through the open `fd`.
+    fn apply_metadata(&self, fd: BorrowedFd<'_>, p: &Planned<'_>) -> Result<(), ExtractError> {
+        let ctx = || format!("cannot set metadata of {}", self.path(p).display());
+        let fail = |e: rustix::io::Errno| io_err(ctx())(e.into());
+        for (name, value) in &p.entry.xattrs {
+            if name.starts_with(RESTORABLE_XATTR_PREFIX) {
+                rustix::fs::fsetxattr(
+                    fd,
+                    OsStr::from_bytes(name),
+                    value,
+                    rustix::fs::XattrFlags::empty(),
+                )
+                .map_err(fail)?;
+            }
+        }
+        if self.options.same_owner {
+            rustix::fs::fchown(
+                fd,
+                Some(rustix::fs::Uid::from_raw(p.entry.uid)),
+                Some(rustix::fs::Gid::from_raw(p.entry.gid)),
+            )
+            .map_err(fail)?;
+        }
+        rustix::fs::fchmod(fd, Mode::from_raw_mode(p.entry.mode & RESTORABLE_MODE))
+            .map_err(fail)?;
+        rustix::fs::futimens(fd, &timestamps(p.entry)).map_err(fail)
     }
-    Ok(())
 }
 
-/// Like [`apply_metadata`] through the open file (no path lookups: the hot
-/// path when restoring many small files).
-fn apply_file_metadata(
-    file: &File,
-    path: &Path,
-    entry: &Entry,
-    preserve_owner: bool,
-) -> Result<(), ExtractError> {
-    use xattr::FileExt as _;
-    let ctx = || format!("cannot set metadata of {}", path.display());
-    for (name, value) in &entry.xattrs {
-        file.set_xattr(std::ffi::OsStr::from_bytes(name), value)
-            .map_err(io_err(ctx()))?;
+fn timestamps(entry: &Entry) -> rustix::fs::Timestamps {
+    let t = rustix::fs::Timespec {
+        tv_sec: entry.mtime.secs,
+        tv_nsec: entry.mtime.nanos.into(),
+    };
+    rustix::fs::Timestamps {
+        last_access: t,
+        last_modification: t,
     }
-    if preserve_owner {
-        std::os::unix::fs::fchown(file, Some(entry.uid), Some(entry.gid)).map_err(io_err(ctx()))?;
-    }
-    file.set_permissions(fs::Permissions::from_mode(entry.mode))
-        .map_err(io_err(ctx()))?;
-    let mtime = FileTime::from_unix_time(entry.mtime.secs, entry.mtime.nanos);
-    filetime::set_file_handle_times(file, Some(mtime), Some(mtime)).map_err(io_err(ctx()))?;
-    Ok(())
-}
-
-fn apply_metadata(
-    path: &Path,
-    entry: &Entry,
-    preserve_owner: bool,
-    is_link: bool,
-) -> Result<(), ExtractError> {
-    let ctx = || format!("cannot set metadata of {}", path.display());
-    if !is_link {
-        for (name, value) in &entry.xattrs {
-            xattr::set(path, std::ffi::OsStr::from_bytes(name), value).map_err(io_err(ctx()))?;
-        }
-    }
-    if preserve_owner {
-        std::os::unix::fs::lchown(path, Some(entry.uid), Some(entry.gid)).map_err(io_err(ctx()))?;
-    }
-    if !is_link {
-        fs::set_permissions(path, fs::Permissions::from_mode(entry.mode)).map_err(io_err(ctx()))?;
-    }
-    let mtime = FileTime::from_unix_time(entry.mtime.secs, entry.mtime.nanos);
-    filetime::set_symlink_file_times(path, mtime, mtime).map_err(io_err(ctx()))?;
-    Ok(())
 }

@@ -106,7 +106,9 @@ pub fn feature_tree(root: &Path, seed: u64) {
     )
     .unwrap();
     fs::set_permissions(root.join("private"), fs::Permissions::from_mode(0o710)).unwrap();
-    fs::set_permissions(root.join("nested/tiny"), fs::Permissions::from_mode(0o4755)).unwrap();
+    // The sticky bit round-trips; setuid/setgid do not (a restore grants
+    // nothing: tests/untrusted_targets.rs).
+    fs::set_permissions(root.join("nested/tiny"), fs::Permissions::from_mode(0o1755)).unwrap();
     std::os::unix::fs::symlink("deeper/deepest/leaf.txt", root.join("nested/rel-link")).unwrap();
     std::os::unix::fs::symlink("/etc/hostname", root.join("abs-link")).unwrap();
     std::os::unix::fs::symlink("missing-target", root.join("dangling-link")).unwrap();
