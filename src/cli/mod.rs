@@ -495,13 +495,19 @@ fn exit_code_of(e: &anyhow::Error) -> u8 {
 /// `mount` without `--foreground`: start the daemon, wait for it, report.
 fn mount_parent(log_file: Option<PathBuf>) -> ExitCode {
     let mut args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
-    let log = log_file.unwrap_or_else(|| {
-        let p = control::default_log_path();
+    let new_log = log_file.is_none();
+    let log = match log_file.map_or_else(control::default_log_path, Ok) {
+        Ok(log) => log,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if new_log {
         args.push("--log-file".into());
-        args.push(p.clone().into());
-        p
-    });
-    match control::spawn_daemon(&args, &log, std::time::Duration::from_secs(600)) {
+        args.push(log.clone().into());
+    }
+    match control::spawn_daemon(&args, &log, new_log, std::time::Duration::from_secs(600)) {
         Ok(started) => {
             for (path, nodes, mode) in &started.mounted {
                 println!(
@@ -532,16 +538,7 @@ fn init_mount_logging(verbose: u8, log_file: Option<&std::path::Path>, foregroun
         tracing_subscriber::EnvFilter::new(format!("cachemount={default},warn"))
     });
     let file = match (foreground, log_file) {
-        (true, Some(path)) => {
-            if let Some(dir) = path.parent() {
-                let _ = std::fs::create_dir_all(dir);
-            }
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .ok()
-        }
+        (true, Some(path)) => control::open_log(path, false).ok(),
         _ => None,
     };
     let builder = tracing_subscriber::fmt()

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 
-use super::preflight;
+use super::{preflight, private};
 use crate::fs::STATS_XATTR;
 
 /// What the daemon reported when it became ready.
@@ -74,17 +74,15 @@ fn unescape(s: &str) -> String {
 
 /// Starts `exe args… --daemon-child` detached, logging to `log`, and waits
 /// (at most `timeout`) until it reports ready or fails.
-pub fn spawn_daemon(args: &[OsString], log: &Path, timeout: Duration) -> anyhow::Result<Started> {
+/// `new_log`: the log is the default path, which must not exist yet (see [`open_log`]).
+pub fn spawn_daemon(
+    args: &[OsString],
+    log: &Path,
+    new_log: bool,
+    timeout: Duration,
+) -> anyhow::Result<Started> {
     let exe = std::env::current_exe().context("cannot find the cachemount executable")?;
-    if let Some(dir) = log.parent() {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("cannot create the log directory {}", dir.display()))?;
-    }
-    let log_file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .with_context(|| format!("cannot open the log file {}", log.display()))?;
+    let log_file = open_log(log, new_log)?;
     let mut cmd = Command::new(exe);
     cmd.args(args)
         .arg("--daemon-child")
@@ -171,35 +169,75 @@ pub fn detach_stdout() {
     }
 }
 
-/// Unmounts `path`. A stale mount (daemon killed) is detached; a busy mount
-/// is an error unless `lazy` (then it is detached and goes away when the
-/// last user leaves).
+/// Whether `entry` is one of cachemount's read-only mounts: FUSE (`fuse`
+/// when mounted by root with mount(2), `fuse.cachemount` through
+/// fusermount3) with the source name the daemon gives them.
+pub fn is_cachemount(entry: &preflight::MountEntry) -> bool {
+    matches!(entry.fstype.as_str(), "fuse" | "fuse.cachemount")
+        && entry.source.starts_with(FSNAME_PREFIX)
+}
+
+/// The daemon names its mounts `cachemount:<object>`.
+pub const FSNAME_PREFIX: &str = "cachemount:";
+
+/// `umount` was asked to unmount something cachemount did not mount.
+#[derive(Debug, thiserror::Error)]
+#[error("{} is a {fstype} mount of {device}, not one cachemount made; refusing to unmount it (use umount(8) if you mean to)", .path.display())]
+pub struct NotOurs {
+    pub path: PathBuf,
+    pub fstype: String,
+    /// What is mounted (mountinfo's source field).
+    pub device: String,
+}
+
+impl NotOurs {
+    pub fn new(entry: preflight::MountEntry) -> Self {
+        NotOurs {
+            path: entry.mount_point,
+            fstype: entry.fstype,
+            device: entry.source,
+        }
+    }
+}
+
+/// Unmounts the cachemount mount at `path`, refusing any other mount. A
+/// stale mount (daemon killed) is detached; a busy mount is an error unless
+/// `lazy` (then it is detached and goes away when the last user leaves).
 pub fn unmount(path: &Path, lazy: bool) -> anyhow::Result<()> {
     let path = preflight::absolute(path);
-    let stale = preflight::is_stale(&path);
-    if !stale && !preflight::is_mountpoint(&path) {
+    let Some(entry) = preflight::mount_at(&path) else {
         if std::fs::symlink_metadata(&path).is_err() {
             bail!("{} does not exist", path.display());
         }
         bail!("{} is not mounted", path.display());
+    };
+    if !is_cachemount(&entry) {
+        return Err(NotOurs::new(entry).into());
     }
+    unmount_checked(&path, lazy)
+}
+
+/// Unmounts `path` (an absolute path), which the caller has checked is a
+/// mount cachemount made: one of its own, or a fuse-overlayfs overlay.
+pub(super) fn unmount_checked(path: &Path, lazy: bool) -> anyhow::Result<()> {
+    let stale = preflight::is_stale(path);
     if !preflight::is_root() {
-        return fusermount_unmount(&path, lazy || stale);
+        return fusermount_unmount(path, lazy || stale);
     }
-    let c = preflight::cstring(&path)?;
+    let c = preflight::cstring(path)?;
     // SAFETY: c is a valid C string.
     if unsafe { libc::umount2(c.as_ptr(), 0) } == 0 {
         return Ok(());
     }
     let err = std::io::Error::last_os_error();
     match err.raw_os_error() {
-        Some(libc::EBUSY) if lazy || stale => detach(&c, &path),
+        Some(libc::EBUSY) if lazy || stale => detach(&c, path),
         Some(libc::EBUSY) => bail!(
             "{} is busy: a process has a file open there or its working directory inside; stop it, or use --lazy to detach now",
             path.display()
         ),
-        Some(libc::EPERM) => fusermount_unmount(&path, lazy || stale),
-        _ if stale => detach(&c, &path),
+        Some(libc::EPERM) => fusermount_unmount(path, lazy || stale),
+        _ if stale => detach(&c, path),
         _ => Err(err).with_context(|| format!("cannot unmount {}", path.display())),
     }
 }
@@ -248,13 +286,24 @@ pub fn stats(path: &Path) -> anyhow::Result<String> {
     }
 }
 
-/// Where a daemon logs unless `--log-file` says otherwise.
-pub fn default_log_path() -> PathBuf {
+/// Where a daemon logs unless `--log-file` says otherwise: a new file in the
+/// user's private log directory (never a shared, predictable path).
+pub fn default_log_path() -> anyhow::Result<PathBuf> {
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let base = dirs::cache_dir().unwrap_or_else(std::env::temp_dir);
-    base.join("cachemount")
-        .join("logs")
-        .join(format!("mount-{secs}-{}.log", std::process::id()))
+    let dir = private::user_dir("logs")?;
+    Ok(dir.join(format!("mount-{secs}-{}.log", std::process::id())))
+}
+
+/// Opens the daemon's log for appending: created `0600`, never through a
+/// symlink (`O_NOFOLLOW`), and with `new` (the default log path) only if it
+/// does not exist yet (`O_EXCL`). A given `--log-file` may be an existing log.
+pub fn open_log(path: &Path, new: bool) -> anyhow::Result<std::fs::File> {
+    if let Some(dir) = path.parent() {
+        private::create_dirs(dir)
+            .with_context(|| format!("cannot create the log directory {}", dir.display()))?;
+    }
+    private::create_file(path, new)
+        .with_context(|| format!("cannot open the log file {}", path.display()))
 }

@@ -332,7 +332,7 @@ pub fn mount_all<S: ObjectStore>(
         }
         preflight::prepare_mountpoint(&t.local, options.force)?;
     }
-    let fsname = format!("cachemount:{}", version.key);
+    let fsname = format!("{}{}", control::FSNAME_PREFIX, version.key);
     let object = version.key.clone();
     let current = Current::new(version);
     let content_addressed = expected_digest.is_some();

@@ -6,3 +6,4 @@ pub mod control;
 pub mod daemon;
 pub mod overlay;
 pub mod preflight;
+pub mod private;

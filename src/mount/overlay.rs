@@ -6,9 +6,11 @@
 //! Each writable target has a state directory of its own, named after the
 //! target's path, that holds the layers and a `state.json` saying what the
 //! lower layer shows: `save` finds it from the target alone to save
-//! incrementally, and `umount` to tear both layers down.
+//! incrementally, and `umount` to tear both layers down. The state is
+//! private (see [`super::private`]), and both layers are `nosuid,nodev`.
 
-use std::io;
+use std::io::{self, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -16,11 +18,15 @@ use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::preflight;
+use super::control::{self, NotOurs};
+use super::preflight::{self, MountEntry};
+use super::private;
 
-/// `statfs` type of kernel overlayfs.
-const OVERLAYFS_SUPER_MAGIC: i64 = 0x794c_7630;
 const STATE_FILE: &str = "state.json";
+/// The source name of the kernel overlays cachemount mounts (in /proc/self/mountinfo).
+const OVERLAY_SOURCE: &std::ffi::CStr = c"cachemount";
+/// fuse-overlayfs's filesystem type; it has no way to name its mounts.
+const FUSE_OVERLAYFS_FSTYPE: &str = "fuse.fuse-overlayfs";
 
 /// What a writable target is made of, as recorded in its state directory.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -54,31 +60,44 @@ fn use_fuse_overlayfs() -> bool {
     }
 }
 
-/// Where writable mounts keep their layers; `CACHEMOUNT_STATE_DIR` overrides it.
-fn state_root() -> PathBuf {
-    std::env::var_os("CACHEMOUNT_STATE_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            dirs::cache_dir()
-                .unwrap_or_else(std::env::temp_dir)
-                .join("cachemount")
-                .join("writable")
-        })
+/// Where writable mounts keep their layers (`CACHEMOUNT_STATE_DIR`
+/// overrides it), without creating it; None when the user has no cache dir.
+fn state_root_path() -> Option<PathBuf> {
+    match std::env::var_os("CACHEMOUNT_STATE_DIR") {
+        Some(dir) => Some(PathBuf::from(dir)),
+        None => Some(dirs::cache_dir()?.join("cachemount").join("writable")),
+    }
 }
 
-/// The state directory of `target` (an absolute path).
-fn state_dir(target: &Path) -> PathBuf {
+/// [`state_root_path`], created private.
+fn state_root() -> anyhow::Result<PathBuf> {
+    let Some(root) = state_root_path() else {
+        bail!("this user has no cache directory for the writable mounts' layers: set HOME, or CACHEMOUNT_STATE_DIR");
+    };
+    private::ensure_private_dir(&root)?;
+    Ok(root)
+}
+
+/// The state directory of `target` (an absolute path) under `root`.
+fn state_dir(root: &Path, target: &Path) -> PathBuf {
     use std::os::unix::ffi::OsStrExt;
     let hash = Sha256::digest(target.as_os_str().as_bytes());
     let hex: String = hash[..8].iter().map(|b| format!("{b:02x}")).collect();
-    state_root().join(hex)
+    root.join(hex)
 }
 
 /// The writable mount made at `target`, if there is one (it may be partly
 /// unmounted already: see [`WritableMount::is_mounted`]).
 pub fn find(target: &Path) -> Option<WritableMount> {
     let target = preflight::absolute(target);
-    let bytes = std::fs::read(state_dir(&target).join(STATE_FILE)).ok()?;
+    let path = state_dir(&state_root_path()?, &target).join(STATE_FILE);
+    let mut bytes = Vec::new();
+    std::fs::File::options()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .and_then(|mut f| f.read_to_end(&mut bytes))
+        .ok()?;
     let state: WritableMount = serde_json::from_slice(&bytes).ok()?;
     (state.target == target).then_some(state)
 }
@@ -94,7 +113,7 @@ impl WritableMount {
         object: String,
         digest: Option<String>,
     ) -> anyhow::Result<Self> {
-        let dir = state_dir(target);
+        let dir = state_dir(&state_root()?, target);
         if dir.exists() {
             if find(target).is_some_and(|w| w.is_mounted()) {
                 bail!("{} is already a writable mount", target.display());
@@ -113,18 +132,21 @@ impl WritableMount {
             fuse_overlay: use_fuse_overlayfs(),
         };
         for d in [&state.lower, &state.upper, &state.work] {
-            std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
+            private::create_dirs(d).with_context(|| format!("cannot create {}", d.display()))?;
         }
-        std::fs::write(
-            dir.join(STATE_FILE),
-            serde_json::to_vec_pretty(&state).expect("state serialises"),
-        )
-        .with_context(|| format!("cannot write the state of {}", target.display()))?;
+        private::create_file(&dir.join(STATE_FILE), true)
+            .and_then(|mut f| {
+                f.write_all(&serde_json::to_vec_pretty(&state).expect("state serialises"))
+            })
+            .with_context(|| format!("cannot write the state of {}", target.display()))?;
         Ok(state)
     }
 
-    fn dir(&self) -> PathBuf {
-        state_dir(&self.target)
+    /// The state directory (the parent of the layers).
+    fn dir(&self) -> &Path {
+        self.upper
+            .parent()
+            .expect("the layers are in the state dir")
     }
 
     /// Mounts the overlay at the target (the lower layer must be mounted).
@@ -146,7 +168,7 @@ impl WritableMount {
             self.work.display()
         );
         if self.fuse_overlay {
-            return mount_fuse_overlayfs(&layers, &self.target);
+            return mount_fuse_overlayfs(&format!("nosuid,nodev,{layers}"), &self.target);
         }
         // No redirects and no metadata-only copy-up: every changed file is
         // whole in the upper dir, which is what an incremental save reads.
@@ -156,10 +178,10 @@ impl WritableMount {
         // SAFETY: every pointer is a valid C string.
         let rc = unsafe {
             libc::mount(
-                c"cachemount".as_ptr(),
+                OVERLAY_SOURCE.as_ptr(),
                 c_target.as_ptr(),
                 c"overlay".as_ptr(),
-                0,
+                libc::MS_NOSUID | libc::MS_NODEV,
                 c_options.as_ptr().cast(),
             )
         };
@@ -198,24 +220,48 @@ impl WritableMount {
         set().with_context(|| format!("cannot prepare {}", upper.display()))
     }
 
-    /// Whether the overlay is mounted at the target.
-    pub fn is_mounted(&self) -> bool {
-        preflight::is_mountpoint(&self.target)
-            && (self.fuse_overlay
-                || preflight::fs_type(&self.target).ok() == Some(OVERLAYFS_SUPER_MAGIC))
+    /// Whether this overlay is mounted at the target; an error when another
+    /// mount is there. A kernel overlay is known by its source name and its
+    /// lower dir; fuse-overlayfs cannot name its mounts, so one at a target
+    /// this state describes is taken to be this one.
+    fn overlay_mounted(&self) -> Result<bool, NotOurs> {
+        let Some(entry) = preflight::mount_at(&self.target) else {
+            return Ok(false);
+        };
+        if self.is_this_overlay(&entry) {
+            Ok(true)
+        } else {
+            Err(NotOurs::new(entry))
+        }
     }
 
-    /// Unmounts the overlay, then the lower layer (whose daemon then exits).
+    fn is_this_overlay(&self, entry: &MountEntry) -> bool {
+        if self.fuse_overlay {
+            return entry.fstype == FUSE_OVERLAYFS_FSTYPE;
+        }
+        let lower = format!("lowerdir={}", self.lower.display());
+        entry.fstype == "overlay"
+            && entry.source.as_bytes() == OVERLAY_SOURCE.to_bytes()
+            && entry.super_options.split(',').any(|o| o == lower)
+    }
+
+    /// Whether the overlay is mounted at the target.
+    pub fn is_mounted(&self) -> bool {
+        matches!(self.overlay_mounted(), Ok(true))
+    }
+
+    /// Unmounts the overlay, then the lower layer (whose daemon then
+    /// exits). Refuses when another mount covers the target.
     pub fn unmount(&self, lazy: bool) -> anyhow::Result<()> {
-        if self.is_mounted() {
+        if self.overlay_mounted()? {
             if self.fuse_overlay {
-                super::control::unmount(&self.target, lazy)?;
+                control::unmount_checked(&self.target, lazy)?;
             } else {
                 unmount_overlay(&self.target, lazy)?;
             }
         }
-        if preflight::is_mountpoint(&self.lower) || preflight::is_stale(&self.lower) {
-            super::control::unmount(&self.lower, true)?;
+        if preflight::is_mountpoint(&self.lower) {
+            control::unmount(&self.lower, true)?;
         }
         Ok(())
     }
@@ -229,15 +275,16 @@ impl WritableMount {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs());
             let name = dir.file_name().expect("hash-named").to_string_lossy();
-            let to = state_root().join("kept").join(format!("{name}-{secs}"));
-            std::fs::create_dir_all(to.parent().expect("has a parent"))?;
+            let kept = state_root()?.join("kept");
+            private::ensure_private_dir(&kept)?;
+            let to = kept.join(format!("{name}-{secs}"));
             std::fs::rename(&self.upper, &to)
                 .with_context(|| format!("cannot keep the changes of {}", self.target.display()))?;
             Some(to)
         } else {
             None
         };
-        remove_layers(&dir)?;
+        remove_layers(dir)?;
         Ok(kept)
     }
 }

@@ -3,9 +3,9 @@
 //! is each target a directory we may mount on (not already a mount, empty
 //! unless `--force`, not a stale mount).
 
-use std::ffi::CString;
+use std::ffi::{CString, OsString};
 use std::io;
-use std::os::unix::ffi::OsStrExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
@@ -84,17 +84,54 @@ pub fn is_disconnected(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::ENOTCONN | libc::ECONNABORTED))
 }
 
+/// One mount, as a line of /proc/self/mountinfo tells it: what `umount`
+/// checks before unmounting anything, and what tests read the flags from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountEntry {
+    pub mount_point: PathBuf,
+    /// Per-mount flags (`ro,nosuid,nodev,relatime`).
+    pub options: String,
+    /// `fuse.cachemount`, `overlay`, `tmpfs`, …
+    pub fstype: String,
+    pub source: String,
+    /// The filesystem's own options (an overlay's `lowerdir=…`).
+    pub super_options: String,
+}
+
+impl MountEntry {
+    fn parse(line: &str) -> Option<MountEntry> {
+        let (mount, fs) = line.split_once(" - ")?;
+        let mount: Vec<&str> = mount.split(' ').collect();
+        let mut fs = fs.splitn(3, ' ');
+        let text = |s: &str| String::from_utf8_lossy(&unescape_mountinfo(s)).into_owned();
+        Some(MountEntry {
+            mount_point: PathBuf::from(OsString::from_vec(unescape_mountinfo(mount.get(4)?))),
+            options: mount.get(5)?.to_string(),
+            fstype: text(fs.next()?),
+            source: text(fs.next()?),
+            super_options: text(fs.next().unwrap_or("")),
+        })
+    }
+
+    /// Whether the mount has the per-mount flag `flag` (`nosuid`).
+    pub fn has_option(&self, flag: &str) -> bool {
+        self.options.split(',').any(|o| o == flag)
+    }
+}
+
+/// The mount whose root is `path` (the topmost, if several are stacked
+/// there), per /proc/self/mountinfo.
+pub fn mount_at(path: &Path) -> Option<MountEntry> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    info.lines()
+        .rev()
+        .filter_map(MountEntry::parse)
+        .find(|m| m.mount_point == path)
+}
+
 /// Whether `path` is the root of a mount (per /proc/self/mountinfo).
 pub fn is_mountpoint(path: &Path) -> bool {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return false;
-    };
-    let want = path.as_os_str().as_bytes();
-    info.lines().any(|l| {
-        l.split(' ')
-            .nth(4)
-            .is_some_and(|mp| unescape_mountinfo(mp) == want)
-    })
+    mount_at(path).is_some()
 }
 
 fn unescape_mountinfo(s: &str) -> Vec<u8> {

@@ -358,7 +358,10 @@ fn source_of(e: &Entry, layer: &Layer) -> SourceEntry {
         path: layer.root.join(OsStr::from_bytes(rel)),
         kind: match e.kind {
             EntryKind::Dir => SourceKind::Dir,
-            EntryKind::File => SourceKind::File { size: e.size },
+            EntryKind::File => SourceKind::File {
+                size: e.size,
+                id: None,
+            },
             EntryKind::Symlink => SourceKind::Symlink {
                 target: e.link_target.clone().unwrap_or_default(),
             },
@@ -379,7 +382,7 @@ fn source_of(e: &Entry, layer: &Layer) -> SourceEntry {
 fn same_metadata(e: &SourceEntry, old: &Entry) -> bool {
     let kind_matches = match (&e.kind, old.kind) {
         (SourceKind::Dir, EntryKind::Dir) => true,
-        (SourceKind::File { size }, EntryKind::File) => *size == old.size,
+        (SourceKind::File { size, .. }, EntryKind::File) => *size == old.size,
         (SourceKind::Symlink { target }, EntryKind::Symlink) => {
             old.link_target.as_deref() == Some(target.as_slice())
         }

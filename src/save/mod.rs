@@ -20,7 +20,7 @@ use crate::paths::{Anchors, PathSpec};
 use crate::progress::Progress;
 use crate::store::layout::{self, KeyPointer};
 use crate::store::{Composition, ObjectStore, PutSource, TransferCounts};
-use crate::tree::walk::{walk, Skipped, SourceEntry, SourceKind};
+use crate::tree::walk::{open_seen, walk, Changed, FileId, Skipped, SourceEntry, SourceKind};
 
 /// How many small entries are compressed together before being written.
 const SMALL_BATCH_BYTES: u64 = 32 << 20;
@@ -196,13 +196,13 @@ fn compress_items<'a>(
             i += 1;
             continue;
         }
-        if let SourceKind::File { size } = entries[i].kind {
+        if let SourceKind::File { size, id } = entries[i].kind {
             if size > frame_size {
                 let (ftx, frx) = sync_channel(large_chunk() as usize * 2);
                 if tx.send(Item::Large(&entries[i], size, frx)).is_err() {
                     return Ok(());
                 }
-                send_large_frames(&entries[i].path, size, options, progress, ftx);
+                send_large_frames(&entries[i].path, size, id, options, progress, ftx);
                 i += 1;
                 continue;
             }
@@ -216,8 +216,8 @@ fn compress_items<'a>(
             && reuse.get(end).is_none()
         {
             match entries[end].kind {
-                SourceKind::File { size } if size > frame_size => break,
-                SourceKind::File { size } => bytes += size,
+                SourceKind::File { size, .. } if size > frame_size => break,
+                SourceKind::File { size, .. } => bytes += size,
                 _ => {}
             }
             end += 1;
@@ -226,7 +226,9 @@ fn compress_items<'a>(
         let compressed: Vec<Option<CompressedFrame>> = batch
             .par_iter()
             .map(|e| match e.kind {
-                SourceKind::File { size } => read_small(&e.path, size, options.level).map(Some),
+                SourceKind::File { size, id } => {
+                    read_small(&e.path, size, id, options.level).map(Some)
+                }
                 _ => Ok(None),
             })
             .collect::<io::Result<_>>()
@@ -235,7 +237,7 @@ fn compress_items<'a>(
             let item = match (&e.kind, frame) {
                 (SourceKind::Dir, _) => Item::Dir(e),
                 (SourceKind::Symlink { target }, _) => Item::Symlink(e, target),
-                (SourceKind::File { size }, Some(frame)) => Item::Small(e, *size, frame),
+                (SourceKind::File { size, .. }, Some(frame)) => Item::Small(e, *size, frame),
                 (SourceKind::File { .. }, None) => unreachable!("files are compressed above"),
             };
             if tx.send(item).is_err() {
@@ -247,14 +249,24 @@ fn compress_items<'a>(
     Ok(())
 }
 
-fn read_small(path: &Path, size: u64, level: i32) -> io::Result<CompressedFrame> {
-    let content = std::fs::read(path)
+/// Reads and compresses a file of one frame, the one the walk found (`id`).
+fn read_small(
+    path: &Path,
+    size: u64,
+    id: Option<FileId>,
+    level: i32,
+) -> io::Result<CompressedFrame> {
+    let file = open_seen(path, size, id)?;
+    let mut content = Vec::with_capacity(size as usize);
+    // One byte more than expected tells a file that grew since it was opened.
+    io::Read::read_to_end(&mut io::Read::take(file, size + 1), &mut content)
         .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
     if content.len() as u64 != size {
-        return Err(io::Error::other(format!(
-            "{} changed size while being saved",
-            path.display()
-        )));
+        return Err(io::Error::other(Changed::Resized {
+            path: path.to_path_buf(),
+            was: size,
+            now: content.len() as u64,
+        }));
     }
     compress_frame(&content, level, true)
 }
@@ -269,6 +281,7 @@ fn large_chunk() -> u64 {
 fn send_large_frames(
     path: &Path,
     size: u64,
+    id: Option<FileId>,
     options: WriterOptions,
     progress: &Progress,
     ftx: SyncSender<io::Result<CompressedFrame>>,
@@ -276,13 +289,10 @@ fn send_large_frames(
     let frame_size = u64::from(options.frame_size);
     let frame_count = size.div_ceil(frame_size);
     let chunk = large_chunk();
-    let file = match File::open(path) {
+    let file = match open_seen(path, size, id) {
         Ok(f) => f,
         Err(e) => {
-            let _ = ftx.send(Err(io::Error::new(
-                e.kind(),
-                format!("{}: {e}", path.display()),
-            )));
+            let _ = ftx.send(Err(e));
             return;
         }
     };
@@ -339,7 +349,8 @@ pub async fn save<S: ObjectStore>(
     options: WriterOptions,
     progress: Progress,
 ) -> anyhow::Result<SaveReport> {
-    layout::pointer_key(key)?;
+    // Before anything is uploaded: a key the store cannot hold leaves no blob behind.
+    layout::checked_pointer_key(store, key)?;
     if specs.is_empty() {
         bail!("nothing to save: name at least one PATH");
     }
@@ -397,7 +408,7 @@ pub async fn save<S: ObjectStore>(
             .iter()
             .zip(reuse.entries.iter().chain(std::iter::repeat(&None)))
             .map(|(e, reused)| match (&e.kind, reused) {
-                (SourceKind::File { size }, None) => *size,
+                (SourceKind::File { size, .. }, None) => *size,
                 _ => 0,
             })
             .sum();

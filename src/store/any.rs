@@ -12,8 +12,8 @@ use bytes::Bytes;
 use super::local::LocalStore;
 use super::s3::S3Store;
 use super::{
-    Composition, ListedObject, ObjectMeta, ObjectStore, ObjectVersion, PutSource, RefreshOutcome,
-    StoreResult, StoreUrl, TransferCounts,
+    Composition, ListedObject, NameTooLong, ObjectMeta, ObjectStore, ObjectVersion, PutSource,
+    RefreshOutcome, StoreResult, StoreUrl, TransferCounts,
 };
 
 /// One of the store implementations, chosen by URL.
@@ -45,6 +45,13 @@ impl ObjectStore for AnyStore {
         match self {
             AnyStore::Local(s) => s.describe(),
             AnyStore::S3(s) => s.describe(),
+        }
+    }
+
+    fn check_name(&self, key: &str) -> Result<(), NameTooLong> {
+        match self {
+            AnyStore::Local(s) => s.check_name(key),
+            AnyStore::S3(s) => s.check_name(key),
         }
     }
 

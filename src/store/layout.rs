@@ -14,7 +14,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use futures::{StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 
-use super::{ObjectStore, PutSource, StoreError};
+use super::{NameTooLong, ObjectStore, PutSource, StoreError};
 
 /// Key pointers live under this prefix.
 pub const KEYS_PREFIX: &str = "keys/";
@@ -35,12 +35,21 @@ pub fn blob_key(hex: &str) -> String {
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum KeyError {
-    #[error("the cache key is empty")]
+    #[error("the cache key is empty: give --key a value")]
     Empty,
-    #[error("the cache key is {len} bytes long; at most {MAX_KEY_LEN} are allowed")]
+    #[error("the cache key is {len} bytes long; at most {MAX_KEY_LEN} are allowed: use a shorter key (a hash of the long part)")]
     TooLong { len: usize },
     #[error("{0:?} is not an escaped cache key")]
     BadEscape(String),
+    /// The key (or a fallback prefix) is valid but its pointer's name does not fit the store.
+    #[error("the {what} ({len} bytes) cannot be used with {store}: its pointer's name would be {limit}; use a shorter one (every byte outside [A-Za-z0-9._-] is escaped as three)")]
+    TooLongForStore {
+        /// "cache key" or "key prefix".
+        what: &'static str,
+        len: usize,
+        store: String,
+        limit: NameTooLong,
+    },
 }
 
 /// Percent-escapes everything but `[A-Za-z0-9._-]` (and a leading `.`, so no
@@ -95,6 +104,32 @@ pub fn pointer_key(key: &str) -> Result<String, KeyError> {
         return Err(KeyError::Empty);
     }
     Ok(format!("{KEYS_PREFIX}{}", escape_key(key)?))
+}
+
+/// [`pointer_key`], checked against `store`'s limits on object names: what
+/// every read and write of a pointer uses, and what `save` checks before it
+/// uploads anything.
+pub fn checked_pointer_key<S: ObjectStore>(store: &S, key: &str) -> Result<String, KeyError> {
+    let object = pointer_key(key)?;
+    fits(store, "cache key", key, object)
+}
+
+/// `object` (the pointer name made from `key`, a `what`) if `store` can hold a name that long.
+fn fits<S: ObjectStore>(
+    store: &S,
+    what: &'static str,
+    key: &str,
+    object: String,
+) -> Result<String, KeyError> {
+    match store.check_name(&object) {
+        Ok(()) => Ok(object),
+        Err(limit) => Err(KeyError::TooLongForStore {
+            what,
+            len: key.len(),
+            store: store.describe(),
+            limit,
+        }),
+    }
 }
 
 /// What `keys/<escaped key>` holds.
@@ -172,14 +207,17 @@ pub async fn write_pointer<S: ObjectStore>(
 ) -> Result<(), LayoutError> {
     let json = serde_json::to_vec_pretty(pointer).expect("a KeyPointer always serialises");
     store
-        .put(&pointer_key(key)?, PutSource::Bytes(json.into()))
+        .put(
+            &checked_pointer_key(store, key)?,
+            PutSource::Bytes(json.into()),
+        )
         .await?;
     Ok(())
 }
 
 /// Reads the pointer for `key`; a missing one is [`StoreError::NotFound`].
 pub async fn read_pointer<S: ObjectStore>(store: &S, key: &str) -> Result<KeyPointer, LayoutError> {
-    read_pointer_at(store, key, &pointer_key(key)?).await
+    read_pointer_at(store, key, &checked_pointer_key(store, key)?).await
 }
 
 async fn read_pointer_at<S: ObjectStore>(
@@ -262,9 +300,14 @@ pub async fn list_keys<S: ObjectStore>(
     store: &S,
     prefix: &str,
 ) -> Result<Vec<KeyEntry>, LayoutError> {
-    let listed = store
-        .list(&format!("{KEYS_PREFIX}{}", escape_key(prefix)?))
-        .await?;
+    // A prefix no pointer's name can start with is a mistake to report, not an empty list.
+    let listing = fits(
+        store,
+        "key prefix",
+        prefix,
+        format!("{KEYS_PREFIX}{}", escape_key(prefix)?),
+    )?;
+    let listed = store.list(&listing).await?;
     let reads = listed.into_iter().filter_map(|object| {
         let escaped = object.key.strip_prefix(KEYS_PREFIX)?;
         let Ok(key) = unescape_key(escaped) else {

@@ -7,25 +7,39 @@
 //! tested the same way on both stores. A composition copies the base's
 //! prefix file to file (`copy_file_range`), checked against the base's version
 //! like a pinned read.
+//!
+//! A writer killed mid-write leaves its temp file behind; the next write into
+//! the same directory removes temp files that have not been modified for
+//! [`STALE_TEMP_AGE`] (see [`LocalStore::sweep_stale_temps`] for why that rule
+//! is safe).
 
 use std::fs::{self, File};
 use std::io;
 use std::ops::Range;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 
 use super::{
-    Composition, ListedObject, ObjectMeta, ObjectStore, ObjectVersion, PutSource, RefreshOutcome,
-    StoreError, StoreResult, TransferCounters, TransferCounts,
+    Composition, ListedObject, NameTooLong, ObjectMeta, ObjectStore, ObjectVersion, PutSource,
+    RefreshOutcome, StoreError, StoreResult, TransferCounters, TransferCounts,
 };
 
 /// Names of in-flight writes start with this; `list` skips them.
 const TEMP_PREFIX: &str = ".cachemount-tmp-";
+/// A temp file older than this (by mtime) is a killed writer's and is removed.
+pub const STALE_TEMP_AGE: Duration = Duration::from_secs(3600);
+/// The longest temp file name [`temp_name`] makes (prefix, pid, counter, nanoseconds).
+const TEMP_NAME_MAX: usize = TEMP_PREFIX.len() + 10 + 1 + 20 + 1 + 8;
+/// Linux's limits on one file name (NAME_MAX) and a whole path (PATH_MAX,
+/// its terminating NUL included).
+const NAME_MAX: usize = 255;
+const PATH_MAX: usize = 4095;
 
 /// A directory holding objects as files; keys map to relative paths (`/`-separated).
 #[derive(Debug, Clone)]
@@ -133,7 +147,56 @@ fn temp_name() -> String {
     )
 }
 
+/// Creates a temp file that must be new: a name planted in a shared store
+/// directory (a file or a symlink) fails instead of being written through.
+fn create_temp(path: &Path) -> io::Result<File> {
+    File::options().write(true).create_new(true).open(path)
+}
+
 impl LocalStore {
+    /// Removes the temp files in `dir` that have not been modified for
+    /// [`STALE_TEMP_AGE`]: writes killed before their rename. Best effort
+    /// (a failure is logged; the write goes on).
+    ///
+    /// Age is the rule, not the writer's pid: a store directory may be shared
+    /// by hosts or containers whose pids mean nothing here. It is safe because
+    /// a live writer's temp file is always recent: it is created (or linked
+    /// and then touched) when the write starts, every write into it moves its
+    /// mtime, and no write stalls for an hour between two of them.
+    fn sweep_stale_temps(dir: &Path) {
+        let Ok(entries) = fs::read_dir(dir) else {
+            return;
+        };
+        let Some(cutoff) = SystemTime::now().checked_sub(STALE_TEMP_AGE) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            if !entry
+                .file_name()
+                .as_bytes()
+                .starts_with(TEMP_PREFIX.as_bytes())
+            {
+                continue;
+            }
+            let path = entry.path();
+            let stale =
+                fs::symlink_metadata(&path).is_ok_and(|md| md.modified().is_ok_and(|m| m < cutoff));
+            if !stale {
+                continue;
+            }
+            match fs::remove_file(&path) {
+                Ok(()) => tracing::info!(
+                    "removed {}, a write to the store that did not finish (its writer was killed)",
+                    path.display()
+                ),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!("cannot remove the stale temp file {}: {e}", path.display())
+                }
+            }
+        }
+    }
+
     /// Writes `key` atomically: `fill` writes the content into a new temp file in
     /// the key's directory, which is fsynced and renamed over the key (and the
     /// rename made durable). The temp file is removed on any failure. `what` says
@@ -150,6 +213,7 @@ impl LocalStore {
             .expect("a joined key has a parent")
             .to_path_buf();
         fs::create_dir_all(&dir).map_err(|e| self.io_err(key, "creating the directory of", e))?;
+        Self::sweep_stale_temps(&dir);
         let tmp = dir.join(temp_name());
         let result = (|| {
             let out = fill(&tmp)?;
@@ -178,16 +242,22 @@ impl LocalStore {
         let meta = self.write_atomically(key, what, |tmp| {
             Ok(match &source {
                 PutSource::Bytes(bytes) => {
-                    let mut out = File::create(tmp)?;
+                    let mut out = create_temp(tmp)?;
                     io::Write::write_all(&mut out, bytes)?;
                     out
                 }
                 // Same filesystem: take the file over with a hard link instead of
                 // copying an archive of gigabytes (the caller is done with it).
+                // The link is touched: a sweep must see it as a live write
+                // (its mtime was the source's, which may be old).
                 PutSource::File(src) => match fs::hard_link(src, tmp) {
-                    Ok(()) => File::open(tmp)?,
+                    Ok(()) => {
+                        let out = File::options().write(true).open(tmp)?;
+                        out.set_modified(SystemTime::now())?;
+                        out
+                    }
                     Err(_) => {
-                        let mut out = File::create(tmp)?;
+                        let mut out = create_temp(tmp)?;
                         io::copy(&mut File::open(src)?, &mut out)?;
                         out
                     }
@@ -237,7 +307,7 @@ impl LocalStore {
             )
         };
         let meta = self.write_atomically(key, what, |tmp| {
-            let mut out = File::create(tmp)?;
+            let mut out = create_temp(tmp)?;
             let copied = io::copy(&mut io::Read::take(&base, prefix_len), &mut out)?;
             if copied != prefix_len {
                 return Err(io::Error::new(
@@ -366,6 +436,29 @@ impl LocalStore {
 impl ObjectStore for LocalStore {
     fn describe(&self) -> String {
         format!("file://{}", self.root.display())
+    }
+
+    /// Every `/`-separated part of `key` is one file name, and the temp file
+    /// written beside the last one must fit in a path too.
+    fn check_name(&self, key: &str) -> Result<(), NameTooLong> {
+        if let Some(len) = key.split('/').map(str::len).find(|&l| l > NAME_MAX) {
+            return Err(NameTooLong {
+                limit: "a local file name's limit",
+                len,
+                max: NAME_MAX,
+            });
+        }
+        let last = key.rsplit('/').next().map_or(0, str::len);
+        let path = self.root.join(key).as_os_str().len();
+        let len = path - last + last.max(TEMP_NAME_MAX);
+        if len > PATH_MAX {
+            return Err(NameTooLong {
+                limit: "a local path's limit",
+                len,
+                max: PATH_MAX,
+            });
+        }
+        Ok(())
     }
 
     fn open_local(&self, key: &str) -> Option<StoreResult<(File, ObjectMeta)>> {
@@ -583,5 +676,64 @@ mod tests {
         assert_eq!(keys(store.list("keys/s").await.unwrap()), ["keys/sub/deep"]);
         assert_eq!(store.list("").await.unwrap().len(), 6);
         assert!(store.list("nothing/here").await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_write_sweeps_stale_temp_files_of_its_directory() {
+        let (_dir, store) = store();
+        store
+            .put("k/a", PutSource::Bytes(Bytes::from_static(b"one")))
+            .await
+            .unwrap();
+        let dir = store.root().join("k");
+        let old = filetime::FileTime::from_system_time(
+            SystemTime::now() - STALE_TEMP_AGE - Duration::from_secs(60),
+        );
+        for name in [".cachemount-tmp-1-0-0", ".cachemount-tmp-live"] {
+            fs::write(dir.join(name), b"partial").unwrap();
+        }
+        filetime::set_file_mtime(dir.join(".cachemount-tmp-1-0-0"), old).unwrap();
+        store
+            .put("k/b", PutSource::Bytes(Bytes::from_static(b"two")))
+            .await
+            .unwrap();
+        let mut names: Vec<_> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, [".cachemount-tmp-live", "a", "b"]);
+    }
+
+    #[tokio::test]
+    async fn a_linked_temp_file_is_not_stale_and_a_planted_name_is_not_written_through() {
+        let (dir, store) = store();
+        let src = dir.path().join("old-archive");
+        fs::write(&src, b"archive").unwrap();
+        let old = filetime::FileTime::from_system_time(SystemTime::now() - 2 * STALE_TEMP_AGE);
+        filetime::set_file_mtime(&src, old).unwrap();
+        store.put("blobs/x", PutSource::File(src)).await.unwrap();
+        let md = fs::metadata(store.root().join("blobs/x")).unwrap();
+        assert!(md.modified().unwrap() > SystemTime::now() - Duration::from_secs(60));
+        assert!(create_temp(&store.root().join("blobs/x")).is_err());
+    }
+
+    #[test]
+    fn names_are_checked_against_local_limits() {
+        let store = LocalStore::new("/store");
+        store
+            .check_name(&format!("keys/{}", "k".repeat(255)))
+            .unwrap();
+        let long_name = store.check_name(&format!("keys/{}", "k".repeat(256)));
+        assert_eq!(
+            long_name.unwrap_err().to_string(),
+            "256 bytes long, over a local file name's limit of 255 bytes"
+        );
+        let deep = LocalStore::new(format!("/{}", "d/".repeat(2100)));
+        let err = deep.check_name("keys/k").unwrap_err();
+        assert!(
+            err.len > PATH_MAX && err.limit == "a local path's limit",
+            "{err}"
+        );
     }
 }

@@ -63,7 +63,8 @@ pub enum PutSource {
     /// Small bodies (key pointers).
     Bytes(Bytes),
     /// A file on local disk (archives); large ones go up as concurrent multipart parts.
-    /// The local store may take the file over (hard link): do not change it afterwards.
+    /// The local store may take the file over (hard link, whose mtime it then
+    /// sets to now): do not change it afterwards.
     File(PathBuf),
 }
 
@@ -183,6 +184,19 @@ pub enum StoreError {
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
+/// An object name longer than a limit of the store: S3's 1,024-byte object
+/// keys, a local file name's 255 bytes or a local path's 4,095. Checked
+/// before anything is uploaded ([`ObjectStore::check_name`]), so a save
+/// that cannot write its key pointer uploads no blob either.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{len} bytes long, over {limit} of {max} bytes")]
+pub struct NameTooLong {
+    /// Which limit, as a user would look it up ("S3's object key limit").
+    pub limit: &'static str,
+    pub len: usize,
+    pub max: usize,
+}
+
 /// The operations cachemount needs from a place that holds archives.
 ///
 /// Implementations must be cheap to share (`Send + Sync`); callers hold them in
@@ -190,6 +204,11 @@ pub type StoreResult<T> = Result<T, StoreError>;
 pub trait ObjectStore: Send + Sync + 'static {
     /// A human-readable URL of the store (`s3://bucket/prefix`, `file:///dir`), for messages.
     fn describe(&self) -> String;
+
+    /// Whether this store can hold an object named `key` (relative to its
+    /// prefix), checked without a request: the limits are the store's, the
+    /// names are the layout's.
+    fn check_name(&self, key: &str) -> Result<(), NameTooLong>;
 
     /// Size, version and modification time of `key`.
     fn head(&self, key: &str) -> impl Future<Output = StoreResult<ObjectMeta>> + Send;

@@ -45,10 +45,12 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::time::Instant;
 
 use super::{
-    Composition, ListedObject, ObjectMeta, ObjectStore, ObjectVersion, PutSource, RefreshOutcome,
-    StoreError, StoreResult, TransferCounters, TransferCounts,
+    Composition, ListedObject, NameTooLong, ObjectMeta, ObjectStore, ObjectVersion, PutSource,
+    RefreshOutcome, StoreError, StoreResult, TransferCounters, TransferCounts,
 };
 
+/// S3's longest object key, in bytes of UTF-8 (the prefix included).
+const MAX_OBJECT_KEY_LEN: usize = 1024;
 const MIB: u64 = 1024 * 1024;
 const GIB: u64 = 1024 * MIB;
 /// S3 refuses more parts than this in one multipart upload.
@@ -1394,6 +1396,18 @@ impl ObjectStore for S3Store {
             "" => format!("s3://{}", self.bucket),
             prefix => format!("s3://{}/{prefix}", self.bucket),
         }
+    }
+
+    fn check_name(&self, key: &str) -> Result<(), NameTooLong> {
+        let len = self.full_key(key).len();
+        if len > MAX_OBJECT_KEY_LEN {
+            return Err(NameTooLong {
+                limit: "S3's object key limit",
+                len,
+                max: MAX_OBJECT_KEY_LEN,
+            });
+        }
+        Ok(())
     }
 
     async fn head(&self, key: &str) -> StoreResult<ObjectMeta> {
