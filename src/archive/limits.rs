@@ -16,8 +16,10 @@ pub const MAX_PATH: usize = libc::PATH_MAX as usize - 1;
 pub const MAX_NAME: usize = 255;
 /// The longest xattr name (XATTR_NAME_MAX).
 pub const MAX_XATTR_NAME: usize = 255;
-/// The largest xattr value (XATTR_SIZE_MAX), and the most xattr bytes (names
-/// and values) one entry may carry: more than any Linux filesystem keeps per
+/// The namespace of the xattrs an archive may carry.
+const USER_PREFIX: &[u8] = b"user.";
+/// The most xattr bytes (names and values) one entry may carry (a value's
+/// own kernel limit, XATTR_SIZE_MAX): more than any Linux filesystem keeps per
 /// inode (ext4 one block, btrfs one leaf), so no saved file is refused.
 pub const MAX_XATTRS_LEN: usize = 64 * 1024;
 /// The most compressed bytes a foreign symlink's target may take: a target of
@@ -143,16 +145,19 @@ pub fn check_link(name: &[u8], declared: u64, compressed: u64) -> Result<(), For
     Ok(())
 }
 
-/// An entry's xattrs must be ones `setxattr(2)` takes, [`MAX_XATTRS_LEN`] bytes in all.
+/// An entry's xattrs must be `user.*` ones (the only ones saved and
+/// restored, DESIGN §7) that `setxattr(2)` takes, [`MAX_XATTRS_LEN`] bytes in
+/// all. The `user.` prefix also makes each xattr at least 8 encoded bytes,
+/// which bounds how much larger than the index its decoded form can be.
 pub fn check_xattrs(name: &[u8], xattrs: &[(Vec<u8>, Vec<u8>)]) -> Result<(), FormatError> {
     let mut total = 0usize;
     for (k, v) in xattrs {
-        if k.is_empty() || k.len() > MAX_XATTR_NAME {
+        if k.len() <= USER_PREFIX.len() || k.len() > MAX_XATTR_NAME || !k.starts_with(USER_PREFIX) {
             return Err(over_limit(
                 name,
                 format!(
-                    "an xattr name is {} bytes (1 to {MAX_XATTR_NAME} allowed)",
-                    k.len()
+                    "it has an xattr {:?}, not a user.* name of at most {MAX_XATTR_NAME} bytes",
+                    String::from_utf8_lossy(&k[..k.len().min(100)])
                 ),
             ));
         }
@@ -228,7 +233,10 @@ mod tests {
         check_xattrs(b"f", &big).unwrap();
         let bigger = vec![(b"user.a".to_vec(), vec![0; MAX_XATTRS_LEN - 5])];
         assert!(check_xattrs(b"f", &bigger).is_err());
-        assert!(check_xattrs(b"f", &[(Vec::new(), Vec::new())]).is_err());
+        for bad in [&b""[..], b"user.", b"trusted.x", b"security.capability"] {
+            let err = check_xattrs(b"f", &[(bad.to_vec(), Vec::new())]).unwrap_err();
+            assert!(err.to_string().contains("not a user.* name"), "{err}");
+        }
     }
 
     #[test]
