@@ -8,6 +8,7 @@
 mod common;
 
 use cachemount::archive::index::{digest, ArchiveIndex};
+use cachemount::archive::limits::IndexBound;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -15,9 +16,9 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let index = if mode == 0 {
-        ArchiveIndex::decode(rest)
+        ArchiveIndex::decode(rest, IndexBound::MAX)
     } else {
-        ArchiveIndex::from_stored(rest, &digest(rest))
+        ArchiveIndex::from_stored(rest, &digest(rest), IndexBound::MAX)
     };
     let Ok(index) = index else {
         return;
@@ -28,6 +29,6 @@ fuzz_target!(|data: &[u8]| {
             assert!(len <= u64::from(e.frame_size));
         }
     }
-    let again = ArchiveIndex::decode(&index.encode()).expect("a decoded index re-encodes");
+    let again = ArchiveIndex::decode(&index.encode(), IndexBound::MAX).expect("a decoded index re-encodes");
     assert_eq!(again, index);
 });

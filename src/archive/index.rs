@@ -11,13 +11,15 @@
 
 use sha2::{Digest, Sha256};
 
+use super::limits::{self, IndexBound};
 use super::manifest::Manifest;
 use super::FormatError;
 
 const MAGIC: &[u8; 8] = b"CMINDEX1";
 /// Compression level of the index itself: it is small and read on every mount.
 const INDEX_ZSTD_LEVEL: i32 = 9;
-/// An index larger than this uncompressed is refused (a decompression bomb, not a cache).
+/// An index larger than this uncompressed is refused whatever the archive
+/// (a decompression bomb, not a cache); [`IndexBound`] is usually far tighter.
 pub const MAX_INDEX_LEN: usize = 1 << 30;
 /// The largest frame an index may declare: a frame is decoded into one buffer
 /// of this size, so a corrupt index must not make it gigabytes. (cachemount
@@ -172,8 +174,14 @@ impl ArchiveIndex {
         compress_encoded(&self.encode())
     }
 
-    /// Parses the stored (compressed) index after checking it against `sha256_hex`.
-    pub fn from_stored(stored: &[u8], sha256_hex: &str) -> Result<Self, FormatError> {
+    /// Parses the stored (compressed) index after checking it against
+    /// `sha256_hex`. It is decompressed only up to `bound.len` bytes, and
+    /// refused before any of that when its zstd frame header declares more.
+    pub fn from_stored(
+        stored: &[u8],
+        sha256_hex: &str,
+        bound: IndexBound,
+    ) -> Result<Self, FormatError> {
         let actual = digest(stored);
         if !actual.eq_ignore_ascii_case(sha256_hex) {
             return Err(FormatError::IndexChecksum {
@@ -181,12 +189,32 @@ impl ArchiveIndex {
                 actual,
             });
         }
-        let raw = super::decode::zstd_stream(stored, MAX_INDEX_LEN)
-            .map_err(|_| FormatError::Invalid("index is not valid zstd"))?;
-        Self::decode(&raw)
+        if let Ok(Some(declared)) = zstd::zstd_safe::get_frame_content_size(stored) {
+            if declared > bound.len {
+                return Err(FormatError::Implausible(format!(
+                    "its index declares {declared} decompressed bytes, more than the \
+                     {} bytes an archive of its size can hold",
+                    bound.len
+                )));
+            }
+        }
+        // Streaming, with a hard cap: `zstd_stream` stops one byte past the
+        // bound and reports it as InvalidData (zstd's own errors are Other).
+        let raw = super::decode::zstd_stream(stored, bound.len as usize).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::InvalidData {
+                FormatError::Implausible(format!(
+                    "its index decompresses to more than the {} bytes an archive of its size can hold",
+                    bound.len
+                ))
+            } else {
+                FormatError::Invalid("index is not valid zstd")
+            }
+        })?;
+        Self::decode(&raw, bound)
     }
 
-    pub fn decode(buf: &[u8]) -> Result<Self, FormatError> {
+    /// Decodes the binary encoding of an index of at most `bound.entries` entries.
+    pub fn decode(buf: &[u8], bound: IndexBound) -> Result<Self, FormatError> {
         let mut r = Reader { buf, pos: 0 };
         if r.take(MAGIC.len())? != MAGIC {
             return Err(FormatError::Invalid("index magic"));
@@ -194,13 +222,22 @@ impl ArchiveIndex {
         let manifest: Manifest = serde_json::from_slice(r.bytes()?)
             .map_err(|_| FormatError::Invalid("index manifest"))?;
         let count = r.varint()?;
+        if count > bound.entries {
+            return Err(FormatError::Implausible(format!(
+                "its index declares {count} entries, but the archive lists only {} \
+                 (cachemount writes one central-directory record per index entry)",
+                bound.entries
+            )));
+        }
         // Every entry takes at least 20 bytes: a larger count is corrupt.
         if count > (r.remaining() / 20) as u64 {
             return Err(FormatError::Invalid("index entry count exceeds its size"));
         }
         let mut entries = Vec::with_capacity(count as usize);
         for _ in 0..count {
-            let name = r.bytes()?.to_vec();
+            let name = r.bytes()?;
+            limits::check_name(name)?;
+            let name = name.to_vec();
             let kind = match r.u8()? {
                 0 => EntryKind::File,
                 1 => EntryKind::Dir,
@@ -216,15 +253,21 @@ impl ArchiveIndex {
                 return Err(FormatError::Invalid("index mtime nanoseconds"));
             }
             let size = r.varint()?;
-            let target = r.bytes()?.to_vec();
+            let target = r.bytes()?;
+            if kind == EntryKind::Symlink {
+                limits::check_link(&name, size.max(target.len() as u64), 0)?;
+            }
+            let target = target.to_vec();
             let xattr_count = r.varint()?;
-            if xattr_count > r.remaining() as u64 {
+            // Each xattr takes at least two bytes (two lengths).
+            if xattr_count > (r.remaining() / 2) as u64 {
                 return Err(FormatError::Invalid("index xattr count"));
             }
             let mut xattrs = Vec::with_capacity(xattr_count as usize);
             for _ in 0..xattr_count {
                 xattrs.push((r.bytes()?.to_vec(), r.bytes()?.to_vec()));
             }
+            limits::check_xattrs(&name, &xattrs)?;
             let compression = match r.u8()? {
                 0 => Compression::Stored,
                 1 => Compression::Deflate,
@@ -415,7 +458,7 @@ mod tests {
         };
         let stored = index.to_stored();
         assert_eq!(
-            ArchiveIndex::from_stored(&stored, &digest(&stored)).unwrap(),
+            ArchiveIndex::from_stored(&stored, &digest(&stored), IndexBound::MAX).unwrap(),
             index
         );
     }
@@ -424,7 +467,7 @@ mod tests {
     fn checksum_mismatch_is_refused() {
         let stored = ArchiveIndex::default().to_stored();
         assert!(matches!(
-            ArchiveIndex::from_stored(&stored, &"0".repeat(64)),
+            ArchiveIndex::from_stored(&stored, &"0".repeat(64), IndexBound::MAX),
             Err(FormatError::IndexChecksum { .. })
         ));
     }
@@ -437,7 +480,7 @@ mod tests {
             manifest: Manifest::default(),
             entries: vec![e],
         };
-        assert!(ArchiveIndex::decode(&index.encode()).is_err());
+        assert!(ArchiveIndex::decode(&index.encode(), IndexBound::MAX).is_err());
     }
 
     #[test]
@@ -449,7 +492,90 @@ mod tests {
             manifest: Manifest::default(),
             entries: vec![e],
         };
-        assert!(ArchiveIndex::decode(&index.encode()).is_err());
+        assert!(ArchiveIndex::decode(&index.encode(), IndexBound::MAX).is_err());
+    }
+
+    fn one_entry_index(e: Entry) -> ArchiveIndex {
+        ArchiveIndex {
+            manifest: Manifest::default(),
+            entries: vec![e],
+        }
+    }
+
+    #[test]
+    fn names_targets_and_xattrs_over_the_kernel_limits_are_refused() {
+        let long = entry(&format!("_0/{}", "a".repeat(300)), 0);
+        let err = ArchiveIndex::decode(&one_entry_index(long).encode(), IndexBound::MAX)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("over NAME_MAX"), "{err}");
+        let mut link = entry("_0/l", 0);
+        link.kind = EntryKind::Symlink;
+        link.frames.clear();
+        link.size = 5000;
+        link.link_target = Some(vec![b'x'; 5000]);
+        let err = ArchiveIndex::decode(&one_entry_index(link).encode(), IndexBound::MAX)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("\"_0/l\"") && err.contains("5000 bytes, over PATH_MAX"),
+            "{err}"
+        );
+        let mut fat = entry("_0/x", 0);
+        fat.xattrs = vec![(b"user.big".to_vec(), vec![0; limits::MAX_XATTRS_LEN])];
+        let err = ArchiveIndex::decode(&one_entry_index(fat).encode(), IndexBound::MAX)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("xattrs take 65544 bytes"), "{err}");
+    }
+
+    /// The entry count is checked against the archive's before anything is
+    /// allocated for it.
+    #[test]
+    fn more_entries_than_the_archive_lists_are_refused() {
+        let mut raw = MAGIC.to_vec();
+        put_bytes(&mut raw, br#"{"version":2,"mappings":{}}"#);
+        put_varint(&mut raw, 1_000_000);
+        let bound = IndexBound {
+            entries: 3,
+            len: 1 << 20,
+        };
+        let err = ArchiveIndex::decode(&raw, bound).unwrap_err().to_string();
+        assert!(
+            err.contains("declares 1000000 entries, but the archive lists only 3"),
+            "{err}"
+        );
+    }
+
+    /// An index bomb stops at the bound: refused from its frame header when
+    /// that declares the size, else after decompressing one byte past it.
+    #[test]
+    fn an_index_larger_than_its_bound_is_refused() {
+        let mut raw = ArchiveIndex::default().encode();
+        raw.resize(64 << 20, 0);
+        let bound = IndexBound {
+            entries: 3,
+            len: 1 << 20,
+        };
+        let declared = compress_encoded(&raw);
+        let err = ArchiveIndex::from_stored(&declared, &digest(&declared), bound)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("declares 67108864 decompressed bytes, more than the 1048576"),
+            "{err}"
+        );
+        let mut undeclared = Vec::new();
+        let mut enc = zstd::stream::write::Encoder::new(&mut undeclared, 3).unwrap();
+        std::io::Write::write_all(&mut enc, &raw).unwrap();
+        enc.finish().unwrap();
+        let err = ArchiveIndex::from_stored(&undeclared, &digest(&undeclared), bound)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("decompresses to more than the 1048576 bytes"),
+            "{err}"
+        );
     }
 
     proptest! {
@@ -457,7 +583,7 @@ mod tests {
         fn decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
             let mut buf = MAGIC.to_vec();
             buf.extend(bytes);
-            let _ = ArchiveIndex::decode(&buf);
+            let _ = ArchiveIndex::decode(&buf, IndexBound::MAX);
         }
 
         #[test]

@@ -12,6 +12,7 @@
 
 pub mod decode;
 pub mod index;
+pub mod limits;
 pub mod manifest;
 pub mod reader;
 pub mod seek_table;
@@ -49,4 +50,11 @@ pub enum FormatError {
     IndexChecksum { expected: String, actual: String },
     #[error("corrupt data in {name}: {reason}")]
     CorruptEntry { name: String, reason: String },
+    /// An entry declares a name, symlink target or xattrs beyond what the
+    /// kernel takes ([`limits`]).
+    #[error("archive entry {name} is refused: {reason} (a crafted or corrupt archive; save the cache again)")]
+    EntryOverLimit { name: String, reason: String },
+    /// The archive declares more than its own bytes could hold ([`limits`]).
+    #[error("archive is refused: {0} (a crafted or corrupt archive; save the cache again)")]
+    Implausible(String),
 }

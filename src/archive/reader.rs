@@ -14,6 +14,7 @@ use std::ops::Range;
 use bytes::Bytes;
 
 use super::index::{ArchiveIndex, Compression, DataOffset, Entry, EntryKind, Timestamp};
+use super::limits::{self, IndexBound};
 use super::manifest::Manifest;
 use super::zip::{self, CentralRecord};
 use super::{FormatError, INDEX_NAME, MANIFEST_NAME};
@@ -82,6 +83,10 @@ impl Opener {
             };
             zip::apply_zip64_eocd(&mut eocd, record)?;
         }
+        // Checked for both kinds of archive before anything is sized by it.
+        limits::check_central_directory(&eocd)?;
+        let cd_range = eocd.cd_offset..eocd.cd_offset + eocd.cd_size;
+        limits::check_central_directory(&eocd)?;
         if let Some(pointer) = IndexPointer::parse(&eocd.comment)? {
             let range = pointer.offset
                 ..pointer
@@ -96,17 +101,10 @@ impl Opener {
             let Some(stored) = self.find(&range) else {
                 return Ok(OpenStep::Need(range));
             };
-            let index = ArchiveIndex::from_stored(stored, &pointer.sha256)?;
+            let bound = IndexBound::for_archive(eocd.entries, eocd.cd_size, eocd.cd_offset);
+            let index = ArchiveIndex::from_stored(stored, &pointer.sha256, bound)?;
             check_bounds(&index, range.start)?;
             return Ok(OpenStep::Done(index));
-        }
-        let cd_range = eocd.cd_offset
-            ..eocd
-                .cd_offset
-                .checked_add(eocd.cd_size)
-                .ok_or(FormatError::Invalid("central directory size"))?;
-        if cd_range.end > eocd.eocd_offset {
-            return Err(FormatError::Truncated("central directory"));
         }
         let Some(cd) = self.find(&cd_range) else {
             return Ok(OpenStep::Need(cd_range));
@@ -116,7 +114,7 @@ impl Opener {
             Some(r) => {
                 // Checks first that the entry lies before the central directory.
                 let entry = foreign_entry(r, cd_range.start)?;
-                if r.uncompressed_size > MAX_MANIFEST_LEN {
+                if r.uncompressed_size > MAX_MANIFEST_LEN || r.compressed_size > MAX_MANIFEST_LEN {
                     return Err(FormatError::Invalid("manifest entry is too large"));
                 }
                 // Local header + name + extra (≤ 64 KiB each) + data: one read covers it.
@@ -243,6 +241,10 @@ fn foreign_entry(r: &CentralRecord, limit: u64) -> Result<Entry, FormatError> {
     let mut name = r.name.clone();
     while name.ends_with(b"/") {
         name.pop();
+    }
+    limits::check_name(&name)?;
+    if kind == EntryKind::Symlink {
+        limits::check_link(&name, r.uncompressed_size, r.compressed_size)?;
     }
     // SAFETY: geteuid/getegid cannot fail.
     let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
@@ -386,5 +388,74 @@ mod tests {
     fn a_huge_manifest_is_not_decoded() {
         let archive = directory_only(&[manifest_record(0, 1 << 30)]);
         assert!(matches!(open_bytes(&archive), Err(FormatError::Invalid(_))));
+    }
+
+    fn record(name: &[u8], unix_mode: u32, size: u64, compressed: u64) -> HeaderFields {
+        HeaderFields {
+            name: name.to_vec(),
+            method: zip::METHOD_DEFLATE,
+            crc32: 0,
+            compressed_size: compressed,
+            uncompressed_size: size,
+            local_header_offset: 0,
+            unix_mode,
+            mtime_secs: 0,
+            zip64_local: false,
+        }
+    }
+
+    /// A zip whose records claim `compressed` bytes of data before the
+    /// central directory (zeros: only the headers are read at open).
+    fn with_data(records: &[HeaderFields], data_len: usize) -> Vec<u8> {
+        let cd: Vec<u8> = records.iter().flat_map(|r| r.encode_central()).collect();
+        let mut archive = vec![0u8; data_len];
+        archive.extend_from_slice(&cd);
+        archive.extend(zip::encode_end(
+            records.len() as u64,
+            data_len as u64,
+            cd.len() as u64,
+            b"",
+        ));
+        archive
+    }
+
+    #[test]
+    fn foreign_symlinks_are_bounded_at_open() {
+        let huge = with_data(&[record(b"_0/l", 0o120777, 4 << 30, 100)], 100);
+        let err = open_bytes(&huge).unwrap_err().to_string();
+        assert!(
+            err.contains("\"_0/l\"") && err.contains("4294967296 bytes, over PATH_MAX"),
+            "{err}"
+        );
+        let inflating = with_data(&[record(b"_0/l", 0o120777, 10, 1 << 20)], 1 << 20);
+        let err = open_bytes(&inflating).unwrap_err().to_string();
+        assert!(err.contains("takes 1048576 compressed bytes"), "{err}");
+        let fine = with_data(&[record(b"_0/l", 0o120777, 10, 12)], 12);
+        assert_eq!(open_bytes(&fine).unwrap().entries.len(), 1);
+    }
+
+    #[test]
+    fn a_foreign_name_over_path_max_is_refused() {
+        let name = vec![b'a'; 65_000];
+        let archive = with_data(&[record(&name, 0o100644, 0, 0)], 0);
+        let err = open_bytes(&archive).unwrap_err().to_string();
+        assert!(err.contains("65000 bytes, over PATH_MAX"), "{err}");
+    }
+
+    #[test]
+    fn an_end_record_declaring_more_than_the_archive_holds_is_refused() {
+        let mut archive = directory_only(&[manifest_record(0, 0)]);
+        let n = archive.len();
+        // The 16-bit entry count of the end record.
+        archive[n - 12..n - 10].copy_from_slice(&60_000u16.to_le_bytes());
+        let err = open_bytes(&archive).unwrap_err().to_string();
+        assert!(err.contains("declares 60000 entries"), "{err}");
+        archive[n - 12..n - 10].copy_from_slice(&1u16.to_le_bytes());
+        archive[n - 10..n - 6].copy_from_slice(&(100u32 << 20).to_le_bytes());
+        let err = open_bytes(&archive).unwrap_err().to_string();
+        assert!(
+            err.contains("central directory of 104857600 bytes"),
+            "{err}"
+        );
     }
 }

@@ -14,10 +14,11 @@ use super::index::{
     self as index, digest, ArchiveIndex, Compression, DataOffset, Entry, EntryKind, Frame,
     Timestamp,
 };
+use super::limits::{self, IndexBound};
 use super::manifest::Manifest;
 use super::seek_table::{self, SeekEntry};
 use super::zip::{self, HeaderFields};
-use super::{DEFAULT_FRAME_SIZE, INDEX_NAME, MANIFEST_NAME};
+use super::{FormatError, DEFAULT_FRAME_SIZE, INDEX_NAME, MANIFEST_NAME};
 
 /// Fixed mtime of the entries cachemount adds itself (manifest, index), so the
 /// same tree always gives the same archive bytes.
@@ -156,6 +157,7 @@ impl<W: Write + Seek> ArchiveWriter<W> {
     }
 
     pub fn add_dir(&mut self, meta: EntryMeta) -> io::Result<()> {
+        check_meta(&meta)?;
         let mut name = meta.name.clone();
         name.push(b'/');
         let offset = self.write_whole(
@@ -182,6 +184,9 @@ impl<W: Write + Seek> ArchiveWriter<W> {
     }
 
     pub fn add_symlink(&mut self, meta: EntryMeta, target: &[u8]) -> io::Result<()> {
+        check_meta(&meta)?;
+        let len = target.len() as u64;
+        limits::check_link(&meta.name, len, len).map_err(unsavable)?;
         let crc = crc32fast::hash(target);
         let offset = self.write_whole(
             &meta.name,
@@ -213,6 +218,7 @@ impl<W: Write + Seek> ArchiveWriter<W> {
     where
         I: IntoIterator<Item = io::Result<CompressedFrame>>,
     {
+        check_meta(&meta)?;
         let header_offset = self.pos;
         let mut fields = HeaderFields {
             name: meta.name.clone(),
@@ -404,6 +410,7 @@ impl<W: Write + Seek> ArchiveWriter<W> {
         self.index.entries.sort_by(|a, b| a.name.cmp(&b.name));
         // Encoded once: the zip entry needs its size and CRC, the store its compressed bytes.
         let raw = self.index.encode();
+        self.check_index_len(raw.len() as u64)?;
         let stored = index::compress_encoded(&raw);
         let raw_len = raw.len() as u64;
         let raw_crc = crc32fast::hash(&raw);
@@ -436,6 +443,29 @@ impl<W: Write + Seek> ArchiveWriter<W> {
             size: self.pos,
             index: self.index,
         })
+    }
+
+    /// Readers refuse an index longer than the archive around it could
+    /// honestly hold ([`IndexBound::for_archive`]); this archive's bound is at
+    /// least the one computed here from what is written so far (the index's
+    /// own record and bytes only add to it). Names, targets and frame tables
+    /// are paid for by archive bytes, so only xattrs can exceed it.
+    fn check_index_len(&self, raw_len: u64) -> io::Result<()> {
+        let records = self.central.len() as u64 + 1; // + the index's own
+        let cd_size: u64 = self
+            .central
+            .iter()
+            .map(|f| (zip::CENTRAL_HEADER_LEN + f.name.len()) as u64)
+            .sum();
+        let bound = IndexBound::for_archive(records, cd_size, self.pos);
+        if raw_len > bound.len {
+            return Err(io::Error::other(format!(
+                "the archive's index would be {raw_len} bytes, more than readers accept for \
+                 {records} entries ({} bytes): its files carry too many xattr bytes",
+                bound.len
+            )));
+        }
+        Ok(())
     }
 
     fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
@@ -509,6 +539,24 @@ impl<W: Write + Seek> ArchiveWriter<W> {
     }
 }
 
+/// What readers refuse in an entry (name, xattrs), refused at save instead.
+fn check_meta(meta: &EntryMeta) -> io::Result<()> {
+    limits::check_name(&meta.name)
+        .and_then(|()| limits::check_xattrs(&meta.name, &meta.xattrs))
+        .map_err(unsavable)
+}
+
+/// A limit error as a save error: the entry cannot be saved (the reader's
+/// wording blames the archive).
+fn unsavable(e: FormatError) -> io::Error {
+    match e {
+        FormatError::EntryOverLimit { name, reason } => {
+            io::Error::other(format!("cannot save {name}: {reason}"))
+        }
+        other => io::Error::other(other),
+    }
+}
+
 fn check_len(frame: &CompressedFrame, size: u64) -> io::Result<()> {
     if u64::from(frame.len) != size {
         return Err(io::Error::other(format!(
@@ -522,4 +570,61 @@ fn check_len(frame: &CompressedFrame, size: u64) -> io::Result<()> {
 /// The content checksum a zstd frame ends with (the frame is written with it on).
 fn trailer(frame: &[u8]) -> u32 {
     u32::from_le_bytes(frame[frame.len() - 4..].try_into().unwrap())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(name: &str, xattr_len: usize) -> EntryMeta {
+        EntryMeta {
+            name: name.as_bytes().to_vec(),
+            mode: 0o755,
+            uid: 0,
+            gid: 0,
+            mtime: Timestamp::default(),
+            xattrs: vec![(b"user.a".to_vec(), vec![7; xattr_len])],
+        }
+    }
+
+    fn writer() -> ArchiveWriter<io::Cursor<Vec<u8>>> {
+        let out = io::Cursor::new(Vec::new());
+        ArchiveWriter::new(out, Manifest::default(), WriterOptions::default()).unwrap()
+    }
+
+    /// What readers would refuse is refused at save, naming the entry.
+    #[test]
+    fn entries_over_the_read_limits_are_not_saved() {
+        let mut w = writer();
+        let err = w.add_dir(meta("_0/d", limits::MAX_XATTRS_LEN)).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("cannot save \"_0/d\": its xattrs take"),
+            "{err}"
+        );
+        let err = w
+            .add_symlink(meta("_0/l", 0), &[b'x'; limits::MAX_PATH + 1])
+            .unwrap_err();
+        assert!(err.to_string().contains("over PATH_MAX"), "{err}");
+        let long = format!("_0/{}", "n".repeat(limits::MAX_NAME + 1));
+        assert!(w.add_dir(meta(&long, 0)).is_err());
+    }
+
+    /// Xattrs are the one part of an index no archive bytes pay for: an
+    /// archive whose entries carry more than the allowance is refused by the
+    /// writer rather than written for readers to refuse.
+    #[test]
+    fn an_index_over_its_bound_is_not_written() {
+        let mut w = writer();
+        for i in 0..20 {
+            w.add_dir(meta(&format!("_0/d{i}"), 60_000)).unwrap();
+        }
+        let err = w.finish().unwrap_err();
+        assert!(err.to_string().contains("too many xattr bytes"), "{err}");
+        let mut w = writer();
+        for i in 0..10 {
+            w.add_dir(meta(&format!("_0/d{i}"), 60_000)).unwrap();
+        }
+        assert_eq!(w.finish().unwrap().index.entries.len(), 10);
+    }
 }
