@@ -6,7 +6,8 @@
 # a ~300 MB deflate entry and a ~300 MB stored one, mounted from the local
 # disk, this prints for each entry, from one run:
 #   - time to first byte (`head -c1`) through a fresh mount, page cache dropped;
-#   - a full sequential `cat` through a fresh mount, page cache dropped;
+#   - a full sequential `cat` through a fresh mount, page cache dropped, with
+#     the default cache and with a 64 MiB one (and then the daemon's peak RSS);
 # against the same file read natively after `restore` + drop_caches, and the
 # ratios mount/native. Needs root (FUSE, drop_caches).
 #
@@ -77,23 +78,38 @@ drop() { sync; echo 3 > /proc/sys/vm/drop_caches; }
 timed() { drop; local t0; t0=$(now); "$@" >/dev/null; echo "$(now) - $t0" | bc -l; }
 
 (cd "$work/native" && "$bin" --quiet restore "$url" >/dev/null)
-mount_it() { (cd "$work/m" && "$bin" --quiet mount "$url" bench >/dev/null); mounted="$work/m/bench"; }
+# mount_it [ARGS]: a fresh mount of the zip at $work/m/bench; $pid is its daemon.
+mount_it() {
+  (cd "$work/m" && "$bin" --quiet mount "$url" bench "$@") >"$work/mount.out"
+  mounted="$work/m/bench"
+  pid=$(sed -n 's/.*daemon pid \([0-9]*\),.*/\1/p' "$work/mount.out")
+}
 umount_it() { "$bin" umount "$mounted" >/dev/null; mounted=""; }
+peak_mib() { awk '/^VmHWM:/ { printf "%.0f", $2 / 1024 }' "/proc/$pid/status"; }
 
-printf '%-8s %-16s %10s %10s %8s\n' entry figure native_s mount_s ratio
+printf '%-8s %-22s %10s %10s %8s\n' entry figure native mount ratio
 for entry in deflate stored; do
   native="$work/native/bench/$entry.bin"
+  through="$work/m/bench/$entry.bin"
   n_first=$(timed head -c1 "$native")
   n_cat=$(timed cat "$native")
   mount_it
-  m_first=$(timed head -c1 "$work/m/bench/$entry.bin")
+  m_first=$(timed head -c1 "$through")
   umount_it
   mount_it
-  m_cat=$(timed cat "$work/m/bench/$entry.bin")
+  m_cat=$(timed cat "$through")
   passes=$("$bin" stats "$mounted" | awk '$1 == "verify_passes" { print $2 }')
-  cmp -s "$native" "$work/m/bench/$entry.bin" || { echo "bench-foreign: $entry differs through the mount" >&2; exit 1; }
+  cmp -s "$native" "$through" || { echo "bench-foreign: $entry differs through the mount" >&2; exit 1; }
   umount_it
-  printf '%-8s %-16s %10.3f %10.3f %8.1f\n' "$entry" first-byte "$n_first" "$m_first" "$(echo "$m_first / $n_first" | bc -l)"
-  printf '%-8s %-16s %10.3f %10.3f %8.2f\n' "$entry" "cat ($mb MB)" "$n_cat" "$m_cat" "$(echo "$m_cat / $n_cat" | bc -l)"
-  printf '%-8s %-16s %10s %10s %8s\n' "$entry" verify_passes - "$passes" -
+  # The memory bound (README "Memory") with a cache smaller than the entry:
+  # 64 MiB cache + 32 MiB read-ahead + 128 MiB slack = 224 MiB.
+  mount_it --cache-size 64M
+  s_cat=$(timed cat "$through")
+  s_peak=$(peak_mib)
+  umount_it
+  printf '%-8s %-22s %10.3f %10.3f %8.1f\n' "$entry" "first byte (s)" "$n_first" "$m_first" "$(echo "$m_first / $n_first" | bc -l)"
+  printf '%-8s %-22s %10.3f %10.3f %8.2f\n' "$entry" "cat $mb MB (s)" "$n_cat" "$m_cat" "$(echo "$m_cat / $n_cat" | bc -l)"
+  printf '%-8s %-22s %10.3f %10.3f %8.2f\n' "$entry" "cat, 64M cache (s)" "$n_cat" "$s_cat" "$(echo "$s_cat / $n_cat" | bc -l)"
+  printf '%-8s %-22s %10s %10s %8s\n' "$entry" "daemon peak RSS, 64M" - "${s_peak} MiB" -
+  printf '%-8s %-22s %10s %10s %8s\n' "$entry" "verify passes" - "$passes" -
 done

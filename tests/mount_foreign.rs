@@ -552,7 +552,6 @@ fn a_large_foreign_entry_is_verified_once_and_rechecked_after_eviction() {
             "{name}: no block decoded again: {s:?}"
         );
         redecoded = s["redecoded_blocks"];
-        assert!(s["cache_bytes"] <= 8 << 20, "{s:?}");
     }
     let s = stats(&m);
     assert_eq!(
