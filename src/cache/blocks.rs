@@ -101,11 +101,22 @@ impl BlockCache {
     /// Frees every block of `version` (after the mount moved to a new
     /// version); returns how many there were.
     pub fn drop_version(&self, version: u64) -> u64 {
+        self.drop_where(|k| k.version == version)
+    }
+
+    /// Frees every block of one entry of `version` (blocks a verify pass
+    /// decoded from data that then failed its check: never served, and
+    /// better not left to crowd out good ones).
+    pub fn drop_entry(&self, version: u64, entry: u32) -> u64 {
+        self.drop_where(|k| k.version == version && k.entry == entry)
+    }
+
+    fn drop_where(&self, pred: impl Fn(&BlockKey) -> bool) -> u64 {
         let mut inner = self.inner.lock();
         let keys: Vec<BlockKey> = inner
             .lru
             .iter()
-            .filter(|(k, _)| k.version == version)
+            .filter(|(k, _)| pred(k))
             .map(|(k, _)| *k)
             .collect();
         let n = keys.len() as u64;
@@ -161,5 +172,21 @@ mod tests {
         cache.drop_version(1);
         assert_eq!(cache.bytes(), 2);
         assert!(!cache.contains(&key(0)));
+    }
+
+    #[test]
+    fn dropping_an_entry_keeps_its_neighbours() {
+        let cache = BlockCache::new(1000);
+        let other = BlockKey {
+            version: 1,
+            entry: 1,
+            block: 0,
+        };
+        cache.insert(key(0), Bytes::from_static(b"abc"), false);
+        cache.insert(key(1), Bytes::from_static(b"def"), false);
+        cache.insert(other, Bytes::from_static(b"gh"), false);
+        assert_eq!(cache.drop_entry(1, 0), 2);
+        assert_eq!(cache.bytes(), 2);
+        assert!(cache.contains(&other));
     }
 }

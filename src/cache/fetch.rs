@@ -16,13 +16,21 @@
 //!   read (1 → [`FetchConfig::readahead_max_blocks`] blocks), fetched in
 //!   batches of at least half the window; read-ahead in flight is bounded
 //!   globally by a semaphore of bytes.
-//! - Every block is verified (frame checksum, or CRC-32 of a whole entry)
-//!   before it enters the cache; a failed check is an error for that read only.
+//! - No unverified byte is served. A frame is checked against its checksum
+//!   before it enters the cache; a failed check is an error for that read
+//!   only. A foreign entry has one CRC-32 for all of its content: a small one
+//!   is fetched and checked whole; a larger one (more than one block) is
+//!   decoded whole once by a verify pass ([`super::verify`]) before its first
+//!   byte is served, which records a checksum of every block, so a block
+//!   evicted and decoded again later is checked against it. A foreign entry
+//!   that fails its check twice (one re-fetch: the damage may have happened
+//!   in transit) is bad: every read of it fails, logged once.
 //! - Entries that are one compressed stream and too large to fetch whole
-//!   (foreign deflate / single-frame zstd) are decoded sequentially by a
-//!   per-entry cursor that caches every block it passes; a read behind the
-//!   cursor restarts it from the entry's start (a deflate or zstd stream cannot
-//!   be entered in the middle), blocks still cached are served without that.
+//!   (foreign deflate / single-frame zstd) are, after their verify pass,
+//!   decoded again where evicted blocks are read, by a per-entry cursor that
+//!   caches every block it passes; a read behind the cursor restarts it from
+//!   the entry's start (a deflate or zstd stream cannot be entered in the
+//!   middle), blocks still cached are served without that.
 //!
 //! Every GET is pinned to the mount's [`Version`] (If-Match). A 412 fails the
 //! read with [`FetchError::Changed`]; reopening is the job of the layer above
@@ -42,7 +50,8 @@ use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
 use super::blocks::{BlockCache, BlockKey};
 use super::stats::Stats;
-use crate::archive::decode::{decode_entry, decode_frame};
+use super::verify::{BlockSink, BlockSums, Verified, Verifier};
+use crate::archive::decode::{decode_entry, decode_entry_to, decode_frame};
 use crate::archive::zip::{local_header_data_start, LOCAL_HEADER_LEN};
 use crate::archive::{ArchiveIndex, Compression, DataOffset, Entry, EntryKind};
 use crate::store::{ObjectStore, ObjectVersion, StoreError};
@@ -193,6 +202,10 @@ pub enum FetchError {
     /// The data failed its checksum or does not decode.
     #[error("{0}")]
     Corrupt(String),
+    /// The entry was found damaged before (its data failed its check twice):
+    /// every read of it fails at once, without another fetch or log line.
+    #[error("{0}")]
+    Damaged(String),
 }
 
 /// How an entry's content is cut into blocks and fetched.
@@ -278,7 +291,6 @@ impl Walk {
 struct StreamCursor {
     next_block: u32,
     decoder: Box<dyn Read + Send>,
-    crc: crc32fast::Hasher,
     /// A store error met by the reader under the decoder (told apart from corruption).
     source_error: Arc<Mutex<Option<FetchError>>>,
 }
@@ -296,9 +308,17 @@ pub struct Fetcher<S> {
     readahead: Arc<Semaphore>,
     sequential: Mutex<lru::LruCache<(u64, u32), Seq>>,
     streams: Mutex<HashMap<(u64, u32), CursorSlot>>,
+    /// Verify passes and block sums of entries with one CRC-32 over many blocks.
+    verify: Verifier,
+    /// Verify passes running at once: each holds a GET buffer, one block and
+    /// a decoder's window, and decoding is CPU-bound anyway.
+    passes: Semaphore,
     /// Where the last neighbour batch ended, to tell walks in archive order.
     walk: Mutex<Walk>,
 }
+
+/// Most verify passes running at once.
+const MAX_PASSES: usize = 4;
 
 /// Decoded bytes per blocking decode task.
 const DECODE_CHUNK: u64 = 2 << 20;
@@ -328,15 +348,18 @@ impl<S: ObjectStore> Fetcher<S> {
                 std::num::NonZeroUsize::new(4096).unwrap(),
             )),
             streams: Mutex::new(HashMap::new()),
+            verify: Verifier::default(),
+            passes: Semaphore::new(MAX_PASSES),
             walk: Mutex::new(Walk::default()),
         })
     }
 
     /// Forgets everything of version `id` (after the mount moved to a new
-    /// version): its cached blocks, stream cursors and sequential state.
-    /// Returns how many cached blocks were dropped.
+    /// version): its cached blocks, verification states, stream cursors and
+    /// sequential state. Returns how many cached blocks were dropped.
     pub fn drop_version(&self, id: u64) -> u64 {
         self.streams.lock().retain(|(v, _), _| *v != id);
+        self.verify.drop_version(id);
         let mut seq = self.sequential.lock();
         let old: Vec<(u64, u32)> = seq
             .iter()
@@ -377,6 +400,16 @@ impl<S: ObjectStore> Fetcher<S> {
                 Layout::Whole
             }
             _ => Layout::Stream,
+        }
+    }
+
+    /// An entry with one checksum (the CRC-32 of its content) over more than
+    /// one block: served only after a verify pass.
+    fn needs_pass(e: &Entry, layout: Layout) -> bool {
+        match layout {
+            Layout::Stream => true,
+            Layout::Stored => e.size > BLOCK_SIZE,
+            Layout::Frames | Layout::Whole => false,
         }
     }
 
@@ -430,6 +463,7 @@ impl<S: ObjectStore> Fetcher<S> {
         }
         let end = (offset + u64::from(len)).min(e.size);
         let layout = self.layout(e);
+        self.gate(v, entry, layout).await?;
         let bs = Self::block_size(e, layout);
         let first = (offset / bs) as u32;
         let last = ((end - 1) / bs) as u32;
@@ -495,6 +529,128 @@ impl<S: ObjectStore> Fetcher<S> {
         Self::assemble(v, entry, blocks, first, bs, offset, end)
     }
 
+    /// What must hold before any byte of a foreign entry is served: one with
+    /// a verify pass has passed it (waiting for it, or starting it); any
+    /// other is not known to be bad.
+    async fn gate(
+        self: &Arc<Self>,
+        v: &Arc<Version>,
+        entry: u32,
+        layout: Layout,
+    ) -> Result<(), FetchError> {
+        if layout == Layout::Frames {
+            return Ok(());
+        }
+        if Self::needs_pass(v.entry(entry), layout) {
+            return self.verified(v, entry).await.map(drop);
+        }
+        match self.verify.settled((v.id, entry)) {
+            Some(Err(e)) => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// The entry's block sums once its verify pass succeeded: at once when it
+    /// did, else after the pass (joined, or started here if none ran yet).
+    async fn verified(self: &Arc<Self>, v: &Arc<Version>, entry: u32) -> Verified {
+        let key = (v.id, entry);
+        if let Some(done) = self.verify.settled(key) {
+            return done;
+        }
+        let pass = self.verify.join(key, |ticket| {
+            let this = self.clone();
+            let v = v.clone();
+            // Spawned: the pass finishes (and settles) even if its readers give up.
+            tokio::spawn(async move {
+                let outcome = this.verify_pass(&v, entry).await;
+                this.verify.settle(ticket, &outcome);
+                outcome
+            })
+            .map(|joined| {
+                joined.unwrap_or_else(|e| {
+                    Err(FetchError::Corrupt(format!("verifying panicked: {e}")))
+                })
+            })
+            .boxed()
+            .shared()
+        });
+        pass.await
+    }
+
+    /// One verify pass, with the one re-fetch a failed check gets (the damage
+    /// may have happened in transit); a second failure makes the entry bad,
+    /// logged here, once.
+    async fn verify_pass(self: &Arc<Self>, v: &Arc<Version>, entry: u32) -> Verified {
+        let _permit = self.passes.acquire().await.expect("never closed");
+        let mut outcome = self.decode_pass(v, entry).await;
+        if let Err(FetchError::Corrupt(reason)) = &outcome {
+            tracing::warn!("{reason}; fetching it once more");
+            outcome = self.decode_pass(v, entry).await;
+        }
+        match outcome {
+            Err(FetchError::Corrupt(reason)) => {
+                Stats::inc(&self.stats.corrupt_blocks);
+                tracing::error!("{reason}; every read of it fails with EIO");
+                Err(FetchError::Damaged(reason))
+            }
+            other => other,
+        }
+    }
+
+    /// Decodes the whole entry once, streaming: its blocks go to the cache
+    /// (not served before the pass settles; dropped if it fails), their sums
+    /// to the table, and the content is checked against the entry's size and
+    /// CRC-32.
+    async fn decode_pass(self: &Arc<Self>, v: &Arc<Version>, entry: u32) -> Verified {
+        Stats::inc(&self.stats.verify_passes);
+        tracing::debug!("verifying {}: decoding it whole", v.name(entry));
+        let start = self.data_offset(v, entry).await?;
+        let (reader, source_error) = self.range_reader(v, start, v.entry(entry).compressed_size);
+        let this = self.clone();
+        let v2 = v.clone();
+        let done = tokio::task::spawn_blocking(move || {
+            let mut sink = BlockSink::new(BLOCK_SIZE as usize, |block, data| {
+                Stats::inc(&this.stats.prefetched_blocks);
+                let key = BlockKey {
+                    version: v2.id,
+                    entry,
+                    block,
+                };
+                this.cache.insert(key, data, true);
+            });
+            decode_entry_to(v2.entry(entry), reader, &mut sink).map(|()| sink.finish())
+        })
+        .await;
+        let outcome = match done {
+            Ok(Ok(sums)) => Ok(Arc::new(sums)),
+            Ok(Err(err)) => Err(source_error
+                .lock()
+                .take()
+                .unwrap_or_else(|| FetchError::Corrupt(err.to_string()))),
+            Err(panic) => Err(FetchError::Corrupt(format!(
+                "verifying {} panicked: {panic}",
+                v.name(entry)
+            ))),
+        };
+        if outcome.is_err() {
+            self.cache.drop_entry(v.id, entry);
+        }
+        outcome
+    }
+
+    /// The block sums of an entry whose pass succeeded. Its state is gone only
+    /// when a reopen dropped the version meanwhile: `Changed`, so the read is
+    /// retried on the new version.
+    fn sums(&self, v: &Version, entry: u32) -> Verified {
+        self.verify.settled((v.id, entry)).unwrap_or_else(|| {
+            Err(FetchError::Changed(format!(
+                "{} was reopened while {} was read",
+                v.key,
+                v.name(entry)
+            )))
+        })
+    }
+
     /// The bytes `offset..end` from the blocks `first..` (block size `bs`).
     fn assemble(
         v: &Version,
@@ -554,6 +710,13 @@ impl<S: ObjectStore> Fetcher<S> {
         }
         let end = (offset + u64::from(len)).min(e.size);
         let layout = self.layout(e);
+        if layout != Layout::Frames {
+            match self.verify.settled((v.id, entry)) {
+                Some(Err(err)) => return Some(Err(err)),
+                None if Self::needs_pass(e, layout) => return None,
+                _ => {}
+            }
+        }
         let bs = Self::block_size(e, layout);
         let first = (offset / bs) as u32;
         let last = ((end - 1) / bs) as u32;
@@ -920,12 +1083,19 @@ impl<S: ObjectStore> Fetcher<S> {
                         if let Err(FetchError::Corrupt(_)) = &outcome {
                             outcome = this.refetch_and_decode(&v, job.piece, &runtime);
                         }
-                        if let Err(e @ FetchError::Corrupt(_)) = &outcome {
+                        if let Err(FetchError::Corrupt(e)) = &outcome {
                             Stats::inc(&this.stats.corrupt_blocks);
                             tracing::error!(
                                 "corrupt data in {}: {e}; reads of it fail with EIO",
                                 v.name(job.piece.entry)
                             );
+                            // A foreign entry's one checksum failed twice: bad for good.
+                            if this.layout(v.entry(job.piece.entry)) != Layout::Frames {
+                                let reason = e.clone();
+                                this.verify
+                                    .mark_bad((v.id, job.piece.entry), reason.clone());
+                                outcome = Err(FetchError::Damaged(reason));
+                            }
                         }
                         this.finish(&v, job, outcome);
                     }
@@ -991,17 +1161,26 @@ impl<S: ObjectStore> Fetcher<S> {
             Layout::Frames => vec![Bytes::from(
                 decode_frame(e, p.block as usize, bytes).map_err(|err| corrupt(err.to_string()))?,
             )],
-            Layout::Stored => {
-                // A one-block stored entry is checked whole; larger stored
-                // entries have no per-block checksum to check against.
-                if e.size <= BLOCK_SIZE
-                    && (bytes.len() as u64 != e.size || crc32fast::hash(bytes) != e.crc32)
-                {
+            Layout::Stored if e.size <= BLOCK_SIZE => {
+                // A one-block stored entry is checked whole.
+                if bytes.len() as u64 != e.size || crc32fast::hash(bytes) != e.crc32 {
                     return Err(corrupt(format!(
                         "{}: CRC-32 or size does not match the index",
                         v.name(p.entry)
                     )));
                 }
+                vec![Bytes::copy_from_slice(bytes)]
+            }
+            Layout::Stored => {
+                // A larger one was verified whole; this block is read again.
+                if !self.sums(v, p.entry)?.check(p.block, bytes) {
+                    return Err(corrupt(format!(
+                        "{}: block {} differs from the verified entry",
+                        v.name(p.entry),
+                        p.block
+                    )));
+                }
+                Stats::inc(&self.stats.redecoded_blocks);
                 vec![Bytes::copy_from_slice(bytes)]
             }
             Layout::Whole | Layout::Stream => {
@@ -1143,36 +1322,56 @@ impl<S: ObjectStore> Fetcher<S> {
         let needs_work =
             first_needed.is_some() || guard.as_ref().is_none_or(|c| c.next_block <= target);
         if needs_work {
+            let sums = self.sums(v, entry)?;
             let restart_before = first_needed.unwrap_or(target);
             let mut cursor = match guard.take() {
                 Some(c) if c.next_block <= restart_before => c,
                 _ => self.new_cursor(v, entry).await?,
             };
-            let this = self.clone();
-            let v2 = v.clone();
-            let wanted_owned: Vec<u32> = wanted
+            let wanted_owned: Arc<[u32]> = wanted
                 .iter()
                 .copied()
                 .filter(|b| !have.contains_key(b))
                 .collect();
-            let res = tokio::task::spawn_blocking(move || {
-                let r = this.advance(&v2, entry, &mut cursor, target, &wanted_owned);
-                (cursor, r)
-            })
-            .await;
-            match res {
-                Ok((cursor, Ok(got))) => {
-                    if cursor.next_block < Self::block_count(v.entry(entry), Layout::Stream) {
-                        *guard = Some(cursor);
+            let mut retried = false;
+            loop {
+                let this = self.clone();
+                let v2 = v.clone();
+                let (sums, wanted) = (sums.clone(), wanted_owned.clone());
+                let res = tokio::task::spawn_blocking(move || {
+                    let r = this.advance(&v2, entry, &mut cursor, target, &wanted, &sums);
+                    (cursor, r)
+                })
+                .await;
+                match res {
+                    Ok((cursor, Ok(got))) => {
+                        if cursor.next_block < Self::block_count(v.entry(entry), Layout::Stream) {
+                            *guard = Some(cursor);
+                        }
+                        have.extend(got);
+                        break;
                     }
-                    have.extend(got);
-                }
-                Ok((_, Err(e))) => return Err(e),
-                Err(e) => {
-                    return Err(FetchError::Corrupt(format!(
-                        "decoding {} panicked: {e}",
-                        v.name(entry)
-                    )))
+                    // Decoded differently than when verified: once more from
+                    // the start (transit damage), then the entry is bad.
+                    Ok((_, Err(FetchError::Corrupt(reason)))) if !retried => {
+                        tracing::warn!("{reason}; fetching it once more");
+                        retried = true;
+                        cursor = self.new_cursor(v, entry).await?;
+                    }
+                    Ok((_, Err(FetchError::Corrupt(reason)))) => {
+                        Stats::inc(&self.stats.corrupt_blocks);
+                        tracing::error!("{reason}; every read of it fails with EIO");
+                        self.verify.mark_bad((v.id, entry), reason.clone());
+                        self.cache.drop_entry(v.id, entry);
+                        return Err(FetchError::Damaged(reason));
+                    }
+                    Ok((_, Err(e))) => return Err(e),
+                    Err(e) => {
+                        return Err(FetchError::Corrupt(format!(
+                            "decoding {} panicked: {e}",
+                            v.name(entry)
+                        )))
+                    }
                 }
             }
         }
@@ -1196,17 +1395,7 @@ impl<S: ObjectStore> Fetcher<S> {
     ) -> Result<StreamCursor, FetchError> {
         let e = v.entry(entry);
         let start = self.data_offset(v, entry).await?;
-        let source_error = Arc::new(Mutex::new(None));
-        let reader = RangeReader {
-            fetcher: self.clone(),
-            version: v.clone(),
-            handle: tokio::runtime::Handle::current(),
-            pos: start,
-            end: start + e.compressed_size,
-            chunk: self.config.stream_chunk,
-            buf: Bytes::new(),
-            error: source_error.clone(),
-        };
+        let (reader, source_error) = self.range_reader(v, start, e.compressed_size);
         let decoder: Box<dyn Read + Send> = match e.compression {
             Compression::Deflate => Box::new(flate2::read::DeflateDecoder::new(reader)),
             Compression::Zstd => Box::new(
@@ -1219,12 +1408,35 @@ impl<S: ObjectStore> Fetcher<S> {
         Ok(StreamCursor {
             next_block: 0,
             decoder,
-            crc: crc32fast::Hasher::new(),
             source_error,
         })
     }
 
-    /// Blocking: decodes blocks up to `target`, caching each; returns those in `wanted`.
+    /// A blocking reader of `len` archive bytes from `start`, and where it
+    /// leaves a store error (to tell it apart from corruption in the decoder
+    /// reading it).
+    fn range_reader(
+        self: &Arc<Self>,
+        v: &Arc<Version>,
+        start: u64,
+        len: u64,
+    ) -> (RangeReader<S>, Arc<Mutex<Option<FetchError>>>) {
+        let error = Arc::new(Mutex::new(None));
+        let reader = RangeReader {
+            fetcher: self.clone(),
+            version: v.clone(),
+            handle: tokio::runtime::Handle::current(),
+            pos: start,
+            end: start + len,
+            chunk: self.config.stream_chunk,
+            buf: Bytes::new(),
+            error: error.clone(),
+        };
+        (reader, error)
+    }
+
+    /// Blocking: decodes blocks up to `target`, each checked against the sums
+    /// of the entry's verify pass, caching each; returns those in `wanted`.
     fn advance(
         &self,
         v: &Version,
@@ -1232,6 +1444,7 @@ impl<S: ObjectStore> Fetcher<S> {
         cursor: &mut StreamCursor,
         target: u32,
         wanted: &[u32],
+        sums: &BlockSums,
     ) -> Result<Vec<(u32, Bytes)>, FetchError> {
         let e = v.entry(entry);
         let count = Self::block_count(e, Layout::Stream);
@@ -1244,24 +1457,19 @@ impl<S: ObjectStore> Fetcher<S> {
                 if let Some(source) = cursor.source_error.lock().take() {
                     return Err(source);
                 }
-                Stats::inc(&self.stats.corrupt_blocks);
-                let msg = format!("corrupt data in {}: {err}", v.name(entry));
-                tracing::error!("{msg}; reads of it fail with EIO");
-                return Err(FetchError::Corrupt(msg));
+                return Err(FetchError::Corrupt(format!(
+                    "corrupt data in {}: {err}",
+                    v.name(entry)
+                )));
             }
-            cursor.crc.update(&buf);
+            if !sums.check(b, &buf) {
+                return Err(FetchError::Corrupt(format!(
+                    "corrupt data in {}: block {b} decodes differently than when the entry was verified",
+                    v.name(entry)
+                )));
+            }
+            Stats::inc(&self.stats.redecoded_blocks);
             cursor.next_block += 1;
-            if cursor.next_block == count {
-                let mut rest = [0u8; 1];
-                let trailing = cursor.decoder.read(&mut rest).unwrap_or(0);
-                let crc = cursor.crc.clone().finalize();
-                if trailing != 0 || crc != e.crc32 {
-                    Stats::inc(&self.stats.corrupt_blocks);
-                    let msg = format!("corrupt data in {}: CRC-32 {crc:08x} does not match {:08x} (or the data is too long)", v.name(entry), e.crc32);
-                    tracing::error!("{msg}; reads of it fail with EIO");
-                    return Err(FetchError::Corrupt(msg));
-                }
-            }
             let data = Bytes::from(buf);
             let is_wanted = wanted.contains(&b);
             if !is_wanted {

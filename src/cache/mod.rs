@@ -1,5 +1,7 @@
 //! Reading an archive lazily: the block cache ([`blocks`]), the fetcher that
-//! fills it from the store ([`fetch`]) and the counters of both ([`stats`]).
+//! fills it from the store ([`fetch`]), the verification state of entries
+//! that have one checksum for many blocks ([`verify`]) and the counters
+//! ([`stats`]).
 //!
 //! The shape follows mountpoint-s3: reads ask the fetcher for byte ranges of
 //! an entry; the fetcher serves blocks from the cache, fetches the misses with
@@ -9,6 +11,7 @@
 pub mod blocks;
 pub mod fetch;
 pub mod stats;
+pub mod verify;
 
 pub use blocks::{BlockCache, BlockKey};
 pub use fetch::{FetchConfig, FetchError, Fetcher, Version};

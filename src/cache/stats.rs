@@ -1,5 +1,5 @@
 //! Counters of one mount daemon: store requests and bytes, block cache hits
-//! and misses, read-ahead hits, 412s, and FUSE operations by kind.
+//! and misses, read-ahead hits, verification, 412s, and FUSE operations by kind.
 //!
 //! Plain relaxed atomics: they are read for `cachemount stats` and the
 //! benchmark, never used to make decisions, so no ordering is needed.
@@ -43,6 +43,12 @@ pub struct Stats {
     pub read_errors: AtomicU64,
     /// Blocks whose checksum or decoding failed.
     pub corrupt_blocks: AtomicU64,
+    /// Whole-entry verify passes of single-stream entries (each decodes its
+    /// entry once, whole, before the entry's first byte is served).
+    pub verify_passes: AtomicU64,
+    /// Blocks of a verified single-stream entry decoded again (after they
+    /// were evicted) and checked against the sums of its verify pass.
+    pub redecoded_blocks: AtomicU64,
     /// Times the mount reopened its object after a 412 (HEAD, tail, index).
     pub reopens: AtomicU64,
     /// Total time spent reopening, in milliseconds.
@@ -87,7 +93,7 @@ impl Stats {
     pub fn render(&self, cache_bytes: u64, cache_capacity: u64) -> String {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let mut out = String::new();
-        let rows: [(&str, u64); 19] = [
+        let rows: [(&str, u64); 21] = [
             ("requests", get(&self.requests)),
             ("bytes_fetched", get(&self.bytes_fetched)),
             ("cache_hits", get(&self.hits)),
@@ -99,6 +105,8 @@ impl Stats {
             ("precondition_failed", get(&self.precondition_failed)),
             ("read_errors", get(&self.read_errors)),
             ("corrupt_blocks", get(&self.corrupt_blocks)),
+            ("verify_passes", get(&self.verify_passes)),
+            ("redecoded_blocks", get(&self.redecoded_blocks)),
             ("reopens", get(&self.reopens)),
             ("reopen_ms", get(&self.reopen_ms)),
             ("reopen_max_ms", get(&self.reopen_max_ms)),

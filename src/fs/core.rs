@@ -55,7 +55,9 @@ impl From<FetchError> for FsError {
     fn from(e: FetchError) -> Self {
         match e {
             FetchError::Changed(m) => FsError::Changed(m),
-            FetchError::Store(m) | FetchError::Corrupt(m) => FsError::Io(m),
+            FetchError::Store(m) | FetchError::Corrupt(m) | FetchError::Damaged(m) => {
+                FsError::Io(m)
+            }
         }
     }
 }
@@ -472,7 +474,10 @@ impl<S: ObjectStore> FsCore<S> {
 
     fn log_failure(&self, v: &Version, entry: u32, e: &FetchError) {
         crate::cache::Stats::inc(&self.fetcher.stats().read_errors);
-        tracing::warn!("read of {} failed with EIO: {e}", v.name(entry));
+        // A damaged entry was logged once, when it was found: not on every read.
+        if !matches!(e, FetchError::Damaged(_)) {
+            tracing::warn!("read of {} failed with EIO: {e}", v.name(entry));
+        }
     }
 
     pub fn release(&self, _ino: u64, fh: u64) {
