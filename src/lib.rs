@@ -2,12 +2,21 @@
 //! downloading and unpacking them.
 //!
 //! The crate is cut along the architecture:
-//! - [`archive`]: the seekable zip + zstd format (Buildkite cache v2 compatible).
+//! - [`archive`]: the seekable zip + zstd format (Buildkite cache v2
+//!   compatible): records, index, seek table, writer, reader, limits.
 //! - [`store`]: where archives live — one [`store::ObjectStore`] trait, a local
 //!   directory and S3 behind it, and the blob/key layout on top.
+//! - [`cache`]: an archive opened in a store and pinned to one version, the
+//!   block cache and the fetcher that fills it, verification, counters.
+//! - [`fs`]: the filesystem core (generic over the store), the inode tree, the
+//!   412 reopen, and the thin fuser adapter.
+//! - [`mount`]: the mount lifecycle — pre-flight checks, the daemon, writable
+//!   overlays, `umount`, private state files.
 //! - [`tree`]: walking local trees to save and extracting archives safely.
+//! - [`paths`]: user paths ↔ namespaced archive names.
 //! - [`save`] and [`restore`]: the two whole-archive operations.
-//! - [`cli`]: the command-line front end.
+//! - [`progress`]: the progress bar of long transfers.
+//! - [`cli`]: the command-line front end, where flags and environment are read.
 
 pub mod archive;
 pub mod cache;

@@ -25,10 +25,6 @@ impl Progress {
         Progress { bar }
     }
 
-    pub fn hidden() -> Self {
-        Progress { bar: None }
-    }
-
     pub fn start(&self, total: u64) {
         if let Some(b) = &self.bar {
             b.set_length(total);

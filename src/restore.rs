@@ -16,9 +16,10 @@ use anyhow::{bail, Context};
 use futures::stream::StreamExt;
 
 use crate::archive::{self, ArchiveIndex, DataOffset, Entry, EntryKind, Manifest};
+use crate::cache::version::refresh_lifetime;
 use crate::paths::{names, Anchors, PathSpec};
 use crate::progress::Progress;
-use crate::store::{ObjectMeta, ObjectStore, RefreshOutcome, StoreError};
+use crate::store::{ObjectMeta, ObjectStore, StoreError};
 use crate::tree::beneath::{self, BeneathError};
 use crate::tree::extract::{check_safe, extract, ExtractOptions, Planned};
 
@@ -28,8 +29,6 @@ const DOWNLOAD_CHUNK: u64 = 8 << 20;
 const DOWNLOAD_CONCURRENCY: usize = 8;
 /// How often a download starts over after the object changed before giving up.
 const MAX_VERSION_CHANGES: usize = 5;
-/// Blobs older than this get their lifetime refreshed (DESIGN §2).
-pub const REFRESH_AFTER: Duration = Duration::from_secs(12 * 3600);
 
 /// What is being restored: an object in a store and whether its content is
 /// fixed by its name (content-addressed blobs), in which case a changed ETag
@@ -43,6 +42,8 @@ pub struct Source<'a, S> {
     /// The key pointer that led here (`keys/<escaped key>`): its lifetime is
     /// refreshed with the blob's, so bucket expiry never takes one without the other.
     pub pointer: Option<String>,
+    /// Refresh the lifetimes when the objects are older than this.
+    pub refresh_after: Duration,
 }
 
 /// Downloads the whole object into `dest`, pinned to one version at a time.
@@ -113,30 +114,6 @@ pub async fn download<S: ObjectStore>(
         source.key,
         MAX_VERSION_CHANGES + 1
     )
-}
-
-/// How old an object must be for `mount` and `restore` to refresh it:
-/// [`REFRESH_AFTER`], or `CACHEMOUNT_REFRESH_AFTER_SECS` (to match a bucket
-/// lifecycle rule, or 0 to refresh every time).
-pub fn refresh_after() -> Duration {
-    std::env::var("CACHEMOUNT_REFRESH_AFTER_SECS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .map_or(REFRESH_AFTER, Duration::from_secs)
-}
-
-/// Refreshes the blob's lifetime, best effort (never fails the command).
-pub async fn refresh_lifetime<S: ObjectStore>(store: &S, key: &str) {
-    let threshold = SystemTime::now() - refresh_after();
-    match store.refresh(key, threshold).await {
-        Ok(RefreshOutcome::Refreshed) => tracing::info!(%key, "refreshed the cache's lifetime"),
-        Ok(RefreshOutcome::StillFresh) => {
-            tracing::debug!(%key, "cache is young; no lifetime refresh")
-        }
-        Err(e) => {
-            tracing::warn!(%key, error = %e, "could not refresh the cache's lifetime (the restore is fine)")
-        }
-    }
 }
 
 /// One saved path to restore or mount: archive name → local path.
@@ -596,9 +573,9 @@ pub async fn restore<S: ObjectStore>(
             Err(e) => return Err(e),
         }
     };
-    refresh_lifetime(source.store, &source.key).await;
+    refresh_lifetime(source.store, &source.key, source.refresh_after).await;
     if let Some(pointer) = &source.pointer {
-        refresh_lifetime(source.store, pointer).await;
+        refresh_lifetime(source.store, pointer, source.refresh_after).await;
     }
     Ok(RestoreReport {
         restored: targets.into_iter().map(|t| t.local).collect(),
@@ -658,10 +635,8 @@ fn verify_digest(archive: &File, meta: &ObjectMeta, expected: &str) -> anyhow::R
     let tail_len = meta.size.min(archive::zip::MAX_EOCD_SEARCH as u64);
     let mut tail = vec![0u8; tail_len as usize];
     archive.read_exact_at(&mut tail, meta.size - tail_len)?;
-    let eocd = archive::zip::find_eocd(&tail, meta.size)?;
-    let comment = String::from_utf8_lossy(&eocd.comment);
-    if comment.starts_with("cachemount:index:") {
-        if !comment.ends_with(expected) {
+    if let Some(digest) = archive::reader::tail_index_digest(&tail, meta.size)? {
+        if digest != expected {
             bail!("its index digest is not {expected}");
         }
         return Ok(());

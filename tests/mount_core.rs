@@ -10,9 +10,10 @@ use std::path::Path;
 use std::sync::Arc;
 
 use cachemount::archive::EntryKind;
+use cachemount::cache::version::{open_version, Refresh};
+use cachemount::cache::Current;
 use cachemount::cache::{FetchConfig, Fetcher, Stats};
-use cachemount::fs::{Current, FsCore, FsError, Tree, ROOT_INO, STATS_XATTR};
-use cachemount::mount::daemon::open_version;
+use cachemount::fs::{FsCore, FsError, Tree, ROOT_INO, STATS_XATTR};
 use cachemount::paths::{Anchors, PathSpec};
 use cachemount::progress::Progress;
 use cachemount::store::layout;
@@ -58,7 +59,7 @@ async fn fixture(build: impl FnOnce(&Path)) -> Fixture {
 
 async fn core(fx: &Fixture, cache: u64, config: FetchConfig) -> Arc<FsCore<LocalStore>> {
     let stats = Arc::new(Stats::default());
-    let version = open_version(&*fx.store, &fx.blob, None, &stats)
+    let version = open_version(&*fx.store, &fx.blob, None, Refresh::Never, Some(&stats))
         .await
         .unwrap();
     let tree = Tree::build(&version.index, b"_0/cache").unwrap();

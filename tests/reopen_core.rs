@@ -13,9 +13,11 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use cachemount::cache::version::{open_version, Refresh};
+use cachemount::cache::Current;
 use cachemount::cache::{FetchConfig, Fetcher, Stats};
-use cachemount::fs::{Current, FsCore, FsError, Tree, ROOT_INO};
-use cachemount::mount::daemon::{open_version, reopener};
+use cachemount::fs::{FsCore, FsError, Tree, ROOT_INO};
+use cachemount::mount::daemon::reopener;
 use cachemount::paths::{Anchors, PathSpec};
 use cachemount::progress::Progress;
 use cachemount::store::layout;
@@ -89,7 +91,9 @@ async fn core_of(
     limit: Option<usize>,
 ) -> (Arc<FsCore<LocalStore>>, Arc<Stats>) {
     let stats = Arc::new(Stats::default());
-    let version = open_version(&**store, key, digest, &stats).await.unwrap();
+    let version = open_version(&**store, key, digest, Refresh::Never, Some(&stats))
+        .await
+        .unwrap();
     let tree = Tree::build(&version.index, b"_0/cache").unwrap();
     let fetcher = Fetcher::new(
         store.clone(),

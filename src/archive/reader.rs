@@ -207,6 +207,13 @@ impl IndexPointer {
     }
 }
 
+/// The index digest a cachemount archive's tail names (its EOCD comment), or
+/// None for a foreign zip. `tail` is the archive's last bytes (of `size`).
+pub fn tail_index_digest(tail: &[u8], size: u64) -> Result<Option<String>, FormatError> {
+    let eocd = zip::find_eocd(tail, size)?;
+    Ok(IndexPointer::parse(&eocd.comment)?.map(|p| p.sha256))
+}
+
 /// An index entry for a central directory record of a foreign zip.
 fn foreign_entry(r: &CentralRecord, limit: u64) -> Result<Entry, FormatError> {
     let compression = match r.method {

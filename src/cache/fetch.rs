@@ -40,7 +40,6 @@
 use std::collections::HashMap;
 use std::io::{self, Read};
 use std::ops::Range;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
@@ -51,10 +50,11 @@ use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 use super::blocks::{BlockCache, BlockKey};
 use super::stats::Stats;
 use super::verify::{BlockSink, BlockSums, Verified, Verifier};
+use super::version::Version;
 use crate::archive::decode::{decode_entry, decode_entry_to, decode_frame};
 use crate::archive::zip::{local_header_data_start, LOCAL_HEADER_LEN};
-use crate::archive::{ArchiveIndex, Compression, DataOffset, Entry, EntryKind};
-use crate::store::{ObjectStore, ObjectVersion, StoreError};
+use crate::archive::{Compression, DataOffset, Entry, EntryKind};
+use crate::store::{ObjectStore, StoreError};
 
 /// Block size of entries that are not split into frames (stored, deflate,
 /// single-stream zstd): the unit of caching and of random access.
@@ -124,70 +124,6 @@ impl Default for FetchConfig {
             stream_chunk: 4 << 20,
             stream_ahead_blocks: 4,
         }
-    }
-}
-
-static NEXT_VERSION_ID: AtomicU64 = AtomicU64::new(1);
-
-/// One version of the archive object: what every read of a mount is pinned
-/// to. A mount holds its current `Version` behind a swappable pointer; when
-/// the object changes, a new `Version` (new id) replaces it.
-pub struct Version {
-    /// Unique in this process; part of every block key.
-    pub id: u64,
-    /// The object's key in the store.
-    pub key: String,
-    pub pin: ObjectVersion,
-    pub size: u64,
-    pub index: ArchiveIndex,
-    /// Each entry's data offset; 0 while unknown (a foreign entry whose local
-    /// header has not been read — data never starts at 0).
-    offsets: Vec<AtomicU64>,
-}
-
-impl Version {
-    pub fn new(key: String, pin: ObjectVersion, size: u64, index: ArchiveIndex) -> Self {
-        let offsets = index
-            .entries
-            .iter()
-            .map(|e| {
-                AtomicU64::new(match e.offset {
-                    DataOffset::Data(o) => o,
-                    DataOffset::LocalHeader(_) => 0,
-                })
-            })
-            .collect();
-        Version {
-            id: NEXT_VERSION_ID.fetch_add(1, Ordering::Relaxed),
-            key,
-            pin,
-            size,
-            index,
-            offsets,
-        }
-    }
-
-    pub fn entry(&self, i: u32) -> &Entry {
-        &self.index.entries[i as usize]
-    }
-
-    /// The entry's path, for log lines.
-    pub fn name(&self, i: u32) -> String {
-        String::from_utf8_lossy(&self.entry(i).name).into_owned()
-    }
-
-    fn known_offset(&self, i: u32) -> Option<u64> {
-        match self.offsets[i as usize].load(Ordering::Relaxed) {
-            0 => None,
-            o => Some(o),
-        }
-    }
-
-    /// Where the entry starts in the archive, exactly or (foreign) its local header.
-    fn approx_start(&self, i: u32) -> u64 {
-        self.known_offset(i).unwrap_or(match self.entry(i).offset {
-            DataOffset::Data(o) | DataOffset::LocalHeader(o) => o,
-        })
     }
 }
 
@@ -371,10 +307,6 @@ impl<S: ObjectStore> Fetcher<S> {
         }
         drop(seq);
         self.cache.drop_version(id)
-    }
-
-    pub fn store(&self) -> &Arc<S> {
-        &self.store
     }
 
     pub fn cache(&self) -> &BlockCache {
@@ -1146,7 +1078,7 @@ impl<S: ObjectStore> Fetcher<S> {
             let at = (lh - base) as usize;
             let header = data.get(at..at + LOCAL_HEADER_LEN)?;
             let start = local_header_data_start(header).ok()?;
-            v.offsets[p.entry as usize].store(lh + start, Ordering::Relaxed);
+            v.set_offset(p.entry, lh + start);
         }
         let (range, _) = self.piece_range(v, p);
         let from = (range.start.checked_sub(base)?) as usize;
@@ -1272,7 +1204,7 @@ impl<S: ObjectStore> Fetcher<S> {
             .await?;
         let start = local_header_data_start(&header)
             .map_err(|e| FetchError::Corrupt(format!("{}: {e}", v.name(entry))))?;
-        v.offsets[entry as usize].store(lh + start, Ordering::Relaxed);
+        v.set_offset(entry, lh + start);
         Ok(lh + start)
     }
 

@@ -1,4 +1,5 @@
-//! Reading an archive lazily: the block cache ([`blocks`]), the fetcher that
+//! Reading an archive lazily: the archive opened in a store and pinned to
+//! one version ([`version`]), the block cache ([`blocks`]), the fetcher that
 //! fills it from the store ([`fetch`]), the verification state of entries
 //! that have one checksum for many blocks ([`verify`]) and the counters
 //! ([`stats`]).
@@ -12,7 +13,9 @@ pub mod blocks;
 pub mod fetch;
 pub mod stats;
 pub mod verify;
+pub mod version;
 
 pub use blocks::{BlockCache, BlockKey};
-pub use fetch::{FetchConfig, FetchError, Fetcher, Version};
+pub use fetch::{FetchConfig, FetchError, Fetcher};
 pub use stats::Stats;
+pub use version::{Current, Version};

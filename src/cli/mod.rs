@@ -9,6 +9,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
 use crate::archive::WriterOptions;
+use crate::cache::version::{open_version, refresh_lifetime, Refresh, REFRESH_AFTER};
 use crate::cache::Stats;
 use crate::mount::daemon::{self, MountOptions};
 use crate::mount::{control, overlay};
@@ -56,6 +57,16 @@ pub struct GlobalArgs {
     /// More log output (-v info, -vv debug); RUST_LOG overrides.
     #[arg(long, short, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
+    /// Refresh a cache's lifetime (for bucket expiry rules) when it is older
+    /// than this many seconds (0: every time).
+    #[arg(long, global = true, hide = true, env = "CACHEMOUNT_REFRESH_AFTER_SECS", default_value_t = REFRESH_AFTER.as_secs())]
+    pub refresh_after_secs: u64,
+}
+
+impl GlobalArgs {
+    fn refresh_after(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.refresh_after_secs)
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -346,6 +357,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     content_addressed: false,
                     expected_digest: None,
                     pointer: None,
+                    refresh_after: cli.global.refresh_after(),
                 };
                 (
                     restore::restore(src, &specs, &anchors, options, progress).await?,
@@ -361,6 +373,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     content_addressed: true,
                     expected_digest: Some(resolved.pointer.digest.clone()),
                     pointer: Some(layout::pointer_key(&resolved.key)?),
+                    refresh_after: cli.global.refresh_after(),
                 };
                 let report = restore::restore(src, &specs, &anchors, options, progress).await?;
                 let what = if resolved.key == key {
@@ -594,10 +607,11 @@ async fn mount_and_serve(
         )
     };
     let stats = std::sync::Arc::new(Stats::default());
-    let version = daemon::open_version(&store, &key, digest.as_deref(), &stats).await?;
+    let refresh = Refresh::After(global.refresh_after());
+    let version = open_version(&store, &key, digest.as_deref(), refresh, Some(&stats)).await?;
     // The key pointer's lifetime too (the blob's was refreshed by open_version).
     if let Some(pointer) = &pointer {
-        restore::refresh_lifetime(&store, pointer).await;
+        refresh_lifetime(&store, pointer, global.refresh_after()).await;
     }
     tracing::info!(
         "opened {key} ({} entries) in {} ms",

@@ -17,7 +17,7 @@ use parking_lot::{Mutex, RwLock};
 use super::reopen::{same_attrs, Follower, Reopener};
 use super::tree::{Node, Tree, ROOT_INO};
 use crate::archive::{EntryKind, Timestamp};
-use crate::cache::{FetchError, Fetcher, Version};
+use crate::cache::{Current, FetchError, Fetcher, Version};
 use crate::store::ObjectStore;
 
 /// The root's extended attribute that `cachemount stats` reads (not listed).
@@ -97,29 +97,6 @@ pub struct FsStat {
     pub files: u64,
     pub block_size: u32,
     pub name_max: u32,
-}
-
-/// The archive version a mount reads from, swappable as a whole: a read takes
-/// the current version once and uses it throughout, so it never mixes two.
-pub struct Current {
-    version: RwLock<Arc<Version>>,
-}
-
-impl Current {
-    pub fn new(version: Version) -> Arc<Self> {
-        Arc::new(Current {
-            version: RwLock::new(Arc::new(version)),
-        })
-    }
-
-    pub fn load(&self) -> Arc<Version> {
-        self.version.read().clone()
-    }
-
-    /// Makes `version` the one new reads use; returns the old one.
-    pub fn swap(&self, version: Arc<Version>) -> Arc<Version> {
-        std::mem::replace(&mut *self.version.write(), version)
-    }
 }
 
 /// One mountpoint's view: the version it reads and its tree over that
@@ -217,10 +194,6 @@ impl<S: ObjectStore> FsCore<S> {
     /// Where remap invalidations go (the FUSE notifier).
     pub fn set_notify(&self, notify: Notify) {
         *self.notify.lock() = Some(Arc::new(notify));
-    }
-
-    pub fn tracks_handles(&self) -> bool {
-        self.track_handles
     }
 
     pub fn fetcher(&self) -> &Arc<Fetcher<S>> {

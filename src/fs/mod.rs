@@ -7,7 +7,7 @@ pub mod fuse;
 pub mod reopen;
 pub mod tree;
 
-pub use self::core::{Attr, Current, FsCore, FsError, Invalidations, Mapped, STATS_XATTR};
+pub use self::core::{Attr, FsCore, FsError, Invalidations, Mapped, STATS_XATTR};
 pub use self::fuse::FuseFs;
 pub use self::reopen::Reopener;
 pub use self::tree::{Tree, ROOT_INO};

@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use futures::future::BoxFuture;
 use parking_lot::Mutex;
 
-use super::core::Current;
 use crate::archive::{ArchiveIndex, Entry};
+use crate::cache::Current;
 use crate::cache::{Stats, Version};
 
 /// Opens the object again (HEAD, pin, tail, index): `daemon::open_version`.

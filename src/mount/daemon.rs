@@ -3,22 +3,20 @@
 //! cache and store client, waits until each mountpoint answers, and then
 //! serves until every mountpoint is unmounted or a signal asks it to stop.
 
-use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use bytes::Bytes;
 
 use super::control;
 use super::overlay::WritableMount;
 use super::preflight::{self, FUSE_SUPER_MAGIC};
-use crate::archive::{self, ArchiveIndex, OpenError};
-use crate::cache::{FetchConfig, Fetcher, Stats, Version};
-use crate::fs::{Current, FsCore, FuseFs, Reopener, Tree};
+use crate::cache::version::{open_version, Refresh};
+use crate::cache::{Current, FetchConfig, Fetcher, Stats, Version};
+use crate::fs::{FsCore, FuseFs, Reopener, Tree};
 use crate::restore::Target;
-use crate::store::{ObjectStore, StoreError};
+use crate::store::ObjectStore;
 
 /// Default bound of the block cache.
 pub const DEFAULT_CACHE_SIZE: u64 = 1 << 30;
@@ -52,98 +50,6 @@ impl Default for MountOptions {
     }
 }
 
-/// HEADs `key`, pins its version and reads its index. With `expected_digest`
-/// (a content-addressed cachemount blob), checks the index is the one the
-/// name commits to.
-pub async fn open_version<S: ObjectStore>(
-    store: &S,
-    key: &str,
-    expected_digest: Option<&str>,
-    stats: &Stats,
-) -> anyhow::Result<Version> {
-    open_inner(store, key, expected_digest, stats, true).await
-}
-
-/// [`open_version`] without the lifetime refresh (a reopen after a 412: the
-/// object was just rewritten).
-pub async fn open_version_pinned<S: ObjectStore>(
-    store: &S,
-    key: &str,
-    expected_digest: Option<&str>,
-    stats: &Stats,
-) -> anyhow::Result<Version> {
-    open_inner(store, key, expected_digest, stats, false).await
-}
-
-async fn open_inner<S: ObjectStore>(
-    store: &S,
-    key: &str,
-    expected_digest: Option<&str>,
-    stats: &Stats,
-    refresh: bool,
-) -> anyhow::Result<Version> {
-    let head = || async {
-        store.head(key).await.map_err(|e| match e {
-            StoreError::NotFound(_) => {
-                anyhow::anyhow!("{key} does not exist in {}", store.describe())
-            }
-            other => anyhow::Error::from(other)
-                .context(format!("cannot read {key} from {}", store.describe())),
-        })
-    };
-    let mut meta = head().await?;
-    // Refresh the lifetime *before* pinning: the rewrite may change the ETag,
-    // which would otherwise fail this mount's own reads. Young objects (the
-    // common case) cost nothing here.
-    if refresh
-        && meta.last_modified < std::time::SystemTime::now() - crate::restore::refresh_after()
-    {
-        crate::restore::refresh_lifetime(store, key).await;
-        meta = head().await?;
-    }
-    // The first range read is the tail: kept to check the index against the name.
-    let tail: parking_lot::Mutex<Option<(u64, Bytes)>> = parking_lot::Mutex::new(None);
-    let tail_ref = &tail;
-    let pin = &meta.version;
-    let fetch = |range: Range<u64>| async move {
-        Stats::inc(&stats.requests);
-        let start = range.start;
-        let r = store.get_range(key, range, Some(pin)).await;
-        if let Ok(b) = &r {
-            Stats::add(&stats.bytes_fetched, b.len() as u64);
-            tail_ref.lock().get_or_insert_with(|| (start, b.clone()));
-        }
-        r
-    };
-    let index: ArchiveIndex =
-        archive::open_archive(meta.size, fetch)
-            .await
-            .map_err(|e| match e {
-                OpenError::Format(f) => {
-                    anyhow::anyhow!("{key} is not a readable cache archive: {f}")
-                }
-                OpenError::Source(s) => {
-                    anyhow::Error::from(s).context(format!("cannot read {key}"))
-                }
-            })?;
-    let tail = tail.into_inner();
-    if let (Some(expected), Some((start, bytes))) = (expected_digest, &tail) {
-        if *start + bytes.len() as u64 == meta.size {
-            let eocd = archive::zip::find_eocd(bytes, meta.size)?;
-            let comment = String::from_utf8_lossy(&eocd.comment);
-            if comment.starts_with("cachemount:index:") && !comment.ends_with(expected) {
-                bail!("{key} does not match its name: its index digest is not {expected}");
-            }
-        }
-    }
-    Ok(Version::new(
-        key.to_string(),
-        meta.version,
-        meta.size,
-        index,
-    ))
-}
-
 /// The single-flight reopen of a mount: `open_version` again (checking the
 /// name of a content-addressed blob), dropping the old version's blocks.
 pub fn reopener<S: ObjectStore>(
@@ -160,7 +66,16 @@ pub fn reopener<S: ObjectStore>(
         let key = key.clone();
         let digest = expected_digest.clone();
         let stats = open_stats.clone();
-        Box::pin(async move { open_version_pinned(&*store, &key, digest.as_deref(), &stats).await })
+        Box::pin(async move {
+            open_version(
+                &*store,
+                &key,
+                digest.as_deref(),
+                Refresh::Never,
+                Some(&stats),
+            )
+            .await
+        })
     });
     let f = Arc::downgrade(fetcher);
     let invalidate: crate::fs::reopen::Invalidator =

@@ -22,8 +22,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use crate::archive::{ArchiveIndex, DataOffset, Entry, EntryKind, Manifest};
-use crate::cache::Stats;
-use crate::mount::daemon::open_version_pinned;
+use crate::cache::version::{open_version, Refresh};
 use crate::mount::overlay;
 use crate::paths::{Anchors, PathSpec};
 use crate::store::{ObjectStore, ObjectVersion};
@@ -107,7 +106,7 @@ pub async fn find_base<S: ObjectStore>(
     let mount = base?;
     let digest = mount.digest.clone()?;
     let version =
-        match open_version_pinned(store, &mount.object, Some(&digest), &Stats::default()).await {
+        match open_version(store, &mount.object, Some(&digest), Refresh::Never, None).await {
             Ok(v) => v,
             Err(e) => {
                 tracing::warn!("cannot reuse the mounted cache, saving everything: {e:#}");
