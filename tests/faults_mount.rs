@@ -5,8 +5,7 @@
 //! mid-read gives the reader an error, not a hang, and `umount` recovers.
 
 mod common;
-#[path = "common/mount.rs"]
-mod mount_support;
+use common::mount as mount_support;
 
 use std::fs;
 use std::io::Read;

@@ -12,8 +12,7 @@
 //! verifies the new version's bytes again.
 
 mod common;
-#[path = "common/mount.rs"]
-mod mount_support;
+use common::mount as mount_support;
 
 use std::collections::BTreeMap;
 use std::fs;

@@ -4,8 +4,7 @@
 //! issue (each a clear error, non-zero exit, nothing left mounted).
 
 mod common;
-#[path = "common/mount.rs"]
-mod mount_support;
+use common::mount as mount_support;
 
 use std::fs;
 use std::io::Write;

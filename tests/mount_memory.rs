@@ -4,8 +4,7 @@
 //! memory, not on time.
 
 mod common;
-#[path = "common/mount.rs"]
-mod mount_support;
+use common::mount as mount_support;
 
 use std::fs;
 use std::io::Read;

@@ -11,8 +11,7 @@
 //! object that keeps changing ends reads with EIO within the bound.
 
 mod common;
-#[path = "common/mount.rs"]
-mod mount_support;
+use common::mount as mount_support;
 
 use std::fs;
 use std::io::{Read, Seek, SeekFrom};

@@ -3,8 +3,7 @@
 //! the data read, and under 8 threads reading random ranges.
 
 mod common;
-#[path = "common/mount.rs"]
-mod mount_support;
+use common::mount as mount_support;
 
 use std::fs;
 use std::os::unix::fs::FileExt;

@@ -6,8 +6,7 @@
 //! real tool (cargo) builds into a mounted target dir.
 
 mod common;
-#[path = "common/mount.rs"]
-mod mount_support;
+use common::mount as mount_support;
 
 use std::fs;
 use std::path::{Path, PathBuf};

@@ -5,8 +5,7 @@
 //! mounted). DESIGN §7: bound what an archive declares before allocating.
 
 mod common;
-#[path = "common/mount.rs"]
-mod mount_support;
+use common::mount as mount_support;
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};

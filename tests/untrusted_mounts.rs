@@ -6,8 +6,7 @@
 //! state are private and never written through a symlink.
 
 mod common;
-#[path = "common/mount.rs"]
-mod mount_support;
+use common::mount as mount_support;
 
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};

@@ -7,8 +7,7 @@
 //! at what a user would see: the error, the siblings, the bits on disk.
 
 mod common;
-#[path = "common/mount.rs"]
-mod mount_support;
+use common::mount as mount_support;
 
 use std::fs;
 use std::io::Write;

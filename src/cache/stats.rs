@@ -7,21 +7,67 @@
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// FUSE operations counted by [`Stats::op`], in the order they are printed.
-pub const OPS: [&str; 12] = [
-    "lookup",
-    "getattr",
-    "readdir",
-    "readdirplus",
-    "readlink",
-    "open",
-    "read",
-    "release",
-    "statfs",
-    "getxattr",
-    "listxattr",
-    "access",
-];
+/// The FUSE operations counted by [`Stats::op`], in the order they are
+/// printed (`op_<name>` lines).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Lookup,
+    Getattr,
+    Readdir,
+    Readdirplus,
+    Readlink,
+    Open,
+    Opendir,
+    Read,
+    Flush,
+    Release,
+    Statfs,
+    Getxattr,
+    Listxattr,
+    Access,
+    /// Any request that would change the tree (answered `EROFS`).
+    Write,
+}
+
+impl Op {
+    pub const ALL: [Op; 15] = [
+        Op::Lookup,
+        Op::Getattr,
+        Op::Readdir,
+        Op::Readdirplus,
+        Op::Readlink,
+        Op::Open,
+        Op::Opendir,
+        Op::Read,
+        Op::Flush,
+        Op::Release,
+        Op::Statfs,
+        Op::Getxattr,
+        Op::Listxattr,
+        Op::Access,
+        Op::Write,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Op::Lookup => "lookup",
+            Op::Getattr => "getattr",
+            Op::Readdir => "readdir",
+            Op::Readdirplus => "readdirplus",
+            Op::Readlink => "readlink",
+            Op::Open => "open",
+            Op::Opendir => "opendir",
+            Op::Read => "read",
+            Op::Flush => "flush",
+            Op::Release => "release",
+            Op::Statfs => "statfs",
+            Op::Getxattr => "getxattr",
+            Op::Listxattr => "listxattr",
+            Op::Access => "access",
+            Op::Write => "write",
+        }
+    }
+}
 
 #[derive(Debug, Default)]
 pub struct Stats {
@@ -65,7 +111,7 @@ pub struct Stats {
     pub changed_files: AtomicU64,
     /// Open handles that became stale (their file's content changed): ESTALE.
     pub stale_handles: AtomicU64,
-    ops: [AtomicU64; OPS.len()],
+    ops: [AtomicU64; Op::ALL.len()],
 }
 
 impl Stats {
@@ -81,11 +127,9 @@ impl Stats {
         counter.fetch_max(n, Ordering::Relaxed);
     }
 
-    /// Counts one FUSE operation by name (one of [`OPS`]; others are ignored).
-    pub fn op(&self, name: &str) {
-        if let Some(i) = OPS.iter().position(|o| *o == name) {
-            self.ops[i].fetch_add(1, Ordering::Relaxed);
-        }
+    /// Counts one FUSE operation.
+    pub fn op(&self, op: Op) {
+        self.ops[op as usize].fetch_add(1, Ordering::Relaxed);
     }
 
     /// `name value` lines, stable names, for `cachemount stats` and scripts.
@@ -119,8 +163,8 @@ impl Stats {
         for (name, value) in rows {
             let _ = writeln!(out, "{name} {value}");
         }
-        for (name, c) in OPS.iter().zip(&self.ops) {
-            let _ = writeln!(out, "op_{name} {}", get(c));
+        for (op, c) in Op::ALL.iter().zip(&self.ops) {
+            let _ = writeln!(out, "op_{} {}", op.name(), get(c));
         }
         out
     }

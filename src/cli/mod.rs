@@ -618,7 +618,7 @@ async fn mount_and_serve(
         version.index.entries.len(),
         started.elapsed().as_millis()
     );
-    let targets = restore::plan_targets(&version.index, &specs, anchors)?;
+    let targets = crate::paths::plan_targets(&version.index, &specs, anchors)?;
     for t in &targets {
         t.check_mountable()?;
     }

@@ -14,8 +14,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
 
+use super::inodes::{Node, Tree, ROOT_INO};
 use super::reopen::{same_attrs, Follower, Reopener};
-use super::tree::{Node, Tree, ROOT_INO};
 use crate::archive::{EntryKind, Timestamp};
 use crate::cache::{Current, FetchError, Fetcher, Version};
 use crate::store::ObjectStore;

@@ -29,6 +29,7 @@ use fuser::{
 
 use super::core::{Attr, FsCore, FsError};
 use crate::archive::{EntryKind, Timestamp};
+use crate::cache::stats::Op;
 use crate::store::ObjectStore;
 
 /// Entry and attribute timeout: the content never changes under a mount
@@ -83,6 +84,19 @@ pub struct FuseFs<S> {
     no_open: AtomicBool,
 }
 
+/// Implements `Filesystem` methods that would change the tree as one line
+/// each: count the request and answer `EROFS`.
+macro_rules! read_only {
+    ($(fn $name:ident($($arg:ident: $ty:ty),* $(,)?; reply: $reply:ty);)*) => {
+        $(
+            fn $name(&self, _req: &Request, $(_: $ty,)* reply: $reply) {
+                self.count(Op::Write);
+                reply.error(Errno::EROFS);
+            }
+        )*
+    };
+}
+
 impl<S: ObjectStore> FuseFs<S> {
     pub fn new(core: Arc<FsCore<S>>, runtime: tokio::runtime::Handle) -> Self {
         FuseFs {
@@ -92,7 +106,7 @@ impl<S: ObjectStore> FuseFs<S> {
         }
     }
 
-    fn count(&self, op: &str) {
+    fn count(&self, op: Op) {
         self.core.fetcher().stats().op(op);
     }
 }
@@ -174,7 +188,7 @@ impl<S: ObjectStore> Filesystem for FuseFs<S> {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        self.count("lookup");
+        self.count(Op::Lookup);
         match self.core.lookup(parent.0, name.as_bytes()) {
             Ok(a) => reply.entry(&TTL, &fuse_attr(&a), Generation(0)),
             Err(e) => reply.error(errno(&e)),
@@ -182,7 +196,7 @@ impl<S: ObjectStore> Filesystem for FuseFs<S> {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        self.count("getattr");
+        self.count(Op::Getattr);
         match self.core.getattr(ino.0) {
             Ok(a) => reply.attr(&TTL, &fuse_attr(&a)),
             Err(e) => reply.error(errno(&e)),
@@ -190,7 +204,7 @@ impl<S: ObjectStore> Filesystem for FuseFs<S> {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        self.count("readlink");
+        self.count(Op::Readlink);
         match self.core.readlink_cached(ino.0) {
             Ok(Some(target)) => reply.data(&target),
             Ok(None) => {
@@ -207,7 +221,7 @@ impl<S: ObjectStore> Filesystem for FuseFs<S> {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        self.count("open");
+        self.count(Op::Open);
         let write = !matches!(flags.acc_mode(), OpenAccMode::O_RDONLY);
         match self.core.open(ino.0, write) {
             Err(e) => reply.error(errno(&e)),
@@ -219,6 +233,7 @@ impl<S: ObjectStore> Filesystem for FuseFs<S> {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        self.count(Op::Opendir);
         match self.core.getattr(ino.0) {
             Err(e) => reply.error(errno(&e)),
             Ok(_) if self.no_open.load(Ordering::Relaxed) => reply.error(Errno::ENOSYS),
@@ -240,7 +255,7 @@ impl<S: ObjectStore> Filesystem for FuseFs<S> {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        self.count("read");
+        self.count(Op::Read);
         // Cache hits are answered here; anything that must wait goes to the runtime.
         let _runtime = self.runtime.enter();
         match self.core.read_cached(ino.0, fh.0, offset, size) {
@@ -267,7 +282,7 @@ impl<S: ObjectStore> Filesystem for FuseFs<S> {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.count("release");
+        self.count(Op::Release);
         self.core.release(ino.0, fh.0);
         reply.ok();
     }
@@ -280,6 +295,7 @@ impl<S: ObjectStore> Filesystem for FuseFs<S> {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
+        self.count(Op::Flush);
         // Nothing to flush; ENOSYS makes the kernel stop sending flush at all.
         reply.error(Errno::ENOSYS);
     }
@@ -292,7 +308,7 @@ impl<S: ObjectStore> Filesystem for FuseFs<S> {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        self.count("readdir");
+        self.count(Op::Readdir);
         let res = self.core.readdir(ino.0, offset, |e| {
             reply.add(
                 INodeNo(e.ino),
@@ -315,7 +331,7 @@ impl<S: ObjectStore> Filesystem for FuseFs<S> {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        self.count("readdirplus");
+        self.count(Op::Readdirplus);
         let res = self.core.readdir(ino.0, offset, |e| {
             reply.add(
                 INodeNo(e.ino),
@@ -333,7 +349,7 @@ impl<S: ObjectStore> Filesystem for FuseFs<S> {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        self.count("statfs");
+        self.count(Op::Statfs);
         let s = self.core.statfs();
         reply.statfs(
             s.blocks,
@@ -348,7 +364,7 @@ impl<S: ObjectStore> Filesystem for FuseFs<S> {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        self.count("getxattr");
+        self.count(Op::Getxattr);
         match self.core.getxattr(ino.0, name.as_bytes()) {
             Ok(v) => reply_xattr(reply, size, &v),
             Err(e) => reply.error(errno(&e)),
@@ -356,7 +372,7 @@ impl<S: ObjectStore> Filesystem for FuseFs<S> {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        self.count("listxattr");
+        self.count(Op::Listxattr);
         match self.core.listxattr(ino.0) {
             Ok(v) => reply_xattr(reply, size, &v),
             Err(e) => reply.error(errno(&e)),
@@ -364,159 +380,43 @@ impl<S: ObjectStore> Filesystem for FuseFs<S> {
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
-        self.count("access");
+        self.count(Op::Access);
         match self.core.access(ino.0, mask.bits()) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
         }
     }
 
-    // ---- everything that would change the tree: EROFS ----
-
-    fn setattr(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _mode: Option<u32>,
-        _uid: Option<u32>,
-        _gid: Option<u32>,
-        _size: Option<u64>,
-        _atime: Option<TimeOrNow>,
-        _mtime: Option<TimeOrNow>,
-        _ctime: Option<SystemTime>,
-        _fh: Option<FileHandle>,
-        _crtime: Option<SystemTime>,
-        _chgtime: Option<SystemTime>,
-        _bkuptime: Option<SystemTime>,
-        _flags: Option<fuser::BsdFileFlags>,
-        reply: ReplyAttr,
-    ) {
-        reply.error(Errno::EROFS);
-    }
-
-    fn mknod(
-        &self,
-        _req: &Request,
-        _parent: INodeNo,
-        _name: &OsStr,
-        _mode: u32,
-        _umask: u32,
-        _rdev: u32,
-        reply: ReplyEntry,
-    ) {
-        reply.error(Errno::EROFS);
-    }
-
-    fn mkdir(
-        &self,
-        _req: &Request,
-        _parent: INodeNo,
-        _name: &OsStr,
-        _mode: u32,
-        _umask: u32,
-        reply: ReplyEntry,
-    ) {
-        reply.error(Errno::EROFS);
-    }
-
-    fn unlink(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(Errno::EROFS);
-    }
-
-    fn rmdir(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(Errno::EROFS);
-    }
-
-    fn symlink(
-        &self,
-        _req: &Request,
-        _parent: INodeNo,
-        _link_name: &OsStr,
-        _target: &Path,
-        reply: ReplyEntry,
-    ) {
-        reply.error(Errno::EROFS);
-    }
-
-    fn rename(
-        &self,
-        _req: &Request,
-        _parent: INodeNo,
-        _name: &OsStr,
-        _newparent: INodeNo,
-        _newname: &OsStr,
-        _flags: fuser::RenameFlags,
-        reply: ReplyEmpty,
-    ) {
-        reply.error(Errno::EROFS);
-    }
-
-    fn link(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _newparent: INodeNo,
-        _newname: &OsStr,
-        reply: ReplyEntry,
-    ) {
-        reply.error(Errno::EROFS);
-    }
-
-    fn write(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
-        _offset: u64,
-        _data: &[u8],
-        _write_flags: WriteFlags,
-        _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
-        reply: ReplyWrite,
-    ) {
-        reply.error(Errno::EROFS);
-    }
-
-    fn create(
-        &self,
-        _req: &Request,
-        _parent: INodeNo,
-        _name: &OsStr,
-        _mode: u32,
-        _umask: u32,
-        _flags: i32,
-        reply: ReplyCreate,
-    ) {
-        reply.error(Errno::EROFS);
-    }
-
-    fn setxattr(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _name: &OsStr,
-        _value: &[u8],
-        _flags: i32,
-        _position: u32,
-        reply: ReplyEmpty,
-    ) {
-        reply.error(Errno::EROFS);
-    }
-
-    fn removexattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(Errno::EROFS);
-    }
-
-    fn fallocate(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
-        _offset: u64,
-        _length: u64,
-        _mode: i32,
-        reply: ReplyEmpty,
-    ) {
-        reply.error(Errno::EROFS);
+    // Everything that would change the tree: `EROFS` (and counted as `write`).
+    read_only! {
+        fn setattr(
+            ino: INodeNo, mode: Option<u32>, uid: Option<u32>, gid: Option<u32>,
+            size: Option<u64>, atime: Option<TimeOrNow>, mtime: Option<TimeOrNow>,
+            ctime: Option<SystemTime>, fh: Option<FileHandle>, crtime: Option<SystemTime>,
+            chgtime: Option<SystemTime>, bkuptime: Option<SystemTime>,
+            flags: Option<fuser::BsdFileFlags>; reply: ReplyAttr
+        );
+        fn mknod(parent: INodeNo, name: &OsStr, mode: u32, umask: u32, rdev: u32; reply: ReplyEntry);
+        fn mkdir(parent: INodeNo, name: &OsStr, mode: u32, umask: u32; reply: ReplyEntry);
+        fn unlink(parent: INodeNo, name: &OsStr; reply: ReplyEmpty);
+        fn rmdir(parent: INodeNo, name: &OsStr; reply: ReplyEmpty);
+        fn symlink(parent: INodeNo, link_name: &OsStr, target: &Path; reply: ReplyEntry);
+        fn rename(
+            parent: INodeNo, name: &OsStr, newparent: INodeNo, newname: &OsStr,
+            flags: fuser::RenameFlags; reply: ReplyEmpty
+        );
+        fn link(ino: INodeNo, newparent: INodeNo, newname: &OsStr; reply: ReplyEntry);
+        fn write(
+            ino: INodeNo, fh: FileHandle, offset: u64, data: &[u8], write_flags: WriteFlags,
+            flags: OpenFlags, lock_owner: Option<LockOwner>; reply: ReplyWrite
+        );
+        fn create(parent: INodeNo, name: &OsStr, mode: u32, umask: u32, flags: i32; reply: ReplyCreate);
+        fn setxattr(
+            ino: INodeNo, name: &OsStr, value: &[u8], flags: i32, position: u32; reply: ReplyEmpty
+        );
+        fn removexattr(ino: INodeNo, name: &OsStr; reply: ReplyEmpty);
+        fn fallocate(
+            ino: INodeNo, fh: FileHandle, offset: u64, length: u64, mode: i32; reply: ReplyEmpty
+        );
     }
 }

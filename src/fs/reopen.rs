@@ -203,7 +203,7 @@ pub fn unchanged_entries(old: &ArchiveIndex, new: &ArchiveIndex) -> Vec<Option<u
 mod tests {
     use super::*;
     use crate::archive::{Compression, DataOffset, EntryKind, Timestamp};
-    use crate::fs::tree::{Tree, ROOT_INO};
+    use crate::fs::inodes::{Tree, ROOT_INO};
 
     fn entry(name: &str, kind: EntryKind, size: u64, crc: u32, hash: Option<u8>) -> Entry {
         Entry {

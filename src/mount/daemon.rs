@@ -15,7 +15,7 @@ use super::preflight::{self, FUSE_SUPER_MAGIC};
 use crate::cache::version::{open_version, Refresh};
 use crate::cache::{Current, FetchConfig, Fetcher, Stats, Version};
 use crate::fs::{FsCore, FuseFs, Reopener, Tree};
-use crate::restore::Target;
+use crate::paths::Target;
 use crate::store::ObjectStore;
 
 /// Default bound of the block cache.

@@ -24,6 +24,7 @@ use std::path::{Path, PathBuf};
 use crate::archive::{ArchiveIndex, DataOffset, Entry, EntryKind, Manifest};
 use crate::cache::version::{open_version, Refresh};
 use crate::mount::overlay;
+use crate::paths::names;
 use crate::paths::{Anchors, PathSpec};
 use crate::store::{ObjectStore, ObjectVersion};
 use crate::tree::walk::{entry_of, SourceEntry, SourceKind, WalkError};
@@ -168,7 +169,7 @@ impl Base {
             .index
             .entries
             .iter()
-            .filter(|e| is_within(&e.name, &layer.name))
+            .filter(|e| names::within(&e.name, &layer.name))
             .map(|e| (e.name.clone(), Slot::Old(e)))
             .collect();
         apply_upper(&layer.upper, layer.name.clone(), true, &mut tree, special)?;
@@ -215,11 +216,6 @@ impl Base {
 enum Slot<'a> {
     Old(&'a Entry),
     New(SourceEntry),
-}
-
-/// Whether `name` is `dir` or below it.
-fn is_within(name: &[u8], dir: &[u8]) -> bool {
-    name.starts_with(dir) && matches!(name.get(dir.len()), None | Some(b'/'))
 }
 
 /// Removes `name` and everything below it.

@@ -53,9 +53,7 @@ pub fn collect<'a>(
     for spec in specs {
         let name = spec.archive_name(manifest);
         // A path inside (or equal to) another saved path is already covered.
-        let covered = names
-            .iter()
-            .any(|n| name == *n || (name.starts_with(n) && name.get(n.len()) == Some(&b'/')));
+        let covered = names.iter().any(|n| crate::paths::names::within(&name, n));
         if covered {
             continue;
         }

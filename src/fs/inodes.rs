@@ -9,6 +9,7 @@
 //! directory entries) are synthesised with mode 0755 and the root's owner and
 //! mtime.
 
+use crate::paths::names;
 use std::collections::HashMap;
 
 use crate::archive::{ArchiveIndex, EntryKind, Timestamp};
@@ -104,7 +105,7 @@ impl Tree {
             root_node.mtime = index
                 .entries
                 .iter()
-                .filter(|e| under(&e.name, root).is_some())
+                .filter(|e| names::strip_within(&e.name, root).is_some())
                 .map(|e| e.mtime)
                 .max_by_key(|t| (t.secs, t.nanos))
                 .unwrap_or_default();
@@ -118,7 +119,7 @@ impl Tree {
         let mut by_path: HashMap<&[u8], u64> = HashMap::with_capacity(index.entries.len() + 1);
         by_path.insert(b"", ROOT_INO);
         for (i, e) in index.entries.iter().enumerate() {
-            let Some(rel) = under(&e.name, root) else {
+            let Some(rel) = names::strip_within(&e.name, root) else {
                 continue;
             };
             if rel.is_empty() || by_path.contains_key(rel) {
@@ -376,17 +377,6 @@ impl Tree {
     pub fn total_size(&self) -> u64 {
         self.nodes.iter().flatten().map(|n| n.size).sum()
     }
-}
-
-/// `name` relative to `root` if it is `root` or below it.
-fn under<'a>(name: &'a [u8], root: &[u8]) -> Option<&'a [u8]> {
-    if root.is_empty() {
-        return Some(name);
-    }
-    if name == root {
-        return Some(b"");
-    }
-    name.strip_prefix(root)?.strip_prefix(b"/")
 }
 
 fn split_last(path: &[u8]) -> (&[u8], &[u8]) {

@@ -1,5 +1,6 @@
 //! Mapping the paths a user names (`node_modules`, `~/.npm`, `/opt/tool`) to
-//! archive names under Buildkite's namespaces and back.
+//! archive names under Buildkite's namespaces and back, and planning where
+//! an archive's names go ([`targets`]).
 //!
 //! A path under the home directory is stored relative to `~`, any other
 //! absolute path relative to `/`, and a relative path relative to `.` (the
@@ -8,6 +9,10 @@
 use std::path::{Component, Path, PathBuf};
 
 use crate::archive::{Anchor, Manifest};
+
+pub mod targets;
+
+pub use targets::{local_path_of, plan_targets, saved_roots, PlanError, Target};
 
 /// A path as the user gave it, resolved to an anchor and a relative path.
 #[derive(Debug, Clone, PartialEq, Eq)]
