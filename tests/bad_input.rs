@@ -27,6 +27,41 @@ fn unknown_store_scheme_names_the_accepted_forms() {
 }
 
 #[test]
+fn a_malformed_s3_retry_variable_is_refused_naming_it() {
+    for (var, value, expected) in [
+        (
+            "CACHEMOUNT_S3_ATTEMPTS",
+            "0",
+            "whole number of attempts from 1 to 100",
+        ),
+        (
+            "CACHEMOUNT_S3_READ_TIMEOUT",
+            "soon",
+            "positive number of seconds",
+        ),
+        (
+            "CACHEMOUNT_S3_STALL_TIMEOUT",
+            "-1",
+            "positive number of seconds",
+        ),
+        (
+            "CACHEMOUNT_S3_READ_DEADLINE",
+            "inf",
+            "positive number of seconds",
+        ),
+    ] {
+        let mut sb = Sandbox::new();
+        sb.env.push((var.into(), value.into()));
+        let (code, err) = sb.fails(&["keys"]);
+        assert_eq!(code, 2, "{var}: {err}");
+        assert!(
+            err.contains(&format!("invalid value \"{value}\" for {var}")) && err.contains(expected),
+            "{var}: {err}"
+        );
+    }
+}
+
+#[test]
 fn unreadable_or_missing_path_fails_and_stores_nothing() {
     let sb = Sandbox::new();
     let (_, err) = sb.fails(&["save", "--key", "k", "does-not-exist"]);

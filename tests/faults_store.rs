@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use cachemount::store::s3::{RetryPolicy, S3Store, S3Tuning};
+use cachemount::store::s3::{RetryPolicy, S3Store};
 use cachemount::store::{ObjectStore, PutSource, StoreError};
 use common::proxy::{Fault, Proxy, Rule};
 use common::s3::TestS3;
@@ -31,12 +31,7 @@ fn quick() -> RetryPolicy {
 
 /// A store on `s3`'s prefix that goes through `proxy`.
 async fn through(s3: &TestS3, proxy: &Proxy, policy: RetryPolicy) -> S3Store {
-    S3Store::new(&s3.bucket, &s3.prefix, Some(proxy.url()), None)
-        .await
-        .with_tuning(S3Tuning {
-            retry: policy,
-            ..S3Tuning::default()
-        })
+    S3Store::new(&s3.bucket, &s3.prefix, Some(proxy.url()), None, policy).await
 }
 
 /// An object of `len` noise bytes put directly (not through the proxy).

@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use cachemount::store::local::LocalStore;
-use cachemount::store::s3::{S3Store, S3Tuning};
+use cachemount::store::s3::{RetryPolicy, S3Store, S3Tuning};
 use cachemount::store::{
     AnyStore, Composition, ObjectMeta, ObjectStore, PutSource, StoreError, StoreUrl, TransferCounts,
 };
@@ -375,9 +375,15 @@ async fn a_base_replaced_mid_compose(s3: &TestS3, server: Server, phase: Phase) 
     let direct = s3.store().await.with_tuning(shrunk());
     let (_, meta) = put_base(&direct, "base", 11, BASE_LEN).await;
     let proxy = Proxy::start(&s3.endpoint);
-    let store = S3Store::new(&s3.bucket, &s3.prefix, Some(proxy.url()), None)
-        .await
-        .with_tuning(shrunk());
+    let store = S3Store::new(
+        &s3.bucket,
+        &s3.prefix,
+        Some(proxy.url()),
+        None,
+        RetryPolicy::default(),
+    )
+    .await
+    .with_tuning(shrunk());
     let seen = Arc::new(AtomicU64::new(0));
     let (hook_s3, hook_seen) = (s3.clone(), seen.clone());
     proxy.set_hook(move |req| {
@@ -488,7 +494,9 @@ async fn any_store_composes_and_counts_through_its_store() {
     let url = StoreUrl::Local {
         root: dir.path().join("store"),
     };
-    let store = AnyStore::open(&url, None, None).await.unwrap();
+    let store = AnyStore::open(&url, None, None, RetryPolicy::default())
+        .await
+        .unwrap();
     let (base, meta) = put_base(&store, "base", 14, MIB).await;
     let (tail_path, tail) = tail_file(dir.path(), "tail", 15, 1000);
     let composed = store

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant, SystemTime};
 
-use cachemount::store::s3::{S3Store, S3Tuning};
+use cachemount::store::s3::{RetryPolicy, S3Store, S3Tuning};
 use cachemount::store::{AnyStore, ObjectStore, PutSource, RefreshOutcome, StoreError};
 use common::s3::TestS3;
 
@@ -121,7 +121,14 @@ async fn missing_bucket_is_reported_as_such() {
             .unwrap()
             .as_nanos()
     );
-    let store = S3Store::new(&bucket, "p", Some(s3.endpoint.clone()), None).await;
+    let store = S3Store::new(
+        &bucket,
+        "p",
+        Some(s3.endpoint.clone()),
+        None,
+        RetryPolicy::default(),
+    )
+    .await;
     let listed = store.list("").await;
     assert!(
         matches!(&listed, Err(StoreError::NoSuchBucket(b)) if *b == bucket),
@@ -142,6 +149,7 @@ async fn dead_endpoint_is_unreachable_quickly() {
         "",
         Some("http://127.0.0.1:1".into()),
         Some("us-east-1".into()),
+        RetryPolicy::default(),
     )
     .await;
     let started = Instant::now();
@@ -169,9 +177,14 @@ async fn any_store_opens_s3_urls() {
     let Some(s3) = TestS3::from_env("any_store_opens_s3_urls") else {
         return;
     };
-    let store = AnyStore::open(&s3.url(), Some(s3.endpoint.clone()), None)
-        .await
-        .unwrap();
+    let store = AnyStore::open(
+        &s3.url(),
+        Some(s3.endpoint.clone()),
+        None,
+        RetryPolicy::default(),
+    )
+    .await
+    .unwrap();
     assert!(matches!(store, AnyStore::S3(_)));
     assert_eq!(
         store.describe(),

@@ -8,7 +8,7 @@ mod common;
 
 use aws_sdk_s3::types::{BucketVersioningStatus, VersioningConfiguration};
 use bytes::Bytes;
-use cachemount::store::s3::S3Store;
+use cachemount::store::s3::{RetryPolicy, S3Store};
 use cachemount::store::{ObjectStore, PutSource, StoreError};
 use common::s3::TestS3;
 
@@ -46,7 +46,14 @@ async fn pinned_version_id_survives_overwrite_and_its_deletion_is_a_precondition
         )
         .send()
         .await;
-    let store = S3Store::new(&bucket, "p", Some(s3.endpoint.clone()), None).await;
+    let store = S3Store::new(
+        &bucket,
+        "p",
+        Some(s3.endpoint.clone()),
+        None,
+        RetryPolicy::default(),
+    )
+    .await;
     let first = Bytes::from(vec![1u8; 100_000]);
     let second = Bytes::from(vec![2u8; 100_000]);
     store

@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
@@ -18,8 +19,9 @@ use crate::progress::Progress;
 use crate::restore::{self, Source};
 use crate::save;
 use crate::store::layout::{self, LayoutError};
+use crate::store::s3::RetryPolicy;
 use crate::store::url::split_object_url;
-use crate::store::{AnyStore, StoreUrl};
+use crate::store::{AnyStore, StoreResult, StoreUrl};
 use crate::tree::extract::ExtractOptions;
 
 /// Exit code of `restore` when no cache matches the key or any fallback, so CI
@@ -59,13 +61,38 @@ pub struct GlobalArgs {
     pub verbose: u8,
     /// Refresh a cache's lifetime (for bucket expiry rules) when it is older
     /// than this many seconds (0: every time).
-    #[arg(long, global = true, hide = true, env = "CACHEMOUNT_REFRESH_AFTER_SECS", default_value_t = REFRESH_AFTER.as_secs())]
-    pub refresh_after_secs: u64,
+    #[arg(long, global = true, hide = true, env = "CACHEMOUNT_REFRESH_AFTER_SECS", value_parser = NamingTheVariable(parse_age))]
+    pub refresh_after_secs: Option<Duration>,
+    /// Attempts per S3 request, the first included (default 5).
+    #[arg(long, global = true, hide = true, env = "CACHEMOUNT_S3_ATTEMPTS", value_parser = NamingTheVariable(parse_attempts))]
+    pub s3_attempts: Option<u32>,
+    /// Seconds one attempt of an S3 read waits for its response (default 20).
+    #[arg(long, global = true, hide = true, env = "CACHEMOUNT_S3_READ_TIMEOUT", value_parser = NamingTheVariable(parse_seconds))]
+    pub s3_read_timeout: Option<Duration>,
+    /// Seconds without a body byte before a GET is resumed (default 10).
+    #[arg(long, global = true, hide = true, env = "CACHEMOUNT_S3_STALL_TIMEOUT", value_parser = NamingTheVariable(parse_seconds))]
+    pub s3_stall_timeout: Option<Duration>,
+    /// Seconds after which one S3 read fails (default 120).
+    #[arg(long, global = true, hide = true, env = "CACHEMOUNT_S3_READ_DEADLINE", value_parser = NamingTheVariable(parse_seconds))]
+    pub s3_read_deadline: Option<Duration>,
 }
 
 impl GlobalArgs {
-    fn refresh_after(&self) -> std::time::Duration {
-        std::time::Duration::from_secs(self.refresh_after_secs)
+    fn refresh_after(&self) -> Duration {
+        self.refresh_after_secs.unwrap_or(REFRESH_AFTER)
+    }
+
+    /// The S3 retry policy: the library's defaults, with what the `--s3-*`
+    /// flags (or their `CACHEMOUNT_S3_*` variables) set.
+    pub fn retry_policy(&self) -> RetryPolicy {
+        let default = RetryPolicy::default();
+        RetryPolicy {
+            max_attempts: self.s3_attempts.unwrap_or(default.max_attempts),
+            read_attempt_timeout: self.s3_read_timeout.unwrap_or(default.read_attempt_timeout),
+            body_stall_timeout: self.s3_stall_timeout.unwrap_or(default.body_stall_timeout),
+            read_deadline: self.s3_read_deadline.unwrap_or(default.read_deadline),
+            ..default
+        }
     }
 }
 
@@ -276,9 +303,20 @@ async fn open_store(global: &GlobalArgs) -> anyhow::Result<AnyStore> {
         Some(s) => StoreUrl::parse(s)?,
         None => StoreUrl::default_local()?,
     };
-    AnyStore::open(&url, global.endpoint_url.clone(), global.region.clone())
+    open_store_at(global, &url)
         .await
         .with_context(|| format!("cannot open the store {url}"))
+}
+
+/// The store at `url`, configured by the global arguments.
+async fn open_store_at(global: &GlobalArgs, url: &StoreUrl) -> StoreResult<AnyStore> {
+    AnyStore::open(
+        url,
+        global.endpoint_url.clone(),
+        global.region.clone(),
+        global.retry_policy(),
+    )
+    .await
 }
 
 fn parse_specs(paths: &[String], anchors: &Anchors) -> anyhow::Result<Vec<PathSpec>> {
@@ -344,13 +382,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let progress = Progress::new("downloading", cli.global.quiet);
             let (report, what) = if let Some(url) = source.url {
                 let (store_url, object) = split_object_url(&url)?;
-                let store = AnyStore::open(
-                    &store_url,
-                    cli.global.endpoint_url.clone(),
-                    cli.global.region.clone(),
-                )
-                .await
-                .with_context(|| format!("cannot open {url}"))?;
+                let store = open_store_at(&cli.global, &store_url)
+                    .await
+                    .with_context(|| format!("cannot open {url}"))?;
                 let src = Source {
                     store: &store,
                     key: object,
@@ -580,13 +614,9 @@ async fn mount_and_serve(
     let started = std::time::Instant::now();
     let (store, key, digest, what, pointer) = if let Some(url) = source.url {
         let (store_url, object) = split_object_url(&url)?;
-        let store = AnyStore::open(
-            &store_url,
-            global.endpoint_url.clone(),
-            global.region.clone(),
-        )
-        .await
-        .with_context(|| format!("cannot open {url}"))?;
+        let store = open_store_at(global, &store_url)
+            .await
+            .with_context(|| format!("cannot open {url}"))?;
         (store, object, None, url, None)
     } else {
         let key = source.key.expect("take_url_from requires --key or a URL");
@@ -703,6 +733,65 @@ fn human_age(secs: u64) -> String {
     }
 }
 
+/// A value parser whose error names the flag's environment variable too: the
+/// hidden tuning values usually come from `CACHEMOUNT_*` variables, and clap's own error
+/// names only the flag, which the user never typed.
+#[derive(Clone)]
+struct NamingTheVariable<T>(fn(&str) -> Result<T, String>);
+
+impl<T: Clone + Send + Sync + 'static> clap::builder::TypedValueParser for NamingTheVariable<T> {
+    type Value = T;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<T, clap::Error> {
+        let text = value.to_string_lossy();
+        (self.0)(&text).map_err(|why| {
+            let name = |a: &clap::Arg| {
+                let flag = a.get_long().unwrap_or(a.get_id().as_str());
+                match a.get_env() {
+                    Some(var) => format!("{} (--{flag})", var.to_string_lossy()),
+                    None => format!("--{flag}"),
+                }
+            };
+            let what = arg.map(name).unwrap_or_default();
+            cmd.clone().error(
+                clap::error::ErrorKind::ValueValidation,
+                format!("invalid value {text:?} for {what}: {why}"),
+            )
+        })
+    }
+}
+
+/// `--s3-attempts`: a whole number from 1 to 100.
+fn parse_attempts(s: &str) -> Result<u32, String> {
+    match s.trim().parse::<u32>() {
+        Ok(n) if (1..=100).contains(&n) => Ok(n),
+        _ => Err("expected a whole number of attempts from 1 to 100".into()),
+    }
+}
+
+/// A positive number of seconds, fractions allowed (`0.5`).
+fn parse_seconds(s: &str) -> Result<Duration, String> {
+    match s.trim().parse::<f64>() {
+        Ok(secs) if secs.is_finite() && secs > 0.0 && secs < 1e9 => {
+            Ok(Duration::from_secs_f64(secs))
+        }
+        _ => Err("expected a positive number of seconds".into()),
+    }
+}
+
+/// A cache age in whole seconds, `0` included (refresh every time).
+fn parse_age(s: &str) -> Result<Duration, String> {
+    s.trim()
+        .parse::<u64>()
+        .map(Duration::from_secs)
+        .map_err(|_| "expected a whole number of seconds".into())
+}
+
 /// `1073741824`, `512K`, `64M`, `1G` (powers of 1024).
 fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim();
@@ -726,4 +815,46 @@ fn parse_size(s: &str) -> Result<u64, String> {
         .map_err(|_| format!("{s:?} is not a size"))?;
     n.checked_mul(mult)
         .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_flags_set_the_policy_and_leave_the_rest_default() {
+        let parse = |args: &[&str]| {
+            let cli = Cli::try_parse_from(["cachemount"].iter().chain(args).chain(&["keys"]));
+            cli.map(|c| c.global.retry_policy())
+        };
+        let p = parse(&[
+            "--s3-attempts=2",
+            "--s3-read-timeout=0.5",
+            "--s3-stall-timeout=1",
+            "--s3-read-deadline=7",
+        ])
+        .unwrap();
+        assert_eq!(p.max_attempts, 2);
+        assert_eq!(p.read_attempt_timeout, Duration::from_millis(500));
+        assert_eq!(p.body_stall_timeout, Duration::from_secs(1));
+        assert_eq!(p.read_deadline, Duration::from_secs(7));
+        assert_eq!(
+            RetryPolicy {
+                max_attempts: 5,
+                read_attempt_timeout: Duration::from_secs(20),
+                body_stall_timeout: Duration::from_secs(10),
+                read_deadline: Duration::from_secs(120),
+                ..p
+            },
+            RetryPolicy::default()
+        );
+        for bad in [
+            "--s3-attempts=0",
+            "--s3-attempts=101",
+            "--s3-read-timeout=soon",
+        ] {
+            let err = parse(&[bad]).unwrap_err().to_string();
+            assert!(err.contains("CACHEMOUNT_S3_"), "{bad}: {err}");
+        }
+    }
 }

@@ -10,7 +10,7 @@ use std::time::SystemTime;
 use bytes::Bytes;
 
 use super::local::LocalStore;
-use super::s3::S3Store;
+use super::s3::{RetryPolicy, S3Store};
 use super::{
     Composition, ListedObject, NameTooLong, ObjectMeta, ObjectStore, ObjectVersion, PutSource,
     RefreshOutcome, StoreResult, StoreUrl, TransferCounts,
@@ -24,17 +24,19 @@ pub enum AnyStore {
 }
 
 impl AnyStore {
-    /// Opens the store `url` names. `endpoint` (`--endpoint-url`) and `region`
-    /// only matter for S3, where they override the AWS configuration chain.
+    /// Opens the store `url` names. `endpoint` (`--endpoint-url`), `region`
+    /// and `retry` only matter for S3, where the first two override the AWS
+    /// configuration chain.
     pub async fn open(
         url: &StoreUrl,
         endpoint: Option<String>,
         region: Option<String>,
+        retry: RetryPolicy,
     ) -> StoreResult<Self> {
         Ok(match url {
             StoreUrl::Local { root } => AnyStore::Local(LocalStore::new(root.clone())),
             StoreUrl::S3 { bucket, prefix } => {
-                AnyStore::S3(S3Store::new(bucket, prefix, endpoint, region).await)
+                AnyStore::S3(S3Store::new(bucket, prefix, endpoint, region, retry).await)
             }
         })
     }

@@ -65,10 +65,7 @@ impl LocalStore {
 
     /// Maps a key to its file, refusing keys that could escape the root.
     fn path_of(&self, key: &str) -> StoreResult<PathBuf> {
-        let invalid = |why: &str| StoreError::Other {
-            key: key.to_string(),
-            message: format!("invalid key: {why}"),
-        };
+        let invalid = |why: &str| StoreError::other(key, format!("invalid key: {why}"));
         if key.is_empty() || key.starts_with('/') || key.ends_with('/') {
             return Err(invalid("must be a non-empty relative path"));
         }
@@ -127,10 +124,7 @@ async fn blocking<T: Send + 'static>(
 ) -> StoreResult<T> {
     tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| StoreError::Other {
-            key: String::new(),
-            message: format!("file-system task failed: {e}"),
-        })?
+        .map_err(|e| StoreError::other("", format!("file-system task failed: {e}")))?
 }
 
 /// A name unique among concurrent writers (in this and other processes).

@@ -182,6 +182,17 @@ pub enum StoreError {
     Other { key: String, message: String },
 }
 
+impl StoreError {
+    /// [`StoreError::Other`]: what went wrong (`message`) with the object at
+    /// `key` (a location the user can look up: `s3://…`, a path).
+    pub fn other(key: impl Into<String>, message: impl Into<String>) -> Self {
+        StoreError::Other {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
 pub type StoreResult<T> = Result<T, StoreError>;
 
 /// An object name longer than a limit of the store: S3's 1,024-byte object

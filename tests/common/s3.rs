@@ -13,7 +13,7 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use cachemount::store::s3::S3Store;
+use cachemount::store::s3::{RetryPolicy, S3Store};
 use cachemount::store::StoreUrl;
 
 /// Where one test's objects live on a running test server.
@@ -73,13 +73,14 @@ impl TestS3 {
         })
     }
 
-    /// A store on this test's prefix.
+    /// A store on this test's prefix, with the default retry policy.
     pub async fn store(&self) -> S3Store {
         S3Store::new(
             &self.bucket,
             &self.prefix,
             Some(self.endpoint.clone()),
             None,
+            RetryPolicy::default(),
         )
         .await
     }
