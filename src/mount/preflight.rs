@@ -97,7 +97,7 @@ pub fn is_mountpoint(path: &Path) -> bool {
     })
 }
 
-fn unescape_mountinfo(s: &str) -> Vec<u8> {
+pub fn unescape_mountinfo(s: &str) -> Vec<u8> {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;

@@ -1024,7 +1024,7 @@ fn remaining_range(range: &Range<u64>, received: u64) -> Range<u64> {
 }
 
 /// `Content-Range: bytes START-END/TOTAL` (TOTAL may be `*`) → (START, END incl., TOTAL).
-fn parse_content_range(value: &str) -> Option<(u64, u64, Option<u64>)> {
+pub fn parse_content_range(value: &str) -> Option<(u64, u64, Option<u64>)> {
     let rest = value.trim().strip_prefix("bytes")?.trim_start();
     let (span, total) = rest.split_once('/')?;
     let (start, end) = span.trim().split_once('-')?;
@@ -1235,14 +1235,14 @@ where
 
 /// ETags come quoted from most servers, unquoted from some (SeaweedFS's copy
 /// results); versions compare unquoted.
-fn normalize_etag(etag: &str) -> String {
+pub fn normalize_etag(etag: &str) -> String {
     etag.trim()
         .trim_start_matches("W/")
         .trim_matches('"')
         .to_string()
 }
 
-fn quote_etag(etag: &str) -> String {
+pub fn quote_etag(etag: &str) -> String {
     format!("\"{etag}\"")
 }
 
