@@ -84,11 +84,8 @@ fn lexical(path: &Path) -> Option<PathBuf> {
     for c in path.components() {
         match c {
             Component::Normal(p) => out.push(p),
-            Component::ParentDir => {
-                if !out.pop() {
-                    return None;
-                }
-            }
+            // The guard pops; only a failed pop (above `/`) ends the walk.
+            Component::ParentDir if !out.pop() => return None,
             _ => {}
         }
     }
