@@ -19,12 +19,21 @@
 # Needs cargo-fuzz (`cargo install cargo-fuzz --locked`). Works on the stable
 # toolchain: RUSTC_BOOTSTRAP=1 lets cargo-fuzz pass its -Z flags, and
 # `--sanitizer none` avoids the sanitizers that need a nightly std. Without a
-# sanitizer, out-of-bounds reads are still caught by Rust's own checks; large
-# allocations are caught by the targets' allocator (fuzz/fuzz_targets/common.rs).
+# sanitizer, out-of-bounds reads are still caught by Rust's own checks, and
+# integer overflow by the overflow checks (`--debug-assertions`: a length from
+# the input that wraps is a bug, not a value).
+#
+# Memory: every input runs under -rss_limit_mb (the process's resident memory)
+# and -malloc_limit_mb (the heap the target holds at once, counted by the
+# targets' allocator, fuzz/fuzz_targets/common.rs, which reports to libFuzzer's
+# malloc hook: one huge allocation, or a blow-up of many small untouched ones
+# that RSS does not see). Override with FUZZ_RSS_MB / FUZZ_MALLOC_MB.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 secs=60
+rss_mb=${FUZZ_RSS_MB:-512}
+malloc_mb=${FUZZ_MALLOC_MB:-256}
 merge=false
 seed=false
 for arg in "$@"; do
@@ -58,7 +67,7 @@ bin_dir="$CARGO_TARGET_DIR/$triple/release"
 targets=${FUZZ_TARGETS:-$(cd fuzz && cargo fuzz list)}
 start=$(date +%s)
 echo "fuzz: building (target dir $CARGO_TARGET_DIR)"
-(cd fuzz && cargo fuzz build -O --sanitizer none 2>&1 | grep -Ev '^\s*(Compiling|Fresh|Checking)\b' || true)
+(cd fuzz && cargo fuzz build -O --debug-assertions --sanitizer none 2>&1 | grep -Ev '^\s*(Compiling|Fresh|Checking)\b' || true)
 for t in $targets; do
   [ -x "$bin_dir/$t" ] || { echo "fuzz: build failed: no $bin_dir/$t" >&2; exit 2; }
 done
@@ -76,6 +85,9 @@ if $seed; then
 fi
 
 failed=()
+summary=()
+limits=(-timeout=10 -rss_limit_mb="$rss_mb" -malloc_limit_mb="$malloc_mb" -max_len=65536)
+echo "fuzz: ${secs} s per target, limits: rss ${rss_mb} MB, heap ${malloc_mb} MB"
 printf '%-20s %12s %8s %s\n' target executions exec/s result
 for t in $targets; do
   corpus="fuzz/corpus/$t"
@@ -86,7 +98,7 @@ for t in $targets; do
   set +e
   # New inputs go to the first (temporary) directory; the committed corpus is read only.
   "$bin_dir/$t" "$work/new/$t" "$corpus" "${extra[@]}" \
-    -max_total_time="$secs" -timeout=10 -rss_limit_mb=2048 -max_len=65536 \
+    -max_total_time="$secs" "${limits[@]}" \
     -print_final_stats=1 -artifact_prefix="fuzz/artifacts/$t/" >"$log" 2>&1
   rc=$?
   set -e
@@ -101,22 +113,27 @@ for t in $targets; do
     echo "---- $t ----" >&2
     grep -E -A 25 '^(thread .* panicked|==[0-9]+== ERROR|fuzz: single allocation|ALARM|.*out-of-memory)' "$log" | head -n 40 >&2 || tail -n 40 "$log" >&2
   fi
-  printf '%-20s %12s %8s %s\n' "$t" "${execs:-?}" "${rate:-?}" "$result"
+  row=$(printf '%-20s %12s %8s %s' "$t" "${execs:-?}" "${rate:-?}" "$result")
+  echo "$row"
+  summary+=("$row")
   if $merge && [ "$rc" -eq 0 ]; then
     # Minimise committed corpus + new finds (+ seeds) into a fresh directory.
     # Edge coverage only (-use_counters=0): hit-count buckets would keep
     # thousands of near-duplicates (JSON above all) in the repository.
     merged="$work/merged/$t"
     mkdir -p "$merged"
-    "$bin_dir/$t" -merge=1 -use_counters=0 -timeout=10 -rss_limit_mb=2048 -max_len=65536 "$merged" "$corpus" "$work/new/$t" \
+    "$bin_dir/$t" -merge=1 -use_counters=0 "${limits[@]}" "$merged" "$corpus" "$work/new/$t" \
       "${extra[@]}" >"$work/$t.merge.log" 2>&1
     rm -rf "$corpus" && mkdir -p "$corpus" && cp "$merged"/* "$corpus"/ 2>/dev/null || true
     echo "    corpus: $(ls "$corpus" | wc -l) inputs, $(cat "$corpus"/* 2>/dev/null | wc -c) bytes"
   fi
 done
 end=$(date +%s)
+echo "fuzz: executions per target"
+printf '%-20s %12s %8s %s\n' target executions exec/s result
+printf '%s\n' "${summary[@]}"
 echo "fuzz: build $((built - start)) s, fuzzing $((end - built)) s (${secs} s per target)"
 if [ ${#failed[@]} -gt 0 ]; then
-  echo "fuzz: crashed: ${failed[*]} (inputs under fuzz/artifacts/; reproduce with: cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run --sanitizer none -O TARGET ARTIFACT)" >&2
+  echo "fuzz: crashed: ${failed[*]} (inputs under fuzz/artifacts/; reproduce with: cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run --sanitizer none -O --debug-assertions TARGET ARTIFACT)" >&2
   exit 1
 fi

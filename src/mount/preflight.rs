@@ -134,7 +134,7 @@ pub fn is_mountpoint(path: &Path) -> bool {
     mount_at(path).is_some()
 }
 
-fn unescape_mountinfo(s: &str) -> Vec<u8> {
+pub fn unescape_mountinfo(s: &str) -> Vec<u8> {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;

@@ -66,6 +66,7 @@ mod read;
 mod retry;
 
 pub use retry::RetryPolicy;
+pub use read::parse_content_range;
 
 /// S3's longest object key, in bytes of UTF-8 (the prefix included).
 const MAX_OBJECT_KEY_LEN: usize = 1024;
@@ -364,14 +365,14 @@ async fn file_len(path: &Path) -> StoreResult<u64> {
 
 /// ETags come quoted from most servers, unquoted from some (SeaweedFS's copy
 /// results); versions compare unquoted.
-fn normalize_etag(etag: &str) -> String {
+pub fn normalize_etag(etag: &str) -> String {
     etag.trim()
         .trim_start_matches("W/")
         .trim_matches('"')
         .to_string()
 }
 
-fn quote_etag(etag: &str) -> String {
+pub fn quote_etag(etag: &str) -> String {
     format!("\"{etag}\"")
 }
 

@@ -172,7 +172,7 @@ fn remaining_range(range: &Range<u64>, received: u64) -> Range<u64> {
 }
 
 /// `Content-Range: bytes START-END/TOTAL` (TOTAL may be `*`) → (START, END incl., TOTAL).
-fn parse_content_range(value: &str) -> Option<(u64, u64, Option<u64>)> {
+pub fn parse_content_range(value: &str) -> Option<(u64, u64, Option<u64>)> {
     let rest = value.trim().strip_prefix("bytes")?.trim_start();
     let (span, total) = rest.split_once('/')?;
     let (start, end) = span.trim().split_once('-')?;
