@@ -313,7 +313,7 @@ async fn an_object_that_keeps_changing_ends_in_an_error_within_the_bound() {
         }
     }
     assert!(
-        matches!(&result, Err(FsError::Changed(m)) if m.contains("keeps changing")),
+        matches!(&result, Err(e @ FsError::Changed(_)) if e.to_string().contains("keeps changing")),
         "{result:?}"
     );
     assert!(started.elapsed() < Duration::from_secs(30));

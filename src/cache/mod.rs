@@ -1,6 +1,7 @@
 //! Reading an archive lazily: the archive opened in a store and pinned to
 //! one version ([`version`]), the block cache ([`blocks`]), the fetcher that
-//! fills it from the store ([`fetch`]), the verification state of entries
+//! fills it from the store ([`fetch`], with its block plan, in-flight
+//! table, prefetching and stream decoding beside it), the verification state of entries
 //! that have one checksum for many blocks ([`verify`]) and the counters
 //! ([`stats`]).
 //!
@@ -10,12 +11,20 @@
 //! them and caches them. Nothing here knows about FUSE.
 
 pub mod blocks;
+mod config;
+mod error;
 pub mod fetch;
+mod inflight;
+mod plan;
+mod prefetch;
 pub mod stats;
+mod stream;
 pub mod verify;
 pub mod version;
 
 pub use blocks::{BlockCache, BlockKey};
-pub use fetch::{FetchConfig, FetchError, Fetcher};
+pub use config::FetchConfig;
+pub use error::FetchError;
+pub use fetch::Fetcher;
 pub use stats::Stats;
 pub use version::{Current, Version};

@@ -29,7 +29,7 @@ use bytes::Bytes;
 use futures::future::{BoxFuture, FutureExt, Shared};
 use parking_lot::Mutex;
 
-use super::fetch::FetchError;
+use super::error::FetchError;
 
 /// (object version id, entry index): whose verification a state is.
 pub type EntryKey = (u64, u32);
@@ -123,7 +123,13 @@ impl Verifier {
             Err(FetchError::Corrupt(reason) | FetchError::Damaged(reason)) => {
                 states.insert(ticket.key, State::Bad(reason.clone()));
             }
-            Err(FetchError::Store(_) | FetchError::Changed(_)) => {
+            Err(
+                FetchError::Store(_)
+                | FetchError::ShortRead { .. }
+                | FetchError::Abandoned
+                | FetchError::Changed { .. }
+                | FetchError::Reopened { .. },
+            ) => {
                 states.remove(&ticket.key);
             }
         }
@@ -194,6 +200,7 @@ impl<F: FnMut(u32, Bytes)> Write for BlockSink<F> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::StoreError;
     use std::sync::atomic::AtomicUsize;
 
     fn sums_of(blocks: &[&[u8]]) -> Arc<BlockSums> {
@@ -279,8 +286,11 @@ mod tests {
     #[test]
     fn a_store_error_or_412_leaves_the_entry_to_verify_again() {
         for err in [
-            FetchError::Store("timeout".into()),
-            FetchError::Changed("412".into()),
+            FetchError::Store(Arc::new(StoreError::NoSuchBucket("b".into()))),
+            FetchError::Reopened {
+                key: "k".into(),
+                name: "n".into(),
+            },
         ] {
             let v = Verifier::default();
             let starts = AtomicUsize::new(0);

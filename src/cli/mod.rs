@@ -11,7 +11,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::archive::WriterOptions;
 use crate::cache::version::{open_version, refresh_lifetime, Refresh, REFRESH_AFTER};
-use crate::cache::Stats;
+use crate::cache::{FetchConfig, Stats};
 use crate::mount::daemon::{self, MountOptions};
 use crate::mount::{control, overlay};
 use crate::paths::{Anchors, PathSpec};
@@ -152,6 +152,8 @@ pub enum Command {
         /// Internal: this process is the daemon `mount` started.
         #[arg(long, hide = true)]
         daemon_child: bool,
+        #[command(flatten)]
+        fetch: FetchArgs,
     },
     /// Unmount paths mounted by `mount` (also stale ones whose daemon died).
     Umount {
@@ -176,6 +178,52 @@ pub enum Command {
         #[arg(long, default_value = "")]
         prefix: String,
     },
+}
+
+/// Tuning of the mount's fetcher, for benchmarking: hidden, read from the
+/// environment (the daemon child inherits it); unset keeps the default of
+/// [`FetchConfig`]. The value name is the variable, so that a malformed
+/// value is reported under it.
+#[derive(Args, Debug)]
+pub struct FetchArgs {
+    /// Largest merged range GET, in bytes.
+    #[arg(
+        long,
+        hide = true,
+        env = "CACHEMOUNT_MAX_GET",
+        value_name = "CACHEMOUNT_MAX_GET"
+    )]
+    max_get: Option<u64>,
+    /// The largest read-ahead window, in blocks.
+    #[arg(
+        long,
+        hide = true,
+        env = "CACHEMOUNT_READAHEAD_BLOCKS",
+        value_name = "CACHEMOUNT_READAHEAD_BLOCKS"
+    )]
+    readahead_blocks: Option<u32>,
+    /// Compressed bytes of neighbours fetched along with a small file's miss.
+    #[arg(
+        long,
+        hide = true,
+        env = "CACHEMOUNT_NEIGHBOUR_BYTES",
+        value_name = "CACHEMOUNT_NEIGHBOUR_BYTES"
+    )]
+    neighbour_bytes: Option<u64>,
+}
+
+impl FetchArgs {
+    fn config(&self) -> FetchConfig {
+        let default = FetchConfig::default();
+        FetchConfig {
+            max_get: self.max_get.unwrap_or(default.max_get),
+            readahead_max_blocks: self
+                .readahead_blocks
+                .unwrap_or(default.readahead_max_blocks),
+            neighbour_bytes: self.neighbour_bytes.unwrap_or(default.neighbour_bytes),
+            ..default
+        }
+    }
 }
 
 /// A cache by key (with fallbacks), or a raw archive object by URL.
@@ -436,14 +484,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             cache_size,
             fuse_threads,
             daemon_child,
+            fetch,
             ..
         } => {
             let options = MountOptions {
                 force,
                 cache_size,
+                fetch: fetch.config(),
                 fuse_threads,
                 writable,
-                ..MountOptions::default()
             };
             let result =
                 mount_and_serve(&cli.global, source, &paths, &anchors, options, daemon_child).await;

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
 
 use super::inodes::{Node, Tree, ROOT_INO};
-use super::reopen::{same_attrs, Follower, Reopener};
+use super::reopen::{same_attrs, Follower, ReopenError, Reopener};
 use crate::archive::{EntryKind, Timestamp};
 use crate::cache::{Current, FetchError, Fetcher, Version};
 use crate::store::ObjectStore;
@@ -24,7 +24,7 @@ use crate::store::ObjectStore;
 pub const STATS_XATTR: &[u8] = b"user.cachemount.stats";
 
 /// Why an operation failed; [`super::fuse`] maps it to an errno in one place.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum FsError {
     #[error("no such file or directory")]
     NotFound,
@@ -43,21 +43,44 @@ pub enum FsError {
     /// The object changed in the store (412) and could not be reopened
     /// (or keeps changing); the read failed.
     #[error("archive changed in the store: {0}")]
-    Changed(String),
+    Changed(#[source] Cause),
     /// The file was opened on content that is no longer in the store.
     #[error("the file changed in the store since it was opened")]
     Stale,
     #[error("I/O error: {0}")]
-    Io(String),
+    Io(#[source] Cause),
 }
+
+/// What a failed read came from, kept whole (with its own sources) rather
+/// than as text.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Cause {
+    #[error(transparent)]
+    Fetch(#[from] FetchError),
+    #[error(transparent)]
+    Reopen(#[from] ReopenError),
+    /// `read` of a symlink (the kernel reads a link's target with `readlink`).
+    #[error("read of a symlink")]
+    SymlinkRead,
+}
+
+/// Errors compare by kind and message: their causes (store errors) are not
+/// comparable themselves.
+impl PartialEq for FsError {
+    fn eq(&self, other: &Self) -> bool {
+        std::mem::discriminant(self) == std::mem::discriminant(other)
+            && self.to_string() == other.to_string()
+    }
+}
+
+impl Eq for FsError {}
 
 impl From<FetchError> for FsError {
     fn from(e: FetchError) -> Self {
-        match e {
-            FetchError::Changed(m) => FsError::Changed(m),
-            FetchError::Store(m) | FetchError::Corrupt(m) | FetchError::Damaged(m) => {
-                FsError::Io(m)
-            }
+        if e.is_changed() {
+            FsError::Changed(e.into())
+        } else {
+            FsError::Io(e.into())
         }
     }
 }
@@ -288,7 +311,7 @@ impl<S: ObjectStore> FsCore<S> {
             let v = &m.version;
             let size = v.entry(entry).size.min(u64::from(u32::MAX)) as u32;
             match self.fetcher.read(v, entry, 0, size).await {
-                Err(FetchError::Changed(msg)) => self.after_412(v, msg, &mut attempts).await?,
+                Err(e) if e.is_changed() => self.after_412(v, e, &mut attempts).await?,
                 Err(e) => {
                     self.log_failure(v, entry, &e);
                     return Err(e.into());
@@ -355,7 +378,7 @@ impl<S: ObjectStore> FsCore<S> {
         let n = node(&m, ino)?;
         match n.kind {
             EntryKind::Dir => return Err(FsError::IsDir),
-            EntryKind::Symlink => return Err(FsError::Io("read of a symlink".into())),
+            EntryKind::Symlink => return Err(FsError::Io(Cause::SymlinkRead)),
             EntryKind::File => {}
         }
         let entry = match handles.get(&fh) {
@@ -387,7 +410,7 @@ impl<S: ObjectStore> FsCore<S> {
                     self.mark_read(fh);
                     return Ok(b);
                 }
-                Err(FetchError::Changed(msg)) => self.after_412(&v, msg, &mut attempts).await?,
+                Err(e) if e.is_changed() => self.after_412(&v, e, &mut attempts).await?,
                 Err(e) => {
                     self.log_failure(&v, entry, &e);
                     return Err(e.into());
@@ -397,11 +420,11 @@ impl<S: ObjectStore> FsCore<S> {
     }
 
     /// A read of `v` got a 412: reopens (bounded) and returns to retry, or fails.
-    async fn after_412(&self, v: &Version, msg: String, attempts: &mut usize) -> FsResult<()> {
+    async fn after_412(&self, v: &Version, e: FetchError, attempts: &mut usize) -> FsResult<()> {
         let Some(r) = &self.reopener else {
             crate::cache::Stats::inc(&self.fetcher.stats().read_errors);
-            tracing::warn!("{msg}; the read fails with EIO");
-            return Err(FsError::Changed(msg));
+            tracing::warn!("{e}; the read fails with EIO");
+            return Err(FsError::Changed(e.into()));
         };
         *attempts += 1;
         if *attempts > r.limit + 1 {
@@ -410,13 +433,13 @@ impl<S: ObjectStore> FsCore<S> {
                 "{} keeps changing in the store; the read fails with EIO",
                 v.key
             );
-            return Err(FsError::Changed(msg));
+            return Err(FsError::Changed(e.into()));
         }
         match r.reopen(v.id).await {
             Ok(_) => Ok(()),
             Err(e) => {
                 crate::cache::Stats::inc(&self.fetcher.stats().read_errors);
-                Err(FsError::Changed(e.to_string()))
+                Err(FsError::Changed(e.into()))
             }
         }
     }

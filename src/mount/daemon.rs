@@ -43,7 +43,7 @@ impl Default for MountOptions {
         MountOptions {
             force: false,
             cache_size: DEFAULT_CACHE_SIZE,
-            fetch: FetchConfig::from_env(),
+            fetch: FetchConfig::default(),
             fuse_threads: 4,
             writable: false,
         }
