@@ -65,8 +65,8 @@ mod multipart;
 mod read;
 mod retry;
 
-pub use retry::RetryPolicy;
 pub use read::parse_content_range;
+pub use retry::RetryPolicy;
 
 /// S3's longest object key, in bytes of UTF-8 (the prefix included).
 const MAX_OBJECT_KEY_LEN: usize = 1024;
