@@ -27,32 +27,60 @@ fn unknown_store_scheme_names_the_accepted_forms() {
 }
 
 #[test]
-fn a_malformed_s3_retry_variable_is_refused_naming_it() {
-    for (var, value, expected) in [
+fn a_malformed_tuning_variable_is_refused_naming_it() {
+    for (var, value, expected, args) in [
         (
             "CACHEMOUNT_S3_ATTEMPTS",
             "0",
             "whole number of attempts from 1 to 100",
+            &["keys"][..],
         ),
         (
             "CACHEMOUNT_S3_READ_TIMEOUT",
             "soon",
             "positive number of seconds",
+            &["keys"][..],
         ),
         (
             "CACHEMOUNT_S3_STALL_TIMEOUT",
             "-1",
             "positive number of seconds",
+            &["keys"][..],
         ),
         (
             "CACHEMOUNT_S3_READ_DEADLINE",
             "inf",
             "positive number of seconds",
+            &["keys"][..],
+        ),
+        (
+            "CACHEMOUNT_REFRESH_AFTER_SECS",
+            "1d",
+            "whole number of seconds",
+            &["keys"][..],
+        ),
+        (
+            "CACHEMOUNT_OVERLAY",
+            "btrfs",
+            "fuse-overlayfs or kernel",
+            &["keys"][..],
+        ),
+        (
+            "CACHEMOUNT_READ_AHEAD_KB",
+            "1M",
+            "whole number",
+            &["mount", "--key", "k", "cache"][..],
+        ),
+        (
+            "CACHEMOUNT_MAX_GET",
+            "-5",
+            "whole number",
+            &["mount", "--key", "k", "cache"][..],
         ),
     ] {
         let mut sb = Sandbox::new();
         sb.env.push((var.into(), value.into()));
-        let (code, err) = sb.fails(&["keys"]);
+        let (code, err) = sb.fails(args);
         assert_eq!(code, 2, "{var}: {err}");
         assert!(
             err.contains(&format!("invalid value \"{value}\" for {var}")) && err.contains(expected),

@@ -13,11 +13,12 @@ use crate::archive::WriterOptions;
 use crate::cache::version::{open_version, refresh_lifetime, Refresh, REFRESH_AFTER};
 use crate::cache::{FetchConfig, Stats};
 use crate::mount::daemon::{self, MountOptions};
-use crate::mount::{control, overlay};
+use crate::mount::overlay::{OverlayKind, Overlays};
+use crate::mount::{control, preflight};
 use crate::paths::{Anchors, PathSpec};
 use crate::progress::Progress;
 use crate::restore::{self, Source};
-use crate::save;
+use crate::save::{self, SaveOptions};
 use crate::store::layout::{self, LayoutError};
 use crate::store::s3::RetryPolicy;
 use crate::store::url::split_object_url;
@@ -75,9 +76,21 @@ pub struct GlobalArgs {
     /// Seconds after which one S3 read fails (default 120).
     #[arg(long, global = true, hide = true, env = "CACHEMOUNT_S3_READ_DEADLINE", value_parser = NamingTheVariable(parse_seconds))]
     pub s3_read_deadline: Option<Duration>,
+    /// Where writable mounts keep their layers and changes (default: under
+    /// the user's cache directory, cachemount/writable).
+    #[arg(long, global = true, env = "CACHEMOUNT_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// The overlay of writable mounts: fuse-overlayfs or kernel (default:
+    /// kernel overlayfs as root, fuse-overlayfs otherwise).
+    #[arg(long, global = true, hide = true, env = "CACHEMOUNT_OVERLAY", value_parser = NamingTheVariable(parse_overlay))]
+    pub overlay: Option<OverlayKind>,
 }
 
 impl GlobalArgs {
+    fn overlays(&self) -> Overlays {
+        Overlays::new(self.state_dir.clone(), self.overlay)
+    }
+
     fn refresh_after(&self) -> Duration {
         self.refresh_after_secs.unwrap_or(REFRESH_AFTER)
     }
@@ -153,7 +166,7 @@ pub enum Command {
         #[arg(long, hide = true)]
         daemon_child: bool,
         #[command(flatten)]
-        fetch: FetchArgs,
+        tuning: TuningArgs,
     },
     /// Unmount paths mounted by `mount` (also stale ones whose daemon died).
     Umount {
@@ -180,40 +193,30 @@ pub enum Command {
     },
 }
 
-/// Tuning of the mount's fetcher, for benchmarking: hidden, read from the
-/// environment (the daemon child inherits it); unset keeps the default of
-/// [`FetchConfig`]. The value name is the variable, so that a malformed
-/// value is reported under it.
+/// Tuning of the mount, for tests and benchmarks: hidden, usually set by
+/// their variables (the daemon child inherits them); unset keeps the
+/// library's default. A malformed value is refused, naming the variable.
 #[derive(Args, Debug)]
-pub struct FetchArgs {
+pub struct TuningArgs {
     /// Largest merged range GET, in bytes.
-    #[arg(
-        long,
-        hide = true,
-        env = "CACHEMOUNT_MAX_GET",
-        value_name = "CACHEMOUNT_MAX_GET"
-    )]
+    #[arg(long, hide = true, env = "CACHEMOUNT_MAX_GET", value_parser = NamingTheVariable(parse_count::<u64>))]
     max_get: Option<u64>,
     /// The largest read-ahead window, in blocks.
-    #[arg(
-        long,
-        hide = true,
-        env = "CACHEMOUNT_READAHEAD_BLOCKS",
-        value_name = "CACHEMOUNT_READAHEAD_BLOCKS"
-    )]
+    #[arg(long, hide = true, env = "CACHEMOUNT_READAHEAD_BLOCKS", value_parser = NamingTheVariable(parse_count::<u32>))]
     readahead_blocks: Option<u32>,
     /// Compressed bytes of neighbours fetched along with a small file's miss.
-    #[arg(
-        long,
-        hide = true,
-        env = "CACHEMOUNT_NEIGHBOUR_BYTES",
-        value_name = "CACHEMOUNT_NEIGHBOUR_BYTES"
-    )]
+    #[arg(long, hide = true, env = "CACHEMOUNT_NEIGHBOUR_BYTES", value_parser = NamingTheVariable(parse_count::<u64>))]
     neighbour_bytes: Option<u64>,
+    /// The kernel read-ahead set on each mount, in KiB.
+    #[arg(long, hide = true, env = "CACHEMOUNT_READ_AHEAD_KB", value_parser = NamingTheVariable(parse_count::<u32>))]
+    read_ahead_kb: Option<u32>,
+    /// The FUSE device (tests of the error path name a missing one).
+    #[arg(long, hide = true, env = "CACHEMOUNT_DEV_FUSE", default_value = preflight::DEV_FUSE)]
+    dev_fuse: PathBuf,
 }
 
-impl FetchArgs {
-    fn config(&self) -> FetchConfig {
+impl TuningArgs {
+    fn fetch_config(&self) -> FetchConfig {
         let default = FetchConfig::default();
         FetchConfig {
             max_get: self.max_get.unwrap_or(default.max_get),
@@ -380,9 +383,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Save { key, level, paths } => {
             let store = open_store(&cli.global).await?;
             let specs = parse_specs(&paths, &anchors)?;
-            let options = WriterOptions {
-                level,
-                ..WriterOptions::default()
+            let options = SaveOptions {
+                archive: WriterOptions {
+                    level,
+                    ..WriterOptions::default()
+                },
+                overlays: cli.global.overlays(),
             };
             let report = save::save(
                 &store,
@@ -484,15 +490,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             cache_size,
             fuse_threads,
             daemon_child,
-            fetch,
+            tuning,
             ..
         } => {
             let options = MountOptions {
                 force,
                 cache_size,
-                fetch: fetch.config(),
+                fetch: tuning.fetch_config(),
                 fuse_threads,
                 writable,
+                overlays: cli.global.overlays(),
+                read_ahead_kb: tuning.read_ahead_kb.unwrap_or(daemon::BDI_READ_AHEAD_KB),
+                dev_fuse: tuning.dev_fuse,
             };
             let result =
                 mount_and_serve(&cli.global, source, &paths, &anchors, options, daemon_child).await;
@@ -515,7 +524,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let mut failed = Vec::new();
             for p in &paths {
-                match umount(std::path::Path::new(p), lazy, keep_changes) {
+                match umount(&cli.global.overlays(), std::path::Path::new(p), lazy, keep_changes) {
                     Ok(None) => println!("unmounted {p}"),
                     Ok(Some(kept)) => {
                         println!("unmounted {p}; its changes are kept in {}", kept.display())
@@ -532,7 +541,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Stats { path } => {
             // A writable mount's counters are on its read-only layer.
-            let layer = overlay::find(&path).map_or(path, |w| w.lower);
+            let layer = cli.global.overlays().find(&path).map_or(path, |w| w.lower);
             print!("{}", control::stats(&layer)?)
         }
         Command::Keys { prefix } => {
@@ -558,11 +567,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 /// Unmounts `path`, both layers of a writable mount, whose changes are then
 /// removed or (`keep_changes`) moved aside, to the returned path.
 fn umount(
+    overlays: &Overlays,
     path: &std::path::Path,
     lazy: bool,
     keep_changes: bool,
 ) -> anyhow::Result<Option<PathBuf>> {
-    match overlay::find(path) {
+    match overlays.find(path) {
         Some(w) => {
             w.unmount(lazy)?;
             w.discard(keep_changes)
@@ -831,6 +841,22 @@ fn parse_seconds(s: &str) -> Result<Duration, String> {
         }
         _ => Err("expected a positive number of seconds".into()),
     }
+}
+
+/// `fuse-overlayfs` or `kernel`.
+fn parse_overlay(s: &str) -> Result<OverlayKind, String> {
+    match s.trim() {
+        "fuse-overlayfs" => Ok(OverlayKind::FuseOverlayfs),
+        "kernel" => Ok(OverlayKind::Kernel),
+        _ => Err("expected fuse-overlayfs or kernel".into()),
+    }
+}
+
+/// A whole number (of bytes, blocks or KiB).
+fn parse_count<T: std::str::FromStr>(s: &str) -> Result<T, String> {
+    s.trim()
+        .parse()
+        .map_err(|_| "expected a whole number".into())
 }
 
 /// A cache age in whole seconds, `0` included (refresh every time).

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 
 use super::control;
-use super::overlay::WritableMount;
+use super::overlay::{Overlays, WritableMount};
 use super::preflight::{self, FUSE_SUPER_MAGIC};
 use crate::cache::version::{open_version, Refresh};
 use crate::cache::{Current, FetchConfig, Fetcher, Stats, Version};
@@ -18,14 +18,12 @@ use crate::fs::{FsCore, FuseFs, Reopener, Tree};
 use crate::paths::Target;
 use crate::store::ObjectStore;
 
-/// Default bound of the block cache.
-pub const DEFAULT_CACHE_SIZE: u64 = 1 << 30;
 /// How long a new mountpoint may take to answer.
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
-/// Kernel read-ahead of the mount's backing device, in KiB (the FUSE INIT
-/// reply cannot raise it above the kernel's default of 128 KiB; sysfs can).
-/// `CACHEMOUNT_READ_AHEAD_KB` overrides it, for measuring.
-const BDI_READ_AHEAD_KB: u32 = 1024;
+/// Kernel read-ahead of the mount's backing device, in KiB, unless the CLI
+/// sets another (the FUSE INIT reply cannot raise it above the kernel's
+/// default of 128 KiB; sysfs can).
+pub const BDI_READ_AHEAD_KB: u32 = 1024;
 
 #[derive(Debug, Clone)]
 pub struct MountOptions {
@@ -36,18 +34,12 @@ pub struct MountOptions {
     pub fuse_threads: usize,
     /// Each target an overlay over the read-only mount (`--writable`).
     pub writable: bool,
-}
-
-impl Default for MountOptions {
-    fn default() -> Self {
-        MountOptions {
-            force: false,
-            cache_size: DEFAULT_CACHE_SIZE,
-            fetch: FetchConfig::default(),
-            fuse_threads: 4,
-            writable: false,
-        }
-    }
+    /// Where writable mounts keep their layers, and which overlay they use.
+    pub overlays: Overlays,
+    /// The FUSE device ([`preflight::DEV_FUSE`] unless a test names another).
+    pub dev_fuse: PathBuf,
+    /// The kernel read-ahead set on each mount, in KiB.
+    pub read_ahead_kb: u32,
 }
 
 /// The single-flight reopen of a mount: `open_version` again (checking the
@@ -233,7 +225,7 @@ pub fn mount_all<S: ObjectStore>(
     stats: Arc<Stats>,
     runtime: tokio::runtime::Handle,
 ) -> anyhow::Result<Daemon<S>> {
-    preflight::check_fuse()?;
+    preflight::check_fuse(&options.dev_fuse)?;
     let targets: Vec<Target> = targets
         .iter()
         .map(|t| Target {
@@ -278,7 +270,7 @@ pub fn mount_all<S: ObjectStore>(
         for (t, tree) in targets.iter().zip(trees) {
             let nodes = tree.len();
             let writable = if options.writable {
-                Some(WritableMount::prepare(
+                Some(options.overlays.prepare(
                     &t.local,
                     &t.name,
                     store_name.clone(),
@@ -334,7 +326,7 @@ pub fn mount_all<S: ObjectStore>(
                 writable,
             });
             wait_ready(&fuse_path)?;
-            raise_read_ahead(&fuse_path);
+            raise_read_ahead(&fuse_path, options.read_ahead_kb);
             let mounted = daemon.mounted.last().expect("just pushed");
             if let Some(w) = &mounted.writable {
                 w.mount_overlay()?;
@@ -393,12 +385,8 @@ fn wait_ready(path: &Path) -> anyhow::Result<()> {
 }
 
 /// Best effort: raise the kernel's read-ahead for this mount through sysfs.
-fn raise_read_ahead(path: &Path) {
+fn raise_read_ahead(path: &Path, kb: u32) {
     use std::os::unix::fs::MetadataExt;
-    let kb = std::env::var("CACHEMOUNT_READ_AHEAD_KB")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(BDI_READ_AHEAD_KB);
     let Ok(md) = std::fs::metadata(path) else {
         return;
     };

@@ -50,72 +50,86 @@ pub struct WritableMount {
     pub fuse_overlay: bool,
 }
 
-/// fuse-overlayfs for normal users, kernel overlayfs for root;
-/// `CACHEMOUNT_OVERLAY=fuse-overlayfs|kernel` chooses (tests run both as root).
-fn use_fuse_overlayfs() -> bool {
-    match std::env::var("CACHEMOUNT_OVERLAY").as_deref() {
-        Ok("fuse-overlayfs") => true,
-        Ok("kernel") => false,
-        _ => !preflight::is_root(),
+/// Which overlay a writable mount uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OverlayKind {
+    /// `fuse-overlayfs`, which a normal user may mount.
+    FuseOverlayfs,
+    /// The kernel's overlayfs (root only).
+    Kernel,
+}
+
+/// Where writable mounts keep their layers and which overlay they use, as
+/// the CLI resolved them (`--state-dir`, the hidden `--overlay`, and their
+/// variables): `mount` makes writable mounts there, `save` and `umount`
+/// find them there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Overlays {
+    /// The state directories' parent; None when the user has no cache dir.
+    state_root: Option<PathBuf>,
+    kind: OverlayKind,
+}
+
+impl Default for Overlays {
+    /// Layers under the user's cache directory; fuse-overlayfs for normal
+    /// users, kernel overlayfs for root.
+    fn default() -> Self {
+        Overlays::new(None, None)
     }
 }
 
-/// Where writable mounts keep their layers (`CACHEMOUNT_STATE_DIR`
-/// overrides it), without creating it; None when the user has no cache dir.
-fn state_root_path() -> Option<PathBuf> {
-    match std::env::var_os("CACHEMOUNT_STATE_DIR") {
-        Some(dir) => Some(PathBuf::from(dir)),
-        None => Some(dirs::cache_dir()?.join("cachemount").join("writable")),
+impl Overlays {
+    pub fn new(state_root: Option<PathBuf>, kind: Option<OverlayKind>) -> Self {
+        Overlays {
+            state_root: state_root
+                .or_else(|| Some(dirs::cache_dir()?.join("cachemount").join("writable"))),
+            kind: kind.unwrap_or(if preflight::is_root() {
+                OverlayKind::Kernel
+            } else {
+                OverlayKind::FuseOverlayfs
+            }),
+        }
     }
-}
 
-/// [`state_root_path`], created private.
-fn state_root() -> anyhow::Result<PathBuf> {
-    let Some(root) = state_root_path() else {
-        bail!("this user has no cache directory for the writable mounts' layers: set HOME, or CACHEMOUNT_STATE_DIR");
-    };
-    private::ensure_private_dir(&root)?;
-    Ok(root)
-}
+    /// The state root, created private.
+    fn state_root(&self) -> anyhow::Result<&Path> {
+        let Some(root) = &self.state_root else {
+            bail!("this user has no cache directory for the writable mounts' layers: set HOME, or CACHEMOUNT_STATE_DIR");
+        };
+        private::ensure_private_dir(root)?;
+        Ok(root)
+    }
 
-/// The state directory of `target` (an absolute path) under `root`.
-fn state_dir(root: &Path, target: &Path) -> PathBuf {
-    use std::os::unix::ffi::OsStrExt;
-    let hash = Sha256::digest(target.as_os_str().as_bytes());
-    let hex: String = hash[..8].iter().map(|b| format!("{b:02x}")).collect();
-    root.join(hex)
-}
+    /// The writable mount made at `target`, if there is one (it may be partly
+    /// unmounted already: see [`WritableMount::is_mounted`]).
+    pub fn find(&self, target: &Path) -> Option<WritableMount> {
+        let target = preflight::absolute(target);
+        let path = state_dir(self.state_root.as_deref()?, &target).join(STATE_FILE);
+        let mut bytes = Vec::new();
+        std::fs::File::options()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path)
+            .and_then(|mut f| f.read_to_end(&mut bytes))
+            .ok()?;
+        let state: WritableMount = serde_json::from_slice(&bytes).ok()?;
+        (state.target == target).then_some(state)
+    }
 
-/// The writable mount made at `target`, if there is one (it may be partly
-/// unmounted already: see [`WritableMount::is_mounted`]).
-pub fn find(target: &Path) -> Option<WritableMount> {
-    let target = preflight::absolute(target);
-    let path = state_dir(&state_root_path()?, &target).join(STATE_FILE);
-    let mut bytes = Vec::new();
-    std::fs::File::options()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)
-        .and_then(|mut f| f.read_to_end(&mut bytes))
-        .ok()?;
-    let state: WritableMount = serde_json::from_slice(&bytes).ok()?;
-    (state.target == target).then_some(state)
-}
-
-impl WritableMount {
     /// Prepares fresh layers for `target`: a state directory whose upper and
     /// work dirs are empty. Changes kept from an earlier mount (`umount
     /// --keep-changes`) were moved away, so whatever is left is stale.
     pub fn prepare(
+        &self,
         target: &Path,
         name: &[u8],
         store: String,
         object: String,
         digest: Option<String>,
-    ) -> anyhow::Result<Self> {
-        let dir = state_dir(&state_root()?, target);
+    ) -> anyhow::Result<WritableMount> {
+        let dir = state_dir(self.state_root()?, target);
         if dir.exists() {
-            if find(target).is_some_and(|w| w.is_mounted()) {
+            if self.find(target).is_some_and(|w| w.is_mounted()) {
                 bail!("{} is already a writable mount", target.display());
             }
             remove_layers(&dir)?;
@@ -129,7 +143,7 @@ impl WritableMount {
             store,
             object,
             digest,
-            fuse_overlay: use_fuse_overlayfs(),
+            fuse_overlay: self.kind == OverlayKind::FuseOverlayfs,
         };
         for d in [&state.lower, &state.upper, &state.work] {
             private::create_dirs(d).with_context(|| format!("cannot create {}", d.display()))?;
@@ -141,7 +155,17 @@ impl WritableMount {
             .with_context(|| format!("cannot write the state of {}", target.display()))?;
         Ok(state)
     }
+}
 
+/// The state directory of `target` (an absolute path) under `root`.
+fn state_dir(root: &Path, target: &Path) -> PathBuf {
+    use std::os::unix::ffi::OsStrExt;
+    let hash = Sha256::digest(target.as_os_str().as_bytes());
+    let hex: String = hash[..8].iter().map(|b| format!("{b:02x}")).collect();
+    root.join(hex)
+}
+
+impl WritableMount {
     /// The state directory (the parent of the layers).
     fn dir(&self) -> &Path {
         self.upper
@@ -275,7 +299,7 @@ impl WritableMount {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs());
             let name = dir.file_name().expect("hash-named").to_string_lossy();
-            let kept = state_root()?.join("kept");
+            let kept = dir.parent().expect("a state dir has a root").join("kept");
             private::ensure_private_dir(&kept)?;
             let to = kept.join(format!("{name}-{secs}"));
             std::fs::rename(&self.upper, &to)

@@ -13,11 +13,8 @@ use anyhow::{bail, Context};
 /// `statfs` type of FUSE mounts.
 pub const FUSE_SUPER_MAGIC: i64 = 0x6573_5546;
 
-/// The FUSE device; `CACHEMOUNT_DEV_FUSE` overrides it (tests of the error path).
-fn dev_fuse() -> PathBuf {
-    std::env::var_os("CACHEMOUNT_DEV_FUSE")
-        .map_or_else(|| PathBuf::from("/dev/fuse"), PathBuf::from)
-}
+/// The FUSE device, unless the CLI names another (tests of the error path).
+pub const DEV_FUSE: &str = "/dev/fuse";
 
 pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
@@ -31,10 +28,9 @@ pub fn which(name: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// Fails unless this process can mount a FUSE filesystem.
-pub fn check_fuse() -> anyhow::Result<()> {
-    let dev = dev_fuse();
-    match std::fs::OpenOptions::new().read(true).write(true).open(&dev) {
+/// Fails unless this process can mount a FUSE filesystem through `dev`.
+pub fn check_fuse(dev: &Path) -> anyhow::Result<()> {
+    match std::fs::OpenOptions::new().read(true).write(true).open(dev) {
         Ok(_) => {}
         Err(e) if e.kind() == io::ErrorKind::NotFound => bail!(
             "{} does not exist: FUSE is not available on this machine. Load the kernel module (`modprobe fuse`), install the \

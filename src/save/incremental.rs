@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 
 use crate::archive::{ArchiveIndex, DataOffset, Entry, EntryKind, Manifest};
 use crate::cache::version::{open_version, Refresh};
-use crate::mount::overlay;
+use crate::mount::overlay::{Overlays, WritableMount};
 use crate::paths::names;
 use crate::paths::{Anchors, PathSpec};
 use crate::store::{ObjectStore, ObjectVersion};
@@ -70,15 +70,16 @@ pub struct Plan<'a> {
 /// whole, which is always correct, only slower (the reason is logged).
 pub async fn find_base<S: ObjectStore>(
     store: &S,
+    overlays: &Overlays,
     specs: &[PathSpec],
     anchors: &Anchors,
     manifest: &Manifest,
 ) -> Option<Base> {
-    let mut base: Option<overlay::WritableMount> = None;
+    let mut base: Option<WritableMount> = None;
     let mut layers = Vec::new();
     for spec in specs {
         let root = spec.local_path(anchors);
-        let Some(mount) = overlay::find(&root).filter(|m| m.is_mounted()) else {
+        let Some(mount) = overlays.find(&root).filter(|m| m.is_mounted()) else {
             continue;
         };
         let name = spec.existing_archive_name(manifest)?;

@@ -16,6 +16,7 @@ use rayon::prelude::*;
 
 use crate::archive::writer::{compress_frame, CompressedFrame};
 use crate::archive::{ArchiveWriter, Entry, FinishedArchive, Manifest, WriterOptions};
+use crate::mount::overlay::Overlays;
 use crate::paths::{Anchors, PathSpec};
 use crate::progress::Progress;
 use crate::store::layout::{self, KeyPointer};
@@ -337,6 +338,14 @@ pub struct SaveReport {
     pub transfer: TransferCounts,
 }
 
+/// How `save` writes: the archive's options, and where to look for the
+/// writable mounts it can save incrementally.
+#[derive(Debug, Clone, Default)]
+pub struct SaveOptions {
+    pub archive: WriterOptions,
+    pub overlays: Overlays,
+}
+
 /// Saves `specs` under `key` in `store`. Paths that are writable mounts of
 /// a cache in this store are saved incrementally ([`incremental`]).
 pub async fn save<S: ObjectStore>(
@@ -344,7 +353,7 @@ pub async fn save<S: ObjectStore>(
     key: &str,
     specs: &[PathSpec],
     anchors: &Anchors,
-    options: WriterOptions,
+    options: SaveOptions,
     progress: Progress,
 ) -> anyhow::Result<SaveReport> {
     // Before anything is uploaded: a key the store cannot hold leaves no blob behind.
@@ -359,7 +368,8 @@ pub async fn save<S: ObjectStore>(
     for spec in specs {
         spec.archive_name(&mut names);
     }
-    let base = incremental::find_base(store, specs, anchors, &names).await;
+    let base = incremental::find_base(store, &options.overlays, specs, anchors, &names).await;
+    let options = options.archive;
     let specs_owned = specs.to_vec();
     let anchors_owned = anchors.clone();
     let tmp =
