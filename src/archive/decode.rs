@@ -10,22 +10,6 @@ use std::io::{self, Read, Write};
 use super::index::{Compression, Entry};
 use super::FormatError;
 
-/// Decodes a zstd stream (any number of frames, skippable frames ignored) of at
-/// most `max_len` decoded bytes.
-pub fn zstd_stream(data: &[u8], max_len: usize) -> io::Result<Vec<u8>> {
-    let mut out = Vec::new();
-    zstd::stream::read::Decoder::new(data)?
-        .take(max_len as u64 + 1)
-        .read_to_end(&mut out)?;
-    if out.len() > max_len {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "decoded data exceeds its bound",
-        ));
-    }
-    Ok(out)
-}
-
 fn corrupt(entry: &Entry, reason: impl Into<String>) -> FormatError {
     FormatError::CorruptEntry {
         name: String::from_utf8_lossy(&entry.name).into_owned(),
@@ -42,7 +26,7 @@ pub fn decode_frame(entry: &Entry, i: usize, compressed: &[u8]) -> Result<Vec<u8
         .ok_or_else(|| corrupt(entry, format!("no frame {i}")))?;
     let (_, len) = entry.frame_span(i);
     // The output buffer is allocated at `len` up front: never for a lying size.
-    if len > u64::from(super::index::MAX_FRAME_SIZE) {
+    if len > u64::from(super::limits::MAX_FRAME_SIZE) {
         return Err(corrupt(entry, format!("frame {i} is too large")));
     }
     if compressed.len() != frame.compressed_len as usize || compressed.len() < 4 {

@@ -11,21 +11,13 @@
 
 use sha2::{Digest, Sha256};
 
-use super::limits::{self, IndexBound};
+use super::limits::{self, IndexBound, MAX_FRAME_SIZE};
 use super::manifest::Manifest;
 use super::FormatError;
 
 const MAGIC: &[u8; 8] = b"CMINDEX1";
 /// Compression level of the index itself: it is small and read on every mount.
 const INDEX_ZSTD_LEVEL: i32 = 9;
-/// An index larger than this uncompressed is refused whatever the archive
-/// (a decompression bomb, not a cache); [`IndexBound`] is usually far tighter.
-pub const MAX_INDEX_LEN: usize = 1 << 30;
-/// The largest frame an index may declare: a frame is decoded into one buffer
-/// of this size, so a corrupt index must not make it gigabytes. (cachemount
-/// writes [`DEFAULT_FRAME_SIZE`](super::DEFAULT_FRAME_SIZE) frames.)
-pub const MAX_FRAME_SIZE: u32 = 1 << 26;
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum EntryKind {
     File,
@@ -200,7 +192,7 @@ impl ArchiveIndex {
         }
         // Streaming, with a hard cap: `zstd_stream` stops one byte past the
         // bound and reports it as InvalidData (zstd's own errors are Other).
-        let raw = super::decode::zstd_stream(stored, bound.len as usize).map_err(|e| {
+        let raw = super::limits::zstd_stream(stored, bound.len as usize).map_err(|e| {
             if e.kind() == std::io::ErrorKind::InvalidData {
                 FormatError::Implausible(format!(
                     "its index decompresses to more than the {} bytes an archive of its size can hold",

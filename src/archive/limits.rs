@@ -6,8 +6,18 @@
 //! naming the entry and the limit; the writer checks the same bounds, so
 //! everything cachemount saves it can also read.
 
+use std::io::{self, Read};
+
 use super::zip::{EndOfCentralDirectory, CENTRAL_HEADER_LEN};
 use super::FormatError;
+
+/// An index larger than this uncompressed is refused whatever the archive
+/// (a decompression bomb, not a cache); [`IndexBound`] is usually far tighter.
+pub const MAX_INDEX_LEN: usize = 1 << 30;
+/// The largest frame an index may declare: a frame is decoded into one buffer
+/// of this size, so a corrupt index must not make it gigabytes. (cachemount
+/// writes [`DEFAULT_FRAME_SIZE`](super::DEFAULT_FRAME_SIZE) frames.)
+pub const MAX_FRAME_SIZE: u32 = 1 << 26;
 
 /// The longest path (entry name, symlink target) the kernel takes: PATH_MAX
 /// (4096) counts the terminating NUL.
@@ -51,7 +61,7 @@ impl IndexBound {
     /// fuzzing and tests: real archives are bounded by [`IndexBound::for_archive`]).
     pub const MAX: IndexBound = IndexBound {
         entries: u64::MAX,
-        len: super::index::MAX_INDEX_LEN as u64,
+        len: MAX_INDEX_LEN as u64,
     };
 
     /// The bound of an index in an archive whose end record lists `records`
@@ -191,6 +201,22 @@ fn shown_name(name: &[u8]) -> String {
         String::from_utf8_lossy(&name[..SHOWN]),
         name.len()
     )
+}
+
+/// Decodes a zstd stream (any number of frames, skippable frames ignored) of at
+/// most `max_len` decoded bytes.
+pub fn zstd_stream(data: &[u8], max_len: usize) -> io::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    zstd::stream::read::Decoder::new(data)?
+        .take(max_len as u64 + 1)
+        .read_to_end(&mut out)?;
+    if out.len() > max_len {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "decoded data exceeds its bound",
+        ));
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -196,7 +196,7 @@ impl IndexPointer {
         let len: u64 = len
             .parse()
             .map_err(|_| FormatError::Invalid("index length"))?;
-        if sha256.len() != 64 || len > super::index::MAX_INDEX_LEN as u64 {
+        if sha256.len() != 64 || len > super::limits::MAX_INDEX_LEN as u64 {
             return Err(bad);
         }
         Ok(Some(IndexPointer {

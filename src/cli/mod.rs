@@ -322,14 +322,7 @@ pub fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            if matches!(
-                e.downcast_ref::<LayoutError>(),
-                Some(LayoutError::NoMatch { .. })
-            ) {
-                ExitCode::from(EXIT_CACHE_MISS)
-            } else {
-                ExitCode::FAILURE
-            }
+            ExitCode::from(exit_code_of(&e))
         }
     }
 }
@@ -434,43 +427,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let specs = parse_specs(&paths, &anchors)?;
             let options = ExtractOptions { same_owner };
             let progress = Progress::new("downloading", cli.global.quiet);
-            let (report, what) = if let Some(url) = source.url {
-                let (store_url, object) = split_object_url(&url)?;
-                let store = open_store_at(&cli.global, &store_url)
-                    .await
-                    .with_context(|| format!("cannot open {url}"))?;
-                let src = Source {
-                    store: &store,
-                    key: object,
-                    content_addressed: false,
-                    expected_digest: None,
-                    pointer: None,
-                    refresh_after: cli.global.refresh_after(),
-                };
-                (
-                    restore::restore(src, &specs, &anchors, options, progress).await?,
-                    url,
-                )
-            } else {
-                let key = source.key.expect("clap requires --key or a URL");
-                let store = open_store(&cli.global).await?;
-                let resolved = layout::resolve(&store, &key, &source.fallbacks).await?;
-                let src = Source {
-                    store: &store,
-                    key: resolved.pointer.blob_key(),
-                    content_addressed: true,
-                    expected_digest: Some(resolved.pointer.digest.clone()),
-                    pointer: Some(layout::pointer_key(&resolved.key)?),
-                    refresh_after: cli.global.refresh_after(),
-                };
-                let report = restore::restore(src, &specs, &anchors, options, progress).await?;
-                let what = if resolved.key == key {
-                    key
-                } else {
-                    format!("{} (fallback for {key})", resolved.key)
-                };
-                (report, what)
+            let opened = open_source(&cli.global, source).await?;
+            let src = Source {
+                store: &opened.store,
+                key: opened.object.clone(),
+                content_addressed: opened.digest.is_some(),
+                expected_digest: opened.digest.clone(),
+                pointer: opened.pointer.clone(),
+                refresh_after: cli.global.refresh_after(),
             };
+            let report = restore::restore(src, &specs, &anchors, options, progress).await?;
+            let what = opened.what;
             let paths: Vec<String> = report
                 .restored
                 .iter()
@@ -524,7 +491,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let mut failed = Vec::new();
             for p in &paths {
-                match umount(&cli.global.overlays(), std::path::Path::new(p), lazy, keep_changes) {
+                match umount(
+                    &cli.global.overlays(),
+                    std::path::Path::new(p),
+                    lazy,
+                    keep_changes,
+                ) {
                     Ok(None) => println!("unmounted {p}"),
                     Ok(Some(kept)) => {
                         println!("unmounted {p}; its changes are kept in {}", kept.display())
@@ -658,6 +630,52 @@ fn init_mount_logging(verbose: u8, log_file: Option<&std::path::Path>, foregroun
     };
 }
 
+/// What `--key` (through its fallbacks) or a URL names, in its store.
+struct Opened {
+    store: AnyStore,
+    /// The object to read.
+    object: String,
+    /// The blob's digest when it came from a key (content-addressed); None
+    /// for a URL, whose object may be overwritten with other content.
+    digest: Option<String>,
+    /// The key pointer that led to it, whose lifetime is refreshed with the blob's.
+    pointer: Option<String>,
+    /// What the user asked for, as reports name it.
+    what: String,
+}
+
+/// Resolves `--key` (or a fallback) or the URL into the object to read.
+async fn open_source(global: &GlobalArgs, source: SourceArgs) -> anyhow::Result<Opened> {
+    if let Some(url) = source.url {
+        let (store_url, object) = split_object_url(&url)?;
+        let store = open_store_at(global, &store_url)
+            .await
+            .with_context(|| format!("cannot open {url}"))?;
+        return Ok(Opened {
+            store,
+            object,
+            digest: None,
+            pointer: None,
+            what: url,
+        });
+    }
+    let key = source.key.expect("clap requires --key or a URL");
+    let store = open_store(global).await?;
+    let resolved = layout::resolve(&store, &key, &source.fallbacks).await?;
+    let what = if resolved.key == key {
+        key
+    } else {
+        format!("{} (fallback for {key})", resolved.key)
+    };
+    Ok(Opened {
+        pointer: Some(layout::pointer_key(&resolved.key)?),
+        object: resolved.pointer.blob_key(),
+        digest: Some(resolved.pointer.digest.clone()),
+        store,
+        what,
+    })
+}
+
 /// Resolves the cache, opens it, mounts every path, reports readiness and
 /// serves until unmounted.
 async fn mount_and_serve(
@@ -671,30 +689,13 @@ async fn mount_and_serve(
     let specs = parse_specs(paths, anchors)?;
     let signals = daemon::Signals::register().context("cannot handle signals")?;
     let started = std::time::Instant::now();
-    let (store, key, digest, what, pointer) = if let Some(url) = source.url {
-        let (store_url, object) = split_object_url(&url)?;
-        let store = open_store_at(global, &store_url)
-            .await
-            .with_context(|| format!("cannot open {url}"))?;
-        (store, object, None, url, None)
-    } else {
-        let key = source.key.expect("take_url_from requires --key or a URL");
-        let store = open_store(global).await?;
-        let resolved = layout::resolve(&store, &key, &source.fallbacks).await?;
-        let what = if resolved.key == key {
-            key
-        } else {
-            format!("{} (fallback for {key})", resolved.key)
-        };
-        let pointer = layout::pointer_key(&resolved.key).ok();
-        (
-            store,
-            resolved.pointer.blob_key(),
-            Some(resolved.pointer.digest.clone()),
-            what,
-            pointer,
-        )
-    };
+    let Opened {
+        store,
+        object: key,
+        digest,
+        pointer,
+        what,
+    } = open_source(global, source).await?;
     let stats = std::sync::Arc::new(Stats::default());
     let refresh = Refresh::After(global.refresh_after());
     let version = open_version(&store, &key, digest.as_deref(), refresh, Some(&stats)).await?;
@@ -720,14 +721,9 @@ async fn mount_and_serve(
     if daemon_child {
         let mut out = String::new();
         for m in &d.mounted {
-            let mode = if m.writable.is_some() {
-                "writable"
-            } else {
-                "read-only"
-            };
             out += &control::protocol_line(
                 "mounted",
-                &[&m.path.to_string_lossy(), &m.nodes.to_string(), mode],
+                &[&m.path.to_string_lossy(), &m.nodes.to_string(), m.mode()],
             );
         }
         out += &control::protocol_line("ready", &[&std::process::id().to_string(), &what]);
@@ -745,15 +741,11 @@ async fn mount_and_serve(
         let _ = std::env::set_current_dir("/");
     } else {
         for m in &d.mounted {
-            let mode = if m.writable.is_some() {
-                "writable"
-            } else {
-                "read-only"
-            };
             println!(
-                "mounted {what} at {} ({} entries, {mode})",
+                "mounted {what} at {} ({} entries, {})",
                 m.path.display(),
-                m.nodes
+                m.nodes,
+                m.mode()
             );
         }
     }
