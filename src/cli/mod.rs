@@ -22,8 +22,12 @@ use crate::save::{self, SaveOptions};
 use crate::store::layout::{self, LayoutError};
 use crate::store::s3::RetryPolicy;
 use crate::store::url::split_object_url;
-use crate::store::{AnyStore, StoreResult, StoreUrl};
+use crate::store::{AnyStore, ObjectStore, StoreResult, StoreUrl};
 use crate::tree::extract::ExtractOptions;
+
+mod report;
+
+use report::{Hit, Matched, MissReport, MountReport, MountedPath};
 
 /// Exit code of `restore` when no cache matches the key or any fallback, so CI
 /// scripts can tell a cache miss from a failure.
@@ -57,6 +61,10 @@ pub struct GlobalArgs {
     /// No progress bar.
     #[arg(long, short, global = true)]
     pub quiet: bool,
+    /// Print the result as one JSON object on stdout (an array for `keys`):
+    /// the key asked for, the key matched, the hit kind, the figures.
+    #[arg(long, global = true)]
+    pub json: bool,
     /// More log output (-v info, -vv debug); RUST_LOG overrides.
     #[arg(long, short, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
@@ -184,6 +192,10 @@ pub enum Command {
     Stats {
         /// A mounted path (the root of the mount).
         path: PathBuf,
+        /// `text` (one `name value` line per counter) or `prometheus` (the
+        /// text exposition format, for node_exporter's textfile collector).
+        #[arg(long, default_value = "text", value_parser = ["text", "prometheus"])]
+        format: String,
     },
     /// List the keys in the store: key, size, age, digest.
     Keys {
@@ -290,8 +302,9 @@ pub fn main() -> ExitCode {
             foreground: false,
             daemon_child: false,
             log_file,
+            source,
             ..
-        } => return mount_parent(log_file.clone()),
+        } => return mount_parent(log_file.clone(), cli.global.json, source.key.clone()),
         Command::Mount {
             foreground,
             log_file,
@@ -318,10 +331,24 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let json = cli.global.json;
+    let command = match &cli.command {
+        Command::Restore { .. } => "restore",
+        Command::Mount { .. } => "mount",
+        _ => "",
+    };
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
+            if let (true, Some(LayoutError::NoMatch { key, .. })) =
+                (json, e.downcast_ref::<LayoutError>())
+            {
+                report::print_json(&MissReport {
+                    command,
+                    matched: Matched::miss(key.clone()),
+                });
+            }
             ExitCode::from(exit_code_of(&e))
         }
     }
@@ -374,6 +401,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let anchors = Anchors::from_env().context("cannot determine the working directory")?;
     match cli.command {
         Command::Save { key, level, paths } => {
+            let started = std::time::Instant::now();
             let store = open_store(&cli.global).await?;
             let specs = parse_specs(&paths, &anchors)?;
             let options = SaveOptions {
@@ -392,38 +420,33 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 Progress::new("saving", cli.global.quiet),
             )
             .await?;
-            let how = if report.unchanged {
-                "unchanged since it was mounted: only the key was written".to_string()
-            } else if !report.uploaded {
-                "already in the store, not uploaded".to_string()
-            } else if report.reused_files > 0 {
-                format!(
-                    "incremental: {} unchanged files ({}) reused from the mounted cache",
-                    report.reused_files,
-                    human_bytes(report.reused_bytes)
-                )
-            } else {
-                "uploaded".to_string()
+            let report = report::SaveReport {
+                command: "save",
+                key,
+                digest: report.digest,
+                entries: report.entries,
+                archive_size: report.archive_size,
+                uploaded: report.uploaded,
+                unchanged: report.unchanged,
+                reused_files: report.reused_files,
+                reused_bytes: report.reused_bytes,
+                bytes_uploaded: report.transfer.uploaded,
+                bytes_copied: report.transfer.copied,
+                bytes_downloaded: report.transfer.downloaded,
+                seconds: started.elapsed().as_secs_f64(),
             };
-            println!(
-                "saved {key}: {} entries, {} archive sha256:{} ({how})",
-                report.entries,
-                human_bytes(report.archive_size),
-                report.digest,
-            );
-            println!(
-                "transferred: {} bytes uploaded, {} bytes copied inside the store, {} bytes downloaded; archive {} bytes",
-                report.transfer.uploaded,
-                report.transfer.copied,
-                report.transfer.downloaded,
-                report.archive_size
-            );
+            if cli.global.json {
+                report::print_json(&report);
+            } else {
+                print!("{}", report.human());
+            }
         }
         Command::Restore {
             source,
             paths,
             same_owner,
         } => {
+            let started = std::time::Instant::now();
             let specs = parse_specs(&paths, &anchors)?;
             let options = ExtractOptions { same_owner };
             let progress = Progress::new("downloading", cli.global.quiet);
@@ -436,18 +459,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 pointer: opened.pointer.clone(),
                 refresh_after: cli.global.refresh_after(),
             };
-            let report = restore::restore(src, &specs, &anchors, options, progress).await?;
-            let what = opened.what;
-            let paths: Vec<String> = report
-                .restored
-                .iter()
-                .map(|p: &PathBuf| p.display().to_string())
-                .collect();
-            println!(
-                "restored {what} ({}) into {}",
-                human_bytes(report.archive_size),
-                paths.join(", ")
-            );
+            let restored = restore::restore(src, &specs, &anchors, options, progress).await?;
+            let report = report::RestoreReport {
+                command: "restore",
+                matched: opened.matched,
+                digest: opened.digest,
+                archive_size: restored.archive_size,
+                restored: restored.restored,
+                bytes_downloaded: opened.store.transfer_counts().downloaded,
+                seconds: started.elapsed().as_secs_f64(),
+            };
+            if cli.global.json {
+                report::print_json(&report);
+            } else {
+                print!("{}", report.human());
+            }
         }
         Command::Mount {
             source,
@@ -511,25 +537,42 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 anyhow::bail!("could not unmount {}", failed.join(", "));
             }
         }
-        Command::Stats { path } => {
+        Command::Stats { path, format } => {
             // A writable mount's counters are on its read-only layer.
-            let layer = cli.global.overlays().find(&path).map_or(path, |w| w.lower);
-            print!("{}", control::stats(&layer)?)
+            let layer = cli
+                .global
+                .overlays()
+                .find(&path)
+                .map_or(path.clone(), |w| w.lower);
+            let text = control::stats(&layer)?;
+            let counters = crate::cache::stats::parse(&text);
+            let path = preflight::absolute(&path);
+            if cli.global.json {
+                report::print_json(&report::stats_json(&path, &counters));
+            } else if format == "prometheus" {
+                print!("{}", report::stats_prometheus(&path, &counters));
+            } else {
+                print!("{text}");
+            }
         }
         Command::Keys { prefix } => {
             let store = open_store(&cli.global).await?;
             let keys = layout::list_keys(&store, &prefix).await?;
             let now = layout::unix_now();
-            println!("{:<40} {:>10} {:>8}  DIGEST", "KEY", "SIZE", "AGE");
-            for k in keys {
-                let age = now.saturating_sub(k.pointer.created);
-                println!(
-                    "{:<40} {:>10} {:>8}  {}",
-                    k.key,
-                    human_bytes(k.pointer.size),
-                    human_age(age),
-                    &k.pointer.digest[..16]
-                );
+            let rows: Vec<report::KeyRow> = keys
+                .into_iter()
+                .map(|k| report::KeyRow {
+                    age_seconds: now.saturating_sub(k.pointer.created),
+                    key: k.key,
+                    digest: k.pointer.digest,
+                    size: k.pointer.size,
+                    created: k.pointer.created,
+                })
+                .collect();
+            if cli.global.json {
+                report::print_json(&rows);
+            } else {
+                print!("{}", report::keys_human(&rows));
             }
         }
     }
@@ -571,7 +614,7 @@ fn exit_code_of(e: &anyhow::Error) -> u8 {
 }
 
 /// `mount` without `--foreground`: start the daemon, wait for it, report.
-fn mount_parent(log_file: Option<PathBuf>) -> ExitCode {
+fn mount_parent(log_file: Option<PathBuf>, json: bool, key: Option<String>) -> ExitCode {
     let mut args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
     let new_log = log_file.is_none();
     let log = match log_file.map_or_else(control::default_log_path, Ok) {
@@ -585,24 +628,38 @@ fn mount_parent(log_file: Option<PathBuf>) -> ExitCode {
         args.push("--log-file".into());
         args.push(log.clone().into());
     }
-    match control::spawn_daemon(&args, &log, new_log, std::time::Duration::from_secs(600)) {
-        Ok(started) => {
-            for (path, nodes, mode) in &started.mounted {
-                println!(
-                    "mounted {} at {} ({nodes} entries, {mode})",
-                    started.what,
-                    path.display()
-                );
-            }
-            println!("daemon pid {}, log {}", started.pid, log.display());
+    let started = std::time::Instant::now();
+    let result = control::spawn_daemon(&args, &log, new_log, std::time::Duration::from_secs(600))
+        .and_then(|ready| {
+            let mut report: MountReport = serde_json::from_str(&ready.report)
+                .context("the mount daemon's readiness report is unreadable")?;
+            report.pid = Some(ready.pid);
+            report.log = Some(log.clone());
+            report.seconds = started.elapsed().as_secs_f64();
+            Ok(report)
+        });
+    match result {
+        Ok(report) if json => {
+            report::print_json(&report);
+            ExitCode::SUCCESS
+        }
+        Ok(report) => {
+            print!("{}", report.human());
             ExitCode::SUCCESS
         }
         Err(e) => {
             eprintln!("error: {e:#}");
-            match e.downcast_ref::<control::DaemonFailed>() {
-                Some(f) => ExitCode::from(f.code),
-                None => ExitCode::FAILURE,
+            let code = match e.downcast_ref::<control::DaemonFailed>() {
+                Some(f) => f.code,
+                None => 1,
+            };
+            if let (true, EXIT_CACHE_MISS, Some(key)) = (json, code, key) {
+                report::print_json(&MissReport {
+                    command: "mount",
+                    matched: Matched::miss(key),
+                });
             }
+            ExitCode::from(code)
         }
     }
 }
@@ -640,8 +697,8 @@ struct Opened {
     digest: Option<String>,
     /// The key pointer that led to it, whose lifetime is refreshed with the blob's.
     pointer: Option<String>,
-    /// What the user asked for, as reports name it.
-    what: String,
+    /// What the user asked for and what answered it.
+    matched: Matched,
 }
 
 /// Resolves `--key` (or a fallback) or the URL into the object to read.
@@ -656,23 +713,31 @@ async fn open_source(global: &GlobalArgs, source: SourceArgs) -> anyhow::Result<
             object,
             digest: None,
             pointer: None,
-            what: url,
+            matched: Matched {
+                key: url.clone(),
+                matched_key: Some(url),
+                hit: Hit::Exact,
+            },
         });
     }
     let key = source.key.expect("clap requires --key or a URL");
     let store = open_store(global).await?;
     let resolved = layout::resolve(&store, &key, &source.fallbacks).await?;
-    let what = if resolved.key == key {
-        key
+    let hit = if resolved.key == key {
+        Hit::Exact
     } else {
-        format!("{} (fallback for {key})", resolved.key)
+        Hit::Fallback
     };
     Ok(Opened {
         pointer: Some(layout::pointer_key(&resolved.key)?),
         object: resolved.pointer.blob_key(),
         digest: Some(resolved.pointer.digest.clone()),
         store,
-        what,
+        matched: Matched {
+            key,
+            matched_key: Some(resolved.key),
+            hit,
+        },
     })
 }
 
@@ -694,11 +759,13 @@ async fn mount_and_serve(
         object: key,
         digest,
         pointer,
-        what,
+        matched,
     } = open_source(global, source).await?;
+    let what = matched.describe();
     let stats = std::sync::Arc::new(Stats::default());
     let refresh = Refresh::After(global.refresh_after());
     let version = open_version(&store, &key, digest.as_deref(), refresh, Some(&stats)).await?;
+    let (report_digest, archive_size) = (digest.clone(), version.size);
     // The key pointer's lifetime too (the blob's was refreshed by open_version).
     if let Some(pointer) = &pointer {
         refresh_lifetime(&store, pointer, global.refresh_after()).await;
@@ -718,15 +785,27 @@ async fn mount_and_serve(
         daemon::mount_all(store, version, digest, &targets, &options, stats, runtime)
     })
     .await??;
+    let report = MountReport {
+        command: "mount".into(),
+        matched,
+        digest: report_digest,
+        archive_size,
+        mounts: d
+            .mounted
+            .iter()
+            .map(|m| MountedPath {
+                path: m.path.clone(),
+                entries: m.nodes as u64,
+                mode: m.mode().into(),
+            })
+            .collect(),
+        pid: None,
+        log: None,
+        seconds: started.elapsed().as_secs_f64(),
+    };
     if daemon_child {
-        let mut out = String::new();
-        for m in &d.mounted {
-            out += &control::protocol_line(
-                "mounted",
-                &[&m.path.to_string_lossy(), &m.nodes.to_string(), m.mode()],
-            );
-        }
-        out += &control::protocol_line("ready", &[&std::process::id().to_string(), &what]);
+        let json = serde_json::to_string(&report).expect("reports serialise");
+        let out = control::protocol_line("ready", &[&json]);
         let mut stdout = std::io::stdout();
         let reported = std::io::Write::write_all(&mut stdout, out.as_bytes())
             .and_then(|()| std::io::Write::flush(&mut stdout));
@@ -739,15 +818,10 @@ async fn mount_and_serve(
         control::detach_stdout();
         // Hold no directory busy (every path the daemon uses is absolute now).
         let _ = std::env::set_current_dir("/");
+    } else if global.json {
+        report::print_json(&report);
     } else {
-        for m in &d.mounted {
-            println!(
-                "mounted {what} at {} ({} entries, {})",
-                m.path.display(),
-                m.nodes,
-                m.mode()
-            );
-        }
+        print!("{}", report.human());
     }
     for m in &d.mounted {
         tracing::info!(

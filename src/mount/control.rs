@@ -5,8 +5,9 @@
 //! The daemon is this same binary re-executed with `--daemon-child` in a new
 //! session (so the terminal's SIGINT does not reach it), its stderr appended to
 //! the log file and its stdout a pipe to the parent that carries the readiness
-//! protocol: `mounted\t<path>\t<files>\t<writable|read-only>` lines, then `ready\t<pid>\t<what>`, or
-//! `error\t<exit code>\t<message>`. The daemon closes the pipe once ready.
+//! protocol: `ready\t<report>` (the CLI's report of the mount, which this
+//! module carries without reading), or `error\t<exit code>\t<message>`. The
+//! daemon closes the pipe once ready.
 
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader};
@@ -25,10 +26,8 @@ use crate::fs::STATS_XATTR;
 #[derive(Debug, Clone)]
 pub struct Started {
     pub pid: u32,
-    /// The cache mounted (key, fallback, or URL).
-    pub what: String,
-    /// (mountpoint, number of files/dirs/symlinks, "writable" or "read-only") per mounted path.
-    pub mounted: Vec<(PathBuf, u64, String)>,
+    /// What the daemon reported of the mount (the CLI's report, as text).
+    pub report: String,
 }
 
 /// The daemon reported a failure; `code` is the exit code it chose.
@@ -108,26 +107,16 @@ pub fn spawn_daemon(
         }
     });
     let deadline = std::time::Instant::now() + timeout;
-    let mut mounted = Vec::new();
     loop {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         match rx.recv_timeout(left) {
             Ok(line) => {
                 let mut parts = line.split('\t').map(unescape);
                 match parts.next().as_deref() {
-                    Some("mounted") => {
-                        let path = PathBuf::from(parts.next().unwrap_or_default());
-                        let files = parts.next().and_then(|n| n.parse().ok()).unwrap_or(0);
-                        let mode = parts.next().unwrap_or_default();
-                        mounted.push((path, files, mode));
-                    }
                     Some("ready") => {
-                        let _pid = parts.next();
-                        let what = parts.next().unwrap_or_default();
                         return Ok(Started {
                             pid: child.id(),
-                            what,
-                            mounted,
+                            report: parts.next().unwrap_or_default(),
                         });
                     }
                     Some("error") => {
