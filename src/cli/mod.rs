@@ -25,6 +25,7 @@ use crate::store::url::split_object_url;
 use crate::store::{AnyStore, ObjectStore, StoreResult, StoreUrl};
 use crate::tree::extract::ExtractOptions;
 
+mod doctor;
 mod report;
 
 use report::{Hit, Matched, MissReport, MountReport, MountedPath};
@@ -92,6 +93,9 @@ pub struct GlobalArgs {
     /// kernel overlayfs as root, fuse-overlayfs otherwise).
     #[arg(long, global = true, hide = true, env = "CACHEMOUNT_OVERLAY", value_parser = NamingTheVariable(parse_overlay))]
     pub overlay: Option<OverlayKind>,
+    /// The FUSE device (tests of the error path name a missing one).
+    #[arg(long, global = true, hide = true, env = "CACHEMOUNT_DEV_FUSE", default_value = preflight::DEV_FUSE)]
+    pub dev_fuse: PathBuf,
 }
 
 impl GlobalArgs {
@@ -197,6 +201,9 @@ pub enum Command {
         #[arg(long, default_value = "text", value_parser = ["text", "prometheus"])]
         format: String,
     },
+    /// Check what works on this machine: FUSE, the overlay for --writable,
+    /// FUSE passthrough, the store and its credentials. Exits 1 when a check fails.
+    Doctor,
     /// List the keys in the store: key, size, age, digest.
     Keys {
         /// Only keys starting with this.
@@ -222,9 +229,6 @@ pub struct TuningArgs {
     /// The kernel read-ahead set on each mount, in KiB.
     #[arg(long, hide = true, env = "CACHEMOUNT_READ_AHEAD_KB", value_parser = NamingTheVariable(parse_count::<u32>))]
     read_ahead_kb: Option<u32>,
-    /// The FUSE device (tests of the error path name a missing one).
-    #[arg(long, hide = true, env = "CACHEMOUNT_DEV_FUSE", default_value = preflight::DEV_FUSE)]
-    dev_fuse: PathBuf,
 }
 
 impl TuningArgs {
@@ -494,7 +498,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 writable,
                 overlays: cli.global.overlays(),
                 read_ahead_kb: tuning.read_ahead_kb.unwrap_or(daemon::BDI_READ_AHEAD_KB),
-                dev_fuse: tuning.dev_fuse,
+                dev_fuse: cli.global.dev_fuse.clone(),
             };
             let result =
                 mount_and_serve(&cli.global, source, &paths, &anchors, options, daemon_child).await;
@@ -553,6 +557,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 print!("{}", report::stats_prometheus(&path, &counters));
             } else {
                 print!("{text}");
+            }
+        }
+        Command::Doctor => {
+            let store = open_store(&cli.global).await.map_err(|e| format!("{e:#}"));
+            let report = doctor::run(
+                &cli.global.dev_fuse,
+                &cli.global.overlays(),
+                store.as_ref().map_err(Clone::clone),
+            )
+            .await;
+            if cli.global.json {
+                report::print_json(&report);
+            } else {
+                print!("{}", report.human());
+            }
+            if report.failed() {
+                anyhow::bail!("some checks failed (see above)");
             }
         }
         Command::Keys { prefix } => {

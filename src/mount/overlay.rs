@@ -91,6 +91,10 @@ impl Overlays {
         }
     }
 
+    pub fn kind(&self) -> OverlayKind {
+        self.kind
+    }
+
     /// The state root, created private.
     fn state_root(&self) -> anyhow::Result<&Path> {
         let Some(root) = &self.state_root else {
