@@ -13,6 +13,7 @@ use crate::archive::WriterOptions;
 use crate::cache::version::{open_version, refresh_lifetime, Refresh, REFRESH_AFTER};
 use crate::cache::{FetchConfig, Stats};
 use crate::mount::daemon::{self, MountOptions};
+use crate::mount::startup::Phases;
 use crate::mount::{control, overlay};
 use crate::paths::{Anchors, PathSpec};
 use crate::progress::Progress;
@@ -152,6 +153,9 @@ pub enum Command {
         /// Internal: this process is the daemon `mount` started.
         #[arg(long, hide = true)]
         daemon_child: bool,
+        /// Internal: when `mount` spawned this daemon (ns since the epoch).
+        #[arg(long, hide = true)]
+        spawned_at: Option<u64>,
         #[command(flatten)]
         fetch: FetchArgs,
     },
@@ -484,6 +488,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             cache_size,
             fuse_threads,
             daemon_child,
+            spawned_at,
             fetch,
             ..
         } => {
@@ -494,8 +499,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 fuse_threads,
                 writable,
             };
-            let result =
-                mount_and_serve(&cli.global, source, &paths, &anchors, options, daemon_child).await;
+            let phases = Phases::begin(spawned_at);
+            let result = mount_and_serve(
+                &cli.global,
+                source,
+                &paths,
+                &anchors,
+                options,
+                daemon_child,
+                phases,
+            )
+            .await;
             if let (Err(e), true) = (&result, daemon_child) {
                 let line = control::protocol_line(
                     "error",
@@ -657,19 +671,21 @@ async fn mount_and_serve(
     anchors: &Anchors,
     options: MountOptions,
     daemon_child: bool,
+    mut phases: Phases,
 ) -> anyhow::Result<()> {
     let specs = parse_specs(paths, anchors)?;
     let signals = daemon::Signals::register().context("cannot handle signals")?;
-    let started = std::time::Instant::now();
     let (store, key, digest, what, pointer) = if let Some(url) = source.url {
         let (store_url, object) = split_object_url(&url)?;
         let store = open_store_at(global, &store_url)
             .await
             .with_context(|| format!("cannot open {url}"))?;
+        phases.mark("store client");
         (store, object, None, url, None)
     } else {
         let key = source.key.expect("take_url_from requires --key or a URL");
         let store = open_store(global).await?;
+        phases.mark("store client");
         let resolved = layout::resolve(&store, &key, &source.fallbacks).await?;
         let what = if resolved.key == key {
             key
@@ -687,24 +703,47 @@ async fn mount_and_serve(
     };
     let stats = std::sync::Arc::new(Stats::default());
     let refresh = Refresh::After(global.refresh_after());
+    phases.mark("key pointer");
     let version = open_version(&store, &key, digest.as_deref(), refresh, Some(&stats)).await?;
+    let t = version.opened;
+    phases.mark_parts(
+        &[
+            ("HEAD", t.head),
+            ("tail/index GETs", t.gets),
+            ("index decode", t.decode),
+        ],
+        "open (other)",
+    );
     // The key pointer's lifetime too (the blob's was refreshed by open_version).
     if let Some(pointer) = &pointer {
         refresh_lifetime(&store, pointer, global.refresh_after()).await;
     }
+    phases.mark("key pointer lifetime");
     tracing::info!(
-        "opened {key} ({} entries) in {} ms",
+        "opened {key} ({} entries, {} range GETs) in {} ms",
         version.index.entries.len(),
-        started.elapsed().as_millis()
+        t.requests,
+        phases.elapsed().as_millis()
     );
     let targets = crate::paths::plan_targets(&version.index, &specs, anchors)?;
     for t in &targets {
         t.check_mountable()?;
     }
+    phases.mark("plan targets");
     let runtime = tokio::runtime::Handle::current();
     let store = std::sync::Arc::new(store);
-    let d = tokio::task::spawn_blocking(move || {
-        daemon::mount_all(store, version, digest, &targets, &options, stats, runtime)
+    let (d, mut phases) = tokio::task::spawn_blocking(move || {
+        daemon::mount_all(
+            store,
+            version,
+            digest,
+            &targets,
+            &options,
+            stats,
+            runtime,
+            &mut phases,
+        )
+        .map(|d| (d, phases))
     })
     .await??;
     if daemon_child {
@@ -747,14 +786,16 @@ async fn mount_and_serve(
             );
         }
     }
+    phases.mark("report");
     for m in &d.mounted {
         tracing::info!(
             "serving {what} at {} ({} entries); ready {} ms after start",
             m.path.display(),
             m.nodes,
-            started.elapsed().as_millis()
+            phases.elapsed().as_millis()
         );
     }
+    phases.log();
     d.serve(signals).await
 }
 
