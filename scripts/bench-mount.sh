@@ -2,9 +2,21 @@
 # Benchmark: `cachemount mount` against `restore` (download + extract) and
 # against a raw GET + `zstd -d`, on SeaweedFS, in one run, on two seeded
 # workloads: (a) ~100k small files in a node_modules-like tree, (b) a few
-# files of 500 MB+. Needs root (FUSE, drop_caches), curl and zstd.
+# files of 500 MB+, (seq) one large file read with `cat`, (start) mount
+# start-up of a 50k-entry tree. Needs root (FUSE, drop_caches), curl and zstd.
 #
-#   scripts/bench-mount.sh [--small N] [--large COUNT] [--large-mb MB]
+#   scripts/bench-mount.sh [--only a,b,seq,start] [--repeat N] [--small N]
+#                          [--large COUNT] [--large-mb MB] [--seq-mb MB] [--start-files N]
+#
+# seq: a file of --seq-mb (600) MB, half text, half random bytes, read with
+# `cat` through a fresh mount, against `zstd -d` of the same bytes (a .zst in
+# the page cache, to /dev/null) and against a GET of that .zst piped into
+# `zstd -d`; each of the three --repeat (3) times, interleaved, medians and
+# the ratios of medians printed. Goal: cat >= 0.9x zstd -d.
+# start: --start-files (50000) small files: `mount` returning, mount -> first
+# `ls` answering, and restore, --repeat times each, medians; and the daemon's
+# start-up phases (its log's "start-up phases" line) of the last mount.
+# Goal: restore / (mount -> ls) >= 15, `mount` < 0.1 s.
 #
 # Every mount measurement runs on a fresh mount (so the kernel and the block
 # cache are cold); every measurement on the restored tree runs after
@@ -17,15 +29,20 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo="$PWD"
-small=100000 large=2 large_mb=600
+small=100000 large=2 large_mb=600 seq_mb=600 start_files=50000 repeat=3 only=a,b,seq,start
 while [ $# -gt 0 ]; do
   case "$1" in
     --small) small=$2; shift 2 ;;
     --large) large=$2; shift 2 ;;
     --large-mb) large_mb=$2; shift 2 ;;
-    *) echo "usage: $0 [--small N] [--large COUNT] [--large-mb MB]" >&2; exit 2 ;;
+    --seq-mb) seq_mb=$2; shift 2 ;;
+    --start-files) start_files=$2; shift 2 ;;
+    --repeat) repeat=$2; shift 2 ;;
+    --only) only=$2; shift 2 ;;
+    *) echo "usage: $0 [--only a,b,seq,start] [--repeat N] [--small N] [--large COUNT] [--large-mb MB] [--seq-mb MB] [--start-files N]" >&2; exit 2 ;;
   esac
 done
+wanted() { [[ ",$only," == *",$1,"* ]]; }
 [ "$(id -u)" = 0 ] || { echo "bench-mount: needs root (FUSE mounts, drop_caches)" >&2; exit 1; }
 
 # CACHEMOUNT_BIN: use that binary instead of building the release one.
@@ -130,8 +147,72 @@ run_workload() {
   rm -rf "$w/src"
 }
 
-run_workload a "--small $small --large 0"
-run_workload b "--small 0 --large $large --large-mb $large_mb"
+median() { sort -n | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+
+# seq: one large file, cat through the mount vs zstd -d vs GET | zstd -d.
+run_seq() {
+  local w="$work/seq" key=seq i
+  echo "== seq: generating one ${seq_mb} MB file (seed 42)" >&2
+  python3 "$repo/scripts/lib/gen-tree.py" "$w/src/tree" --small 0 --large 1 --large-mb "$seq_mb"
+  (cd "$w/src" && "$bin" --quiet save --key "$key" tree >/dev/null)
+  zstd -q -3 -c "$w/src/tree/big/large-0.bin" > "$w/file.zst"
+  s3curl -T "$w/file.zst" "$(s3url raw/seq.zst)" >/dev/null
+  R[seq.bytes]=$(stat -c %s "$w/src/tree/big/large-0.bin")
+  rm -rf "$w/src"
+  local cat_t=() zstd_t=() get_t=()
+  for i in $(seq "$repeat"); do
+    mount_fresh "$key" "$w/m$i"
+    cat_t+=("$(timed cat tree/big/large-0.bin)")
+    R[seq.req]=$(requests "$w/m$i/tree")
+    unmount "$w/m$i/tree"
+    cd "$w"
+    cat "$w/file.zst" > /dev/null
+    zstd_t+=("$(timed zstd -q -d -c "$w/file.zst")")
+    drop_caches
+    get_t+=("$(timed bash -c "$(declare -f s3curl); s3curl '$(s3url raw/seq.zst)' | zstd -q -d -c > /dev/null")")
+  done
+  R[seq.cat]=$(printf '%s\n' "${cat_t[@]}" | median)
+  R[seq.zstd]=$(printf '%s\n' "${zstd_t[@]}" | median)
+  R[seq.get]=$(printf '%s\n' "${get_t[@]}" | median)
+  R[seq.runs]="cat ${cat_t[*]}; zstd -d ${zstd_t[*]}; GET|zstd -d ${get_t[*]}"
+  rm -f "$w/file.zst"
+}
+
+# start: mount -> first ls of a 50k-entry tree vs its restore, and the phases.
+run_start() {
+  local w="$work/start" key=start i t0 log
+  echo "== start: generating $start_files small files (seed 42)" >&2
+  python3 "$repo/scripts/lib/gen-tree.py" "$w/src/tree" --small "$start_files" --large 0
+  R[start.files]=$(find "$w/src/tree" | wc -l)
+  (cd "$w/src" && "$bin" --quiet save --key "$key" tree >/dev/null)
+  rm -rf "$w/src"
+  local mount_t=() ls_t=() restore_t=()
+  for i in $(seq "$repeat"); do
+    rm -rf "$w/m$i" && mkdir -p "$w/m$i" && cd "$w/m$i"
+    drop_caches
+    t0=$(now)
+    log=$("$bin" mount --key "$key" tree | awk '$1 == "daemon" { print $NF }')
+    mount_t+=("$(elapsed "$t0")")
+    ls tree >/dev/null
+    ls_t+=("$(elapsed "$t0")")
+    mounts+=("$w/m$i/tree")
+    unmount "$w/m$i/tree"
+    R[start.phases]=$(grep -o 'start-up phases.*' "$log" | tail -1)
+    rm -rf "$w/r" && mkdir -p "$w/r" && cd "$w/r"
+    drop_caches
+    restore_t+=("$(timed "$bin" --quiet restore --key "$key")")
+    cd "$w" && rm -rf "$w/r"
+  done
+  R[start.mount]=$(printf '%s\n' "${mount_t[@]}" | median)
+  R[start.ls]=$(printf '%s\n' "${ls_t[@]}" | median)
+  R[start.restore]=$(printf '%s\n' "${restore_t[@]}" | median)
+  R[start.runs]="mount ${mount_t[*]}; mount->ls ${ls_t[*]}; restore ${restore_t[*]}"
+}
+
+if wanted a; then run_workload a "--small $small --large 0"; fi
+if wanted b; then run_workload b "--small 0 --large $large --large-mb $large_mb"; fi
+if wanted seq; then run_seq; fi
+if wanted start; then run_start; fi
 
 report() {
   local n=$1
@@ -152,5 +233,25 @@ report() {
   printf '  %-44s %9s %9s %9s   (goal mount/raw >= 0.8; restored disk: %s MB/s)\n' "sequential MB/s, largest file ($mb MiB): mount/raw GET+zstd -d" "$seq_m" "$raw" "$(ratio "$seq_m" "$raw")" "$seq_r"
   printf '  %-44s find %s, read-all %s, sample %s, sequential %s\n' "S3 GET requests of the mount" "${R[$n.find_req]}" "${R[$n.all_req]}" "${R[$n.sample_req]}" "${R[$n.seq_req]}"
 }
-report a
-report b
+mbps() { awk -v b="$1" -v t="$2" 'BEGIN { printf "%.0f", b / 1e6 / t }'; }
+if wanted a; then report a; fi
+if wanted b; then report b; fi
+if wanted seq; then
+  printf '\nseq: one %s MB file (half text, half random), medians of %s runs\n' "$(( R[seq.bytes] / 1000000 ))" "$repeat"
+  printf '  %-44s %9s MB/s  (%s s)\n' "cat through a fresh mount" "$(mbps "${R[seq.bytes]}" "${R[seq.cat]}")" "${R[seq.cat]}"
+  printf '  %-44s %9s MB/s  (%s s)\n' "zstd -d of the same bytes (page cache)" "$(mbps "${R[seq.bytes]}" "${R[seq.zstd]}")" "${R[seq.zstd]}"
+  printf '  %-44s %9s MB/s  (%s s)\n' "GET | zstd -d" "$(mbps "${R[seq.bytes]}" "${R[seq.get]}")" "${R[seq.get]}"
+  printf '  %-44s %9s   (goal >= 0.9)\n' "cat / zstd -d (throughput ratio)" "$(ratio "${R[seq.zstd]}" "${R[seq.cat]}")"
+  printf '  %-44s %9s\n' "cat / GET | zstd -d (throughput ratio)" "$(ratio "${R[seq.get]}" "${R[seq.cat]}")"
+  printf '  %-44s %s\n' "S3 GET requests of the last cat" "${R[seq.req]}"
+  printf '  runs (s): %s\n' "${R[seq.runs]}"
+fi
+if wanted start; then
+  printf '\nstart: %s entries, medians of %s runs\n' "${R[start.files]}" "$repeat"
+  printf '  %-44s %9s s   (goal < 0.1)\n' "mount returning" "${R[start.mount]}"
+  printf '  %-44s %9s s\n' "mount -> first ls answering" "${R[start.ls]}"
+  printf '  %-44s %9s s\n' "restore" "${R[start.restore]}"
+  printf '  %-44s %9s   (goal >= 15)\n' "restore / (mount -> ls)" "$(ratio "${R[start.restore]}" "${R[start.ls]}")"
+  printf '  %s\n' "${R[start.phases]:-no start-up phases in the daemon log}"
+  printf '  runs (s): %s\n' "${R[start.runs]}"
+fi

@@ -13,7 +13,7 @@
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::bail;
 use bytes::Bytes;
@@ -36,9 +36,24 @@ pub struct Version {
     pub pin: ObjectVersion,
     pub size: u64,
     pub index: ArchiveIndex,
+    /// How long opening it took, by part.
+    pub opened: OpenTimes,
     /// Each entry's data offset; 0 while unknown (a foreign entry whose local
     /// header has not been read — data never starts at 0).
     offsets: Vec<AtomicU64>,
+}
+
+/// How long [`open_version`] took, by part (the rest is decoding the index).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OpenTimes {
+    /// The HEAD (and a lifetime refresh when one was due).
+    pub head: Duration,
+    /// The range GETs of the tail, index or central directory.
+    pub gets: Duration,
+    /// How many of them.
+    pub requests: u32,
+    /// Decoding (and checking) the index or central directory.
+    pub decode: Duration,
 }
 
 impl Version {
@@ -59,6 +74,7 @@ impl Version {
             pin,
             size,
             index,
+            opened: OpenTimes::default(),
             offsets,
         }
     }
@@ -146,6 +162,7 @@ pub async fn open_version<S: ObjectStore>(
                 .context(format!("cannot read {key} from {}", store.describe())),
         })
     };
+    let started = Instant::now();
     let mut meta = head().await?;
     // Refresh the lifetime *before* pinning: the rewrite may change the ETag,
     // which would otherwise fail this mount's own reads. Young objects (the
@@ -156,16 +173,24 @@ pub async fn open_version<S: ObjectStore>(
             meta = head().await?;
         }
     }
+    let head_time = started.elapsed();
     // The first range read is the tail: kept to check the index against the name.
     let tail: parking_lot::Mutex<Option<(u64, Bytes)>> = parking_lot::Mutex::new(None);
-    let tail_ref = &tail;
+    let gets = parking_lot::Mutex::new((Duration::ZERO, 0u32));
+    let (tail_ref, gets_ref) = (&tail, &gets);
     let pin = &meta.version;
     let fetch = |range: Range<u64>| async move {
         if let Some(stats) = stats {
             Stats::inc(&stats.requests);
         }
         let start = range.start;
+        let t0 = Instant::now();
         let r = store.get_range(key, range, Some(pin)).await;
+        {
+            let mut g = gets_ref.lock();
+            g.0 += t0.elapsed();
+            g.1 += 1;
+        }
         if let Ok(b) = &r {
             if let Some(stats) = stats {
                 Stats::add(&stats.bytes_fetched, b.len() as u64);
@@ -194,12 +219,15 @@ pub async fn open_version<S: ObjectStore>(
             }
         }
     }
-    Ok(Version::new(
-        key.to_string(),
-        meta.version,
-        meta.size,
-        index,
-    ))
+    let (gets, requests) = gets.into_inner();
+    let mut version = Version::new(key.to_string(), meta.version, meta.size, index);
+    version.opened = OpenTimes {
+        head: head_time,
+        gets,
+        requests,
+        decode: started.elapsed().saturating_sub(head_time + gets),
+    };
+    Ok(version)
 }
 
 /// Refreshes the object's lifetime when it is older than `after`, best

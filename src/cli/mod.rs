@@ -13,8 +13,13 @@ use crate::archive::WriterOptions;
 use crate::cache::version::{open_version, refresh_lifetime, Refresh, REFRESH_AFTER};
 use crate::cache::{FetchConfig, Stats};
 use crate::mount::daemon::{self, MountOptions};
+<<<<<<< HEAD
 use crate::mount::overlay::{OverlayKind, Overlays};
 use crate::mount::{control, preflight};
+=======
+use crate::mount::startup::Phases;
+use crate::mount::{control, overlay};
+>>>>>>> wt-h
 use crate::paths::{Anchors, PathSpec};
 use crate::progress::Progress;
 use crate::restore::{self, Source};
@@ -177,6 +182,9 @@ pub enum Command {
         /// Internal: this process is the daemon `mount` started.
         #[arg(long, hide = true)]
         daemon_child: bool,
+        /// Internal: when `mount` spawned this daemon (ns since the epoch).
+        #[arg(long, hide = true)]
+        spawned_at: Option<u64>,
         #[command(flatten)]
         tuning: TuningArgs,
     },
@@ -282,12 +290,18 @@ impl SourceArgs {
 /// allocates gets an arena of its own by default, and blocks freed by one
 /// thread but allocated by another keep arenas resident: with the FUSE, tokio
 /// and decode threads that tripled the daemon's peak RSS over its cache size
-/// (358 MiB vs 158 MiB for a 64 MiB cache in tests/mount_memory.rs).
+/// (358 MiB vs 158 MiB for a 64 MiB cache in tests/mount_memory.rs). Large
+/// buffers stay in the heap (see below): fewer page faults per block.
 fn limit_malloc_arenas() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only tunes the allocator; called before any thread starts.
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 2);
+        // Block buffers (1 MiB frames, GET bodies) come from the heap and are
+        // reused there instead of each being a fresh mmap whose every page
+        // faults in; up to 64 MiB freed at the top stays for the next ones.
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20);
     }
 }
 
@@ -487,7 +501,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             cache_size,
             fuse_threads,
             daemon_child,
+<<<<<<< HEAD
             tuning,
+=======
+            spawned_at,
+            fetch,
+>>>>>>> wt-h
             ..
         } => {
             let options = MountOptions {
@@ -500,8 +519,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 read_ahead_kb: tuning.read_ahead_kb.unwrap_or(daemon::BDI_READ_AHEAD_KB),
                 dev_fuse: cli.global.dev_fuse.clone(),
             };
-            let result =
-                mount_and_serve(&cli.global, source, &paths, &anchors, options, daemon_child).await;
+            let phases = Phases::begin(spawned_at);
+            let result = mount_and_serve(
+                &cli.global,
+                source,
+                &paths,
+                &anchors,
+                options,
+                daemon_child,
+                phases,
+            )
+            .await;
             if let (Err(e), true) = (&result, daemon_child) {
                 let line = control::protocol_line(
                     "error",
@@ -771,9 +799,11 @@ async fn mount_and_serve(
     anchors: &Anchors,
     options: MountOptions,
     daemon_child: bool,
+    mut phases: Phases,
 ) -> anyhow::Result<()> {
     let specs = parse_specs(paths, anchors)?;
     let signals = daemon::Signals::register().context("cannot handle signals")?;
+<<<<<<< HEAD
     let started = std::time::Instant::now();
     let Opened {
         store,
@@ -783,27 +813,81 @@ async fn mount_and_serve(
         matched,
     } = open_source(global, source).await?;
     let what = matched.describe();
+=======
+    let (store, key, digest, what, pointer) = if let Some(url) = source.url {
+        let (store_url, object) = split_object_url(&url)?;
+        let store = open_store_at(global, &store_url)
+            .await
+            .with_context(|| format!("cannot open {url}"))?;
+        phases.mark("store client");
+        (store, object, None, url, None)
+    } else {
+        let key = source.key.expect("take_url_from requires --key or a URL");
+        let store = open_store(global).await?;
+        phases.mark("store client");
+        let resolved = layout::resolve(&store, &key, &source.fallbacks).await?;
+        let what = if resolved.key == key {
+            key
+        } else {
+            format!("{} (fallback for {key})", resolved.key)
+        };
+        let pointer = layout::pointer_key(&resolved.key).ok();
+        (
+            store,
+            resolved.pointer.blob_key(),
+            Some(resolved.pointer.digest.clone()),
+            what,
+            pointer,
+        )
+    };
+>>>>>>> wt-h
     let stats = std::sync::Arc::new(Stats::default());
     let refresh = Refresh::After(global.refresh_after());
+    phases.mark("key pointer");
     let version = open_version(&store, &key, digest.as_deref(), refresh, Some(&stats)).await?;
+<<<<<<< HEAD
     let (report_digest, archive_size) = (digest.clone(), version.size);
     // The key pointer's lifetime too (the blob's was refreshed by open_version).
     if let Some(pointer) = &pointer {
         refresh_lifetime(&store, pointer, global.refresh_after()).await;
     }
+=======
+    let t = version.opened;
+    phases.mark_parts(
+        &[
+            ("HEAD", t.head),
+            ("tail/index GETs", t.gets),
+            ("index decode", t.decode),
+        ],
+        "open (other)",
+    );
+>>>>>>> wt-h
     tracing::info!(
-        "opened {key} ({} entries) in {} ms",
+        "opened {key} ({} entries, {} range GETs) in {} ms",
         version.index.entries.len(),
-        started.elapsed().as_millis()
+        t.requests,
+        phases.elapsed().as_millis()
     );
     let targets = crate::paths::plan_targets(&version.index, &specs, anchors)?;
     for t in &targets {
         t.check_mountable()?;
     }
+    phases.mark("plan targets");
     let runtime = tokio::runtime::Handle::current();
     let store = std::sync::Arc::new(store);
-    let d = tokio::task::spawn_blocking(move || {
-        daemon::mount_all(store, version, digest, &targets, &options, stats, runtime)
+    let daemon_store = store.clone();
+    let (d, mut phases) = tokio::task::spawn_blocking(move || {
+        daemon::mount_all(
+            daemon_store,
+            version,
+            digest,
+            &targets,
+            &options,
+            stats,
+            runtime,
+            &mut phases,
+        )
+        .map(|d| (d, phases))
     })
     .await??;
     let report = MountReport {
@@ -844,13 +928,21 @@ async fn mount_and_serve(
     } else {
         print!("{}", report.human());
     }
+    phases.mark("report");
     for m in &d.mounted {
         tracing::info!(
             "serving {what} at {} ({} entries); ready {} ms after start",
             m.path.display(),
             m.nodes,
-            started.elapsed().as_millis()
+            phases.elapsed().as_millis()
         );
+    }
+    phases.log();
+    // The key pointer's lifetime too (the blob's was refreshed by
+    // open_version), off the start-up path: best effort either way.
+    if let Some(pointer) = pointer {
+        let (store, after) = (store.clone(), global.refresh_after());
+        tokio::spawn(async move { refresh_lifetime(&*store, &pointer, after).await });
     }
     d.serve(signals).await
 }

@@ -16,6 +16,9 @@ use crate::archive::{ArchiveIndex, EntryKind, Timestamp};
 
 pub const ROOT_INO: u64 = 1;
 
+/// Archive paths (slices of the index's names) to inodes, while building.
+type PathMap<'a> = HashMap<&'a [u8], u64, foldhash::fast::RandomState>;
+
 /// One file, directory or symlink of the mount.
 #[derive(Debug, Clone)]
 pub struct Node {
@@ -115,8 +118,10 @@ impl Tree {
             nodes: vec![Some(root_node)],
             live: 1,
         };
-        // Keyed by slices of the index's own names: no copy of any path.
-        let mut by_path: HashMap<&[u8], u64> = HashMap::with_capacity(index.entries.len() + 1);
+        // Keyed by slices of the index's own names: no copy of any path; a
+        // fast hash (the keys are the archive's own, hashed once each).
+        let mut by_path: PathMap =
+            HashMap::with_capacity_and_hasher(index.entries.len() + 1, Default::default());
         by_path.insert(b"", ROOT_INO);
         for (i, e) in index.entries.iter().enumerate() {
             let Some(rel) = names::strip_within(&e.name, root) else {
@@ -316,7 +321,7 @@ impl Tree {
     /// directory, so the caller can skip the entry.
     fn ensure_dir<'a>(
         &mut self,
-        by_path: &mut HashMap<&'a [u8], u64>,
+        by_path: &mut PathMap<'a>,
         path: &'a [u8],
         synth: (u32, u32, Timestamp),
     ) -> u64 {

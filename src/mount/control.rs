@@ -85,6 +85,15 @@ pub fn spawn_daemon(
     let mut cmd = Command::new(exe);
     cmd.args(args)
         .arg("--daemon-child")
+        // For the daemon's start-up clock (its first phase is its own start).
+        .arg("--spawned-at")
+        .arg(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_nanos()
+                .to_string(),
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::from(log_file));

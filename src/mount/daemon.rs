@@ -12,6 +12,7 @@ use anyhow::{bail, Context};
 use super::control;
 use super::overlay::{Overlays, WritableMount};
 use super::preflight::{self, FUSE_SUPER_MAGIC};
+use super::startup::Phases;
 use crate::cache::version::{open_version, Refresh};
 use crate::cache::{Current, FetchConfig, Fetcher, Stats, Version};
 use crate::fs::{FsCore, FuseFs, Reopener, Tree};
@@ -216,6 +217,8 @@ impl<S: ObjectStore> Daemon<S> {
 /// (a key mount): a reopen after a 412 checks it again, and the content can
 /// never change, so open files need no handles. Without it (a raw URL) the
 /// object may be overwritten with other content: handles are tracked.
+/// `phases` gets the tree build, FUSE init and readiness.
+#[allow(clippy::too_many_arguments)]
 pub fn mount_all<S: ObjectStore>(
     store: Arc<S>,
     version: Version,
@@ -224,6 +227,7 @@ pub fn mount_all<S: ObjectStore>(
     options: &MountOptions,
     stats: Arc<Stats>,
     runtime: tokio::runtime::Handle,
+    phases: &mut Phases,
 ) -> anyhow::Result<Daemon<S>> {
     preflight::check_fuse(&options.dev_fuse)?;
     let targets: Vec<Target> = targets
@@ -239,6 +243,7 @@ pub fn mount_all<S: ObjectStore>(
         }
         preflight::prepare_mountpoint(&t.local, options.force)?;
     }
+    phases.mark("mountpoint checks");
     let fsname = format!("{}{}", control::FSNAME_PREFIX, version.key);
     let object = version.key.clone();
     let current = Current::new(version);
@@ -261,6 +266,7 @@ pub fn mount_all<S: ObjectStore>(
     for t in &targets {
         trees.push(Tree::build(&current.load().index, &t.name)?);
     }
+    phases.mark("tree build");
     let mut daemon = Daemon {
         mounted: Vec::new(),
         sessions: Vec::new(),
@@ -319,6 +325,7 @@ pub fn mount_all<S: ObjectStore>(
                 .spawn()
                 .with_context(|| format!("cannot start serving {}", t.local.display()))?;
             daemon.sessions.push(session);
+            phases.mark("FUSE init");
             daemon.mounted.push(Mounted {
                 path: t.local.clone(),
                 name: t.name.clone(),
@@ -326,7 +333,12 @@ pub fn mount_all<S: ObjectStore>(
                 writable,
             });
             wait_ready(&fuse_path)?;
+<<<<<<< HEAD
             raise_read_ahead(&fuse_path, options.read_ahead_kb);
+=======
+            phases.mark("readiness");
+            raise_read_ahead(&fuse_path);
+>>>>>>> wt-h
             let mounted = daemon.mounted.last().expect("just pushed");
             if let Some(w) = &mounted.writable {
                 w.mount_overlay()?;
