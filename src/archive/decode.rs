@@ -10,33 +10,6 @@ use std::io::{self, Read, Write};
 use super::index::{Compression, Entry};
 use super::FormatError;
 
-<<<<<<< HEAD
-=======
-/// Decodes a zstd stream (any number of frames, skippable frames ignored) of at
-/// most `max_len` decoded bytes.
-pub fn zstd_stream(data: &[u8], max_len: usize) -> io::Result<Vec<u8>> {
-    // Sized once from the frame header when it declares a size within the
-    // bound (no regrowing and copying of a large buffer); the bound still
-    // holds whatever the header says.
-    let declared = zstd::zstd_safe::get_frame_content_size(data)
-        .ok()
-        .flatten()
-        .and_then(|n| usize::try_from(n).ok())
-        .filter(|n| *n <= max_len);
-    let mut out = Vec::with_capacity(declared.unwrap_or(0));
-    zstd::stream::read::Decoder::new(data)?
-        .take(max_len as u64 + 1)
-        .read_to_end(&mut out)?;
-    if out.len() > max_len {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "decoded data exceeds its bound",
-        ));
-    }
-    Ok(out)
-}
-
->>>>>>> wt-h
 fn corrupt(entry: &Entry, reason: impl Into<String>) -> FormatError {
     FormatError::CorruptEntry {
         name: String::from_utf8_lossy(&entry.name).into_owned(),

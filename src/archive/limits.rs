@@ -206,7 +206,15 @@ fn shown_name(name: &[u8]) -> String {
 /// Decodes a zstd stream (any number of frames, skippable frames ignored) of at
 /// most `max_len` decoded bytes.
 pub fn zstd_stream(data: &[u8], max_len: usize) -> io::Result<Vec<u8>> {
-    let mut out = Vec::new();
+    // Sized once from the frame header when it declares a size within the
+    // bound (no regrowing and copying of a large buffer); the bound still
+    // holds whatever the header says.
+    let declared = zstd::zstd_safe::get_frame_content_size(data)
+        .ok()
+        .flatten()
+        .and_then(|n| usize::try_from(n).ok())
+        .filter(|n| *n <= max_len);
+    let mut out = Vec::with_capacity(declared.unwrap_or(0));
     zstd::stream::read::Decoder::new(data)?
         .take(max_len as u64 + 1)
         .read_to_end(&mut out)?;

@@ -13,13 +13,9 @@ use crate::archive::WriterOptions;
 use crate::cache::version::{open_version, refresh_lifetime, Refresh, REFRESH_AFTER};
 use crate::cache::{FetchConfig, Stats};
 use crate::mount::daemon::{self, MountOptions};
-<<<<<<< HEAD
 use crate::mount::overlay::{OverlayKind, Overlays};
-use crate::mount::{control, preflight};
-=======
 use crate::mount::startup::Phases;
-use crate::mount::{control, overlay};
->>>>>>> wt-h
+use crate::mount::{control, preflight};
 use crate::paths::{Anchors, PathSpec};
 use crate::progress::Progress;
 use crate::restore::{self, Source};
@@ -501,12 +497,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             cache_size,
             fuse_threads,
             daemon_child,
-<<<<<<< HEAD
-            tuning,
-=======
             spawned_at,
-            fetch,
->>>>>>> wt-h
+            tuning,
             ..
         } => {
             let options = MountOptions {
@@ -803,8 +795,6 @@ async fn mount_and_serve(
 ) -> anyhow::Result<()> {
     let specs = parse_specs(paths, anchors)?;
     let signals = daemon::Signals::register().context("cannot handle signals")?;
-<<<<<<< HEAD
-    let started = std::time::Instant::now();
     let Opened {
         store,
         object: key,
@@ -813,45 +803,11 @@ async fn mount_and_serve(
         matched,
     } = open_source(global, source).await?;
     let what = matched.describe();
-=======
-    let (store, key, digest, what, pointer) = if let Some(url) = source.url {
-        let (store_url, object) = split_object_url(&url)?;
-        let store = open_store_at(global, &store_url)
-            .await
-            .with_context(|| format!("cannot open {url}"))?;
-        phases.mark("store client");
-        (store, object, None, url, None)
-    } else {
-        let key = source.key.expect("take_url_from requires --key or a URL");
-        let store = open_store(global).await?;
-        phases.mark("store client");
-        let resolved = layout::resolve(&store, &key, &source.fallbacks).await?;
-        let what = if resolved.key == key {
-            key
-        } else {
-            format!("{} (fallback for {key})", resolved.key)
-        };
-        let pointer = layout::pointer_key(&resolved.key).ok();
-        (
-            store,
-            resolved.pointer.blob_key(),
-            Some(resolved.pointer.digest.clone()),
-            what,
-            pointer,
-        )
-    };
->>>>>>> wt-h
+    phases.mark("store client, key pointer");
     let stats = std::sync::Arc::new(Stats::default());
     let refresh = Refresh::After(global.refresh_after());
-    phases.mark("key pointer");
     let version = open_version(&store, &key, digest.as_deref(), refresh, Some(&stats)).await?;
-<<<<<<< HEAD
     let (report_digest, archive_size) = (digest.clone(), version.size);
-    // The key pointer's lifetime too (the blob's was refreshed by open_version).
-    if let Some(pointer) = &pointer {
-        refresh_lifetime(&store, pointer, global.refresh_after()).await;
-    }
-=======
     let t = version.opened;
     phases.mark_parts(
         &[
@@ -861,7 +817,6 @@ async fn mount_and_serve(
         ],
         "open (other)",
     );
->>>>>>> wt-h
     tracing::info!(
         "opened {key} ({} entries, {} range GETs) in {} ms",
         version.index.entries.len(),
@@ -906,7 +861,7 @@ async fn mount_and_serve(
             .collect(),
         pid: None,
         log: None,
-        seconds: started.elapsed().as_secs_f64(),
+        seconds: phases.elapsed().as_secs_f64(),
     };
     if daemon_child {
         let json = serde_json::to_string(&report).expect("reports serialise");

@@ -333,12 +333,8 @@ pub fn mount_all<S: ObjectStore>(
                 writable,
             });
             wait_ready(&fuse_path)?;
-<<<<<<< HEAD
-            raise_read_ahead(&fuse_path, options.read_ahead_kb);
-=======
             phases.mark("readiness");
-            raise_read_ahead(&fuse_path);
->>>>>>> wt-h
+            raise_read_ahead(&fuse_path, options.read_ahead_kb);
             let mounted = daemon.mounted.last().expect("just pushed");
             if let Some(w) = &mounted.writable {
                 w.mount_overlay()?;
