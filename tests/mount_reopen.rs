@@ -187,14 +187,22 @@ fn seed_scenario(test: &str, s3: TestS3, change: Change, writable: bool) {
                 sb_b.env
                     .push(("CACHEMOUNT_REFRESH_AFTER_SECS".into(), "0".into()));
                 let b = Mount::new(&sb_b, &["--key", "k"]);
-                // Both the blob and the key pointer get their lifetime refreshed.
-                let log = b.log_text();
+                // Both the blob and the key pointer get their lifetime
+                // refreshed (the pointer's after readiness: wait for its line).
                 let pointer = cachemount::store::layout::pointer_key("k").unwrap();
-                let refreshed: Vec<&str> =
-                    log.lines().filter(|l| l.contains("refreshed")).collect();
-                assert!(
+                let both_refreshed = |log: &str| {
+                    let refreshed: Vec<&str> =
+                        log.lines().filter(|l| l.contains("refreshed")).collect();
                     refreshed.iter().any(|l| l.contains(&blob))
-                        && refreshed.iter().any(|l| l.contains(&pointer)),
+                        && refreshed.iter().any(|l| l.contains(&pointer))
+                };
+                let deadline = std::time::Instant::now() + Duration::from_secs(30);
+                while !both_refreshed(&b.log_text()) && std::time::Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                let log = b.log_text();
+                assert!(
+                    both_refreshed(&log),
                     "mount B refreshes blob and pointer: {log}"
                 );
                 b_mount = Some((b, sb_b));
