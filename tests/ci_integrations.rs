@@ -174,6 +174,9 @@ fn buildkite_scenario(sb: &Sandbox, mounted: bool) {
     assert!(!is_mounted(&deps), "post-command unmounts");
     assert_eq!(keys(sb), ["deps-1"]);
 
+    // Fallbacks take the newest key, by its whole-second creation time:
+    // deps-2 must be younger than deps-1 for job 4 to match it.
+    std::thread::sleep(Duration::from_millis(1100));
     let (out, notes) = buildkite_job(sb, "deps-2", "echo two >> deps/a.txt");
     assert!(
         notes[0][5].contains("**fallback** (matched `deps-1`)")
@@ -336,6 +339,8 @@ fn github_scenario(sb: &Sandbox, mounted: bool) {
     assert!(!is_mounted(&deps));
     assert_eq!(keys(sb), ["deps-1"]);
 
+    // deps-2 younger than deps-1 by the whole-second clock (see above).
+    std::thread::sleep(Duration::from_millis(1100));
     let j = github_job(sb, "deps-2", "echo two >> deps/a.txt");
     assert_eq!(
         j.outputs,
