@@ -66,6 +66,7 @@ fn walk_survives(test: &str, rule: Rule, seed: u64) {
 }
 
 #[test]
+#[ignore = "fuse: needs root and /dev/fuse (its own tier in scripts/test)"]
 fn mount_walk_survives_200ms_latency() {
     walk_survives(
         "mount_walk_survives_200ms_latency",
@@ -75,6 +76,7 @@ fn mount_walk_survives_200ms_latency() {
 }
 
 #[test]
+#[ignore = "fuse: needs root and /dev/fuse (its own tier in scripts/test)"]
 fn mount_walk_survives_bodies_cut_on_10_percent_of_gets() {
     walk_survives(
         "mount_walk_survives_bodies_cut_on_10_percent_of_gets",
@@ -84,6 +86,7 @@ fn mount_walk_survives_bodies_cut_on_10_percent_of_gets() {
 }
 
 #[test]
+#[ignore = "fuse: needs root and /dev/fuse (its own tier in scripts/test)"]
 fn mount_walk_survives_slowdown_on_20_percent_of_gets() {
     walk_survives(
         "mount_walk_survives_slowdown_on_20_percent_of_gets",
@@ -93,6 +96,7 @@ fn mount_walk_survives_slowdown_on_20_percent_of_gets() {
 }
 
 #[test]
+#[ignore = "fuse: needs root and /dev/fuse (its own tier in scripts/test)"]
 fn mount_walk_survives_truncated_bodies() {
     walk_survives(
         "mount_walk_survives_truncated_bodies",
@@ -114,6 +118,7 @@ fn short_bounds(sb: &mut Sandbox) {
 }
 
 #[test]
+#[ignore = "fuse: needs root and /dev/fuse (its own tier in scripts/test)"]
 fn permanent_stall_gives_eio_in_bounded_time_and_metadata_still_answers() {
     let test = "permanent_stall_gives_eio_in_bounded_time_and_metadata_still_answers";
     let Some(mut saved) = saved(test, 4 << 20) else {
@@ -166,6 +171,7 @@ fn permanent_stall_gives_eio_in_bounded_time_and_metadata_still_answers() {
 }
 
 #[test]
+#[ignore = "fuse: needs root and /dev/fuse (its own tier in scripts/test)"]
 fn daemon_killed_mid_read_gives_an_error_and_umount_recovers() {
     let test = "daemon_killed_mid_read_gives_an_error_and_umount_recovers";
     let Some(saved) = saved(test, 24 << 20) else {

@@ -35,6 +35,7 @@ fn peak_rss(pid: u32) -> u64 {
 }
 
 #[test]
+#[ignore = "fuse: needs root and /dev/fuse (its own tier in scripts/test)"]
 fn eight_readers_streaming_2gib_through_a_64mib_cache_stay_bounded() {
     let test = "eight_readers_streaming_2gib_through_a_64mib_cache_stay_bounded";
     if !fuse_available(test) {

@@ -245,6 +245,7 @@ fn seed_scenario(test: &str, s3: TestS3, change: Change, writable: bool) {
 }
 
 #[test]
+#[ignore = "fuse: needs root and /dev/fuse (its own tier in scripts/test)"]
 fn seed_scenario_etag_changes_under_a_key_mount_seaweedfs() {
     let test = "seed_scenario_etag_changes_under_a_key_mount_seaweedfs";
     if !fuse_available(test) {
@@ -259,6 +260,7 @@ fn seed_scenario_etag_changes_under_a_key_mount_seaweedfs() {
 }
 
 #[test]
+#[ignore = "fuse: needs root and /dev/fuse (its own tier in scripts/test)"]
 fn seed_scenario_etag_changes_under_a_writable_mount_seaweedfs() {
     let test = "seed_scenario_etag_changes_under_a_writable_mount_seaweedfs";
     if !fuse_available(test) {
@@ -273,6 +275,7 @@ fn seed_scenario_etag_changes_under_a_writable_mount_seaweedfs() {
 }
 
 #[test]
+#[ignore = "fuse: needs root and /dev/fuse (its own tier in scripts/test)"]
 fn seed_scenario_self_copy_refresh_by_another_mount_moto() {
     let test = "seed_scenario_self_copy_refresh_by_another_mount_moto";
     if !fuse_available(test) {
@@ -340,6 +343,7 @@ fn raw_tree(root: &Path, version: &str) {
 }
 
 #[test]
+#[ignore = "fuse: needs root and /dev/fuse (its own tier in scripts/test)"]
 fn raw_url_object_overwritten_with_other_content_mid_read() {
     let test = "raw_url_object_overwritten_with_other_content_mid_read";
     if !fuse_available(test) {
@@ -455,6 +459,7 @@ fn read_uncached(path: &Path) -> std::io::Result<Vec<u8>> {
 }
 
 #[test]
+#[ignore = "fuse: needs root and /dev/fuse (its own tier in scripts/test)"]
 fn an_object_that_changes_all_the_time_ends_reads_with_eio_within_the_bound() {
     let test = "an_object_that_changes_all_the_time_ends_reads_with_eio_within_the_bound";
     if !fuse_available(test) {
@@ -532,11 +537,21 @@ fn an_object_that_changes_all_the_time_ends_reads_with_eio_within_the_bound() {
     assert_eq!(errno.0, Some(libc::EIO));
     assert!(started.elapsed() < Duration::from_secs(60));
     assert!(m.daemon_alive());
+    // The bound is what ended the reads: five reopens within the window, then
+    // refusals (a reopen that raced another change counts against the bound
+    // too, as a failed one, so fewer than five may have completed).
     let log = m.log_text();
+    let limit = cachemount::fs::reopen::DEFAULT_LIMIT;
     assert!(
-        log.contains("keeps changing") || log.contains("cannot be reopened"),
+        log.contains(&format!(
+            "keeps changing in the store ({limit} reopens within 30 s)"
+        )),
         "{log}"
     );
     let s = m.stats(&sb);
-    assert!(s["reopens"] <= 5, "bounded: {s:?}");
+    assert!(s["reopen_refused"] >= 1, "refused past the bound: {s:?}");
+    assert!(
+        (1..=limit as u64).contains(&s["reopens"]),
+        "between one and {limit} reopens: {s:?}"
+    );
 }

@@ -62,7 +62,11 @@ async fn pinned_version_id_survives_overwrite_and_its_deletion_is_a_precondition
         .unwrap();
     let v1 = store.head("obj").await.unwrap();
     if versioned.is_err() || v1.version.version_id.is_none() {
-        eprintln!("SKIP {test}: the server does not version buckets ({versioned:?})");
+        common::skip::missing(
+            test,
+            common::skip::Need::Versioning,
+            &format!("the server does not version buckets ({versioned:?})"),
+        );
         return;
     }
     store

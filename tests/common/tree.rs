@@ -67,12 +67,21 @@ impl Rng {
     }
 }
 
-/// Whether the filesystem under `dir` keeps user xattrs (tmpfs and ext4 do; some overlays don't).
+/// Whether the filesystem under `dir` keeps user xattrs (tmpfs and ext4 do;
+/// some overlays don't). Without them the xattr checks are a skip
+/// (tests/common/skip.rs): a failure in CI, a logged SKIP elsewhere.
 pub fn supports_xattrs(dir: &Path) -> bool {
     let probe = dir.join(".xattr-probe");
     let _ = fs::write(&probe, b"");
     let ok = xattr::set(&probe, "user.probe", b"1").is_ok();
     let _ = fs::remove_file(&probe);
+    if !ok {
+        crate::common::skip::missing(
+            "xattr checks",
+            crate::common::skip::Need::Xattrs,
+            &format!("{} keeps no user xattrs", dir.display()),
+        );
+    }
     ok
 }
 
