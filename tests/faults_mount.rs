@@ -181,12 +181,34 @@ fn daemon_killed_mid_read_gives_an_error_and_umount_recovers() {
     let mount = mount_through(&saved, &proxy);
     proxy.set(Rule::new(Fault::Latency(Duration::from_millis(300))));
     let big = mount.path().join("big.bin");
+    let size = fs::metadata(&big).unwrap().len();
+    // The reader counts the bytes it got; the daemon is killed once some,
+    // not all, have arrived: mid-read, confirmed.
+    let got = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counter = got.clone();
     let reader = std::thread::spawn(move || -> std::io::Result<u64> {
+        use std::io::Read;
         let mut f = fs::File::open(&big)?;
-        std::io::copy(&mut f, &mut std::io::sink())
+        let mut buf = vec![0u8; 128 << 10];
+        loop {
+            let n = f.read(&mut buf)?;
+            if n == 0 {
+                return Ok(counter.load(std::sync::atomic::Ordering::SeqCst));
+            }
+            counter.fetch_add(n as u64, std::sync::atomic::Ordering::SeqCst);
+        }
     });
-    std::thread::sleep(Duration::from_millis(500));
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while got.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the reader got no byte"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
     unsafe { libc::kill(mount.pid as libc::pid_t, libc::SIGKILL) };
+    let at_kill = got.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(at_kill < size, "the read had finished before the kill");
     let result = bounded(
         Duration::from_secs(30),
         "the reader after the daemon died",
@@ -196,6 +218,7 @@ fn daemon_killed_mid_read_gives_an_error_and_umount_recovers() {
         result.is_err(),
         "the read should fail once the daemon is gone, got {result:?}"
     );
+    assert!(got.load(std::sync::atomic::Ordering::SeqCst) < size);
     let p = mount.path().display().to_string();
     let out = run_bounded(saved.sb.command(&["umount", &p]), Duration::from_secs(30));
     assert!(

@@ -252,15 +252,20 @@ async fn content_addressed_blob_rewritten_costs_readers_nothing() {
         "key mounts need no handles"
     );
     let src = random(1, 5 << 20);
-    // Many concurrent readers; the blob is rewritten (same bytes, new ETag) in the middle.
+    // Many concurrent readers; the blob is rewritten (same bytes, new ETag)
+    // once every reader has read something, and each reads on after it.
+    let reads = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let replaced = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut tasks = Vec::new();
     for t in 0..8u64 {
-        let core = core.clone();
+        let (core, reads, replaced) = (core.clone(), reads.clone(), replaced.clone());
         tasks.push(tokio::spawn(async move {
             let mut out = Vec::new();
             let chunk = 64 << 10;
             let mut off = t * 4096;
-            while out.len() < (2 << 20) {
+            let mut after = 0;
+            while after < 8 {
+                let was_replaced = replaced.load(std::sync::atomic::Ordering::SeqCst);
                 let b = core.read(same, off, chunk).await.unwrap();
                 if b.is_empty() {
                     off = 0;
@@ -268,16 +273,26 @@ async fn content_addressed_blob_rewritten_costs_readers_nothing() {
                 }
                 out.push((off, b.clone()));
                 off += b.len() as u64;
-                tokio::time::sleep(Duration::from_millis(1)).await;
-                if out.len() > 64 {
-                    break;
+                reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                if was_replaced {
+                    after += 1;
                 }
+                assert!(out.len() < 100_000, "the blob was never replaced");
+                tokio::task::yield_now().await;
             }
             out
         }));
     }
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while reads.load(std::sync::atomic::Ordering::SeqCst) < 16 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the readers read nothing"
+        );
+        tokio::task::yield_now().await;
+    }
     replace(&blob.clone(), &blob);
+    replaced.store(true, std::sync::atomic::Ordering::SeqCst);
     for t in tasks {
         for (off, b) in t.await.unwrap() {
             assert!(b[..] == src[off as usize..off as usize + b.len()]);

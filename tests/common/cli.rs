@@ -65,6 +65,8 @@ pub struct Sandbox {
     pub store: String,
     /// Extra environment for every command.
     pub env: Vec<(String, String)>,
+    /// Variables removed from every command's environment.
+    pub unset: Vec<String>,
 }
 
 impl Sandbox {
@@ -77,6 +79,7 @@ impl Sandbox {
             dir,
             store,
             env: Vec::new(),
+            unset: Vec::new(),
         }
     }
 
@@ -94,6 +97,9 @@ impl Sandbox {
             .env("HOME", self.home())
             .env("CACHEMOUNT_STORE", &self.store)
             .args(args);
+        for k in &self.unset {
+            cmd.env_remove(k);
+        }
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
@@ -104,6 +110,20 @@ impl Sandbox {
     /// (within [`COMMAND_TIMEOUT`]).
     pub fn run(&self, args: &[&str]) -> Output {
         run_bounded(self.command(args), COMMAND_TIMEOUT)
+    }
+
+    /// The one short-retry environment: S3 bounds of seconds instead of
+    /// minutes (1 s to headers and between body bytes, 2 attempts, 4 s per
+    /// read), so a test of a permanent fault fails fast.
+    pub fn short_retries(&mut self) {
+        for (k, v) in [
+            ("CACHEMOUNT_S3_READ_TIMEOUT", "1"),
+            ("CACHEMOUNT_S3_ATTEMPTS", "2"),
+            ("CACHEMOUNT_S3_STALL_TIMEOUT", "1"),
+            ("CACHEMOUNT_S3_READ_DEADLINE", "4"),
+        ] {
+            self.env.push((k.into(), v.into()));
+        }
     }
 
     /// Like [`Sandbox::run`], with another time limit.

@@ -51,6 +51,9 @@ pub enum Fault {
     Status500,
     /// Answer 503 SlowDown (S3's XML error) without asking the server.
     SlowDown,
+    /// Answer 403 AccessDenied without asking the server (credentials
+    /// without permission on the bucket).
+    AccessDenied,
     /// Read the request, never answer (the connection stays open).
     Stall,
     /// Forward the request head and half its body upstream, then reset both
@@ -150,11 +153,20 @@ pub struct RequestInfo {
     pub target: String,
     /// The Range header, if any.
     pub range: Option<String>,
+    /// The Authorization header (SigV4: its credential scope names the region).
+    pub authorization: Option<String>,
 }
 
 impl RequestInfo {
     pub fn is_ranged_get(&self) -> bool {
         self.method == "GET" && self.range.is_some()
+    }
+
+    /// The region of the SigV4 credential scope (`Credential=AK/date/REGION/s3/…`).
+    pub fn signed_region(&self) -> Option<&str> {
+        let auth = self.authorization.as_deref()?;
+        let scope = auth.split("Credential=").nth(1)?;
+        scope.split('/').nth(2)
     }
 
     pub fn matches(&self, requests: Requests) -> bool {
@@ -611,6 +623,7 @@ async fn serve(conn: TcpStream, shared: Arc<Shared>) -> io::Result<()> {
             method: method.clone(),
             target: head.start.get(1).cloned().unwrap_or_default(),
             range: head.header("range").map(str::to_string),
+            authorization: head.header("authorization").map(str::to_string),
         };
         if info.is_ranged_get() {
             shared.ranged_gets.fetch_add(1, Ordering::SeqCst);
@@ -654,6 +667,16 @@ async fn serve(conn: TcpStream, shared: Arc<Shared>) -> io::Result<()> {
                 );
                 client.get_mut().write_all(&r).await?;
                 shared.answer(&info, 503);
+                if client_closes {
+                    return Ok(());
+                }
+                continue;
+            }
+            Some(Fault::AccessDenied) => {
+                shared.injected();
+                let r = s3_error(403, "Forbidden", "AccessDenied", "Access Denied");
+                client.get_mut().write_all(&r).await?;
+                shared.answer(&info, 403);
                 if client_closes {
                     return Ok(());
                 }

@@ -16,6 +16,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use cachemount::store::s3::{RetryPolicy, S3Store};
 use cachemount::store::StoreUrl;
 
+use crate::common::cli::Sandbox;
 use crate::common::skip::Need;
 
 /// Where one test's objects live on a running test server.
@@ -80,6 +81,70 @@ impl TestS3 {
             bucket: self.bucket.clone(),
             prefix: self.prefix.clone(),
         }
+    }
+
+    /// The one sandbox on an S3 prefix: a CLI sandbox whose store is this
+    /// test's prefix, the server named by `AWS_ENDPOINT_URL` (a test that
+    /// goes through a proxy passes `--endpoint-url`, which wins).
+    pub fn sandbox(&self) -> Sandbox {
+        let mut sb = Sandbox::new();
+        sb.store = self.url().to_string();
+        sb.env
+            .push(("AWS_ENDPOINT_URL".into(), self.endpoint.clone()));
+        sb
+    }
+
+    /// The one raw AWS SDK client on the test server (path-style), for what
+    /// the store does not do: bucket versioning, listing multipart uploads.
+    pub async fn sdk(&self) -> aws_sdk_s3::Client {
+        let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .endpoint_url(&self.endpoint)
+            .load()
+            .await;
+        aws_sdk_s3::Client::from_conf(
+            aws_sdk_s3::config::Builder::from(&sdk)
+                .force_path_style(true)
+                .build(),
+        )
+    }
+
+    /// Checks the store layout's promise on this prefix: every key pointer
+    /// names a blob that exists whole (its size is the pointer's). Returns
+    /// the keys found.
+    pub async fn pointers_name_whole_blobs(&self) -> Vec<String> {
+        use cachemount::store::{layout, ObjectStore};
+        let store = self.store().await;
+        let mut keys = Vec::new();
+        for object in store.list("keys/").await.unwrap() {
+            let escaped = object.key.strip_prefix("keys/").unwrap();
+            let key = layout::unescape_key(escaped).unwrap();
+            let pointer = layout::read_pointer(&store, &key).await.unwrap();
+            let blob = pointer.blob_key();
+            let meta = store
+                .head(&blob)
+                .await
+                .unwrap_or_else(|e| panic!("key {key:?} names {blob}, which is missing: {e}"));
+            assert_eq!(
+                meta.size, pointer.size,
+                "key {key:?} names {blob}, which is partial"
+            );
+            keys.push(key);
+        }
+        keys
+    }
+
+    /// Multipart uploads still open under this prefix.
+    pub async fn pending_uploads(&self) -> usize {
+        let listed = self
+            .sdk()
+            .await
+            .list_multipart_uploads()
+            .bucket(&self.bucket)
+            .prefix(format!("{}/", self.prefix))
+            .send()
+            .await
+            .unwrap();
+        listed.uploads().len()
     }
 }
 
