@@ -257,10 +257,7 @@ fn an_unreachable_endpoint_fails_clearly_and_quickly() {
 /// A sandbox on the S3 test server's bucket, endpoint given in the environment.
 fn on_s3(test: &str) -> Option<(Sandbox, TestS3)> {
     let s3 = TestS3::from_env(test)?;
-    let mut sb = Sandbox::new();
-    sb.store = s3.url().to_string();
-    sb.env
-        .push(("AWS_ENDPOINT_URL".into(), s3.endpoint.clone()));
+    let mut sb = s3.sandbox();
     sb.env.push(("AWS_REGION".into(), "us-east-1".into()));
     Some((sb, s3))
 }

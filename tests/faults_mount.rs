@@ -11,7 +11,6 @@ use std::fs;
 use std::io::Read;
 use std::time::{Duration, Instant};
 
-use common::cli::Sandbox;
 use common::proxy::{Fault, Proxy, Rule};
 use common::saved::Saved;
 use common::tree::{assert_same_tree, feature_tree, small_files_tree, Rng};
@@ -105,18 +104,6 @@ fn mount_walk_survives_truncated_bodies() {
     );
 }
 
-/// Short retry bounds for the daemon, so a permanent fault fails in seconds.
-fn short_bounds(sb: &mut Sandbox) {
-    for (k, v) in [
-        ("CACHEMOUNT_S3_ATTEMPTS", "2"),
-        ("CACHEMOUNT_S3_READ_TIMEOUT", "1"),
-        ("CACHEMOUNT_S3_STALL_TIMEOUT", "1"),
-        ("CACHEMOUNT_S3_READ_DEADLINE", "4"),
-    ] {
-        sb.env.push((k.into(), v.into()));
-    }
-}
-
 #[test]
 #[ignore = "fuse: needs root and /dev/fuse (its own tier in scripts/test)"]
 fn permanent_stall_gives_eio_in_bounded_time_and_metadata_still_answers() {
@@ -124,7 +111,7 @@ fn permanent_stall_gives_eio_in_bounded_time_and_metadata_still_answers() {
     let Some(mut saved) = saved(test, 4 << 20) else {
         return;
     };
-    short_bounds(&mut saved.sb);
+    saved.sb.short_retries();
     let proxy = Proxy::with_seed(&saved.s3.endpoint, 5);
     let mount = mount_through(&saved, &proxy);
     proxy.set(Rule::new(Fault::Stall));

@@ -137,14 +137,7 @@ fn restore_under_a_permanent_stall_fails_in_bounded_time() {
     let test = "restore_under_a_permanent_stall_fails_in_bounded_time";
     let Some(mut saved) = saved(test) else { return };
     // Small bounds (defaults: 20 s per attempt, 5 attempts, 120 s per read).
-    for (k, v) in [
-        ("CACHEMOUNT_S3_READ_TIMEOUT", "1"),
-        ("CACHEMOUNT_S3_ATTEMPTS", "2"),
-        ("CACHEMOUNT_S3_STALL_TIMEOUT", "1"),
-        ("CACHEMOUNT_S3_READ_DEADLINE", "4"),
-    ] {
-        saved.sb.env.push((k.into(), v.into()));
-    }
+    saved.sb.short_retries();
     // A previous restore's result, which a failed restore must leave alone.
     let previous = saved.sb.work().join("cache");
     fs::create_dir(&previous).unwrap();

@@ -356,15 +356,6 @@ fn upload(s3: &TestS3, key: &str, from: &Path) -> String {
     format!("s3://{}/{}/{key}", s3.bucket, s3.prefix)
 }
 
-/// A sandbox whose commands reach the S3 test server.
-fn sandbox_on(s3: &TestS3) -> Sandbox {
-    let mut sb = Sandbox::new();
-    sb.store = s3.url().to_string();
-    sb.env
-        .push(("AWS_ENDPOINT_URL".into(), s3.endpoint.clone()));
-    sb
-}
-
 /// Where a test's zip is mounted from.
 enum Place {
     Local,
@@ -376,7 +367,7 @@ enum Place {
 fn place_zip(place: &Place, file: &str, write: impl FnOnce(&Path)) -> (Sandbox, String) {
     let sb = match place {
         Place::Local => Sandbox::new(),
-        Place::SeaweedFs(s3) => sandbox_on(s3),
+        Place::SeaweedFs(s3) => s3.sandbox(),
     };
     let zip_path = sb.dir.path().join(file);
     write(&zip_path);

@@ -36,14 +36,6 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-fn sandbox_on(s3: &TestS3) -> Sandbox {
-    let mut sb = Sandbox::new();
-    sb.store = s3.url().to_string();
-    sb.env
-        .push(("AWS_ENDPOINT_URL".into(), s3.endpoint.clone()));
-    sb
-}
-
 /// The blob key of `key`'s cache in the store.
 async fn blob_of(store: &S3Store, key: &str) -> String {
     cachemount::store::layout::resolve(store, key, &[])
@@ -128,7 +120,7 @@ enum Change {
 }
 
 fn seed_scenario(test: &str, s3: TestS3, change: Change, writable: bool) {
-    let mut sb = sandbox_on(&s3);
+    let mut sb = s3.sandbox();
     let src = sb.work().join("cache");
     small_files_tree(&src.join("deps"), 41, 200);
     fs::write(src.join("big.bin"), Rng::new(42).noise(BIG)).unwrap();
@@ -353,7 +345,7 @@ fn raw_url_object_overwritten_with_other_content_mid_read() {
         return;
     };
     bounded(Duration::from_secs(240), test, move || {
-        let sb = sandbox_on(&s3);
+        let sb = s3.sandbox();
         let rt = runtime();
         let mut blobs = Vec::new();
         for v in ["v1", "v2"] {

@@ -20,12 +20,7 @@ use mount_support::{bounded, fuse_available, is_mounted, run_bounded, Mount};
 
 /// A sandbox on this test's SeaweedFS prefix; None (skip) without the server.
 fn s3_sandbox(test: &str) -> Option<Sandbox> {
-    let s3 = TestS3::from_env(test)?;
-    let mut sb = Sandbox::new();
-    sb.store = s3.url().to_string();
-    sb.env
-        .push(("AWS_ENDPOINT_URL".into(), s3.endpoint.clone()));
-    Some(sb)
+    Some(TestS3::from_env(test)?.sandbox())
 }
 
 /// Another working dir and HOME on the same store (to restore or mount a

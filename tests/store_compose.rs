@@ -469,16 +469,9 @@ async fn a_base_replaced_mid_compose_moto() {
 
 /// Multipart uploads still open on `key` of `s3`'s prefix.
 async fn pending_uploads(s3: &TestS3, key: &str) -> usize {
-    let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .endpoint_url(&s3.endpoint)
-        .load()
-        .await;
-    let client = aws_sdk_s3::Client::from_conf(
-        aws_sdk_s3::config::Builder::from(&sdk)
-            .force_path_style(true)
-            .build(),
-    );
-    let listed = client
+    let listed = s3
+        .sdk()
+        .await
         .list_multipart_uploads()
         .bucket(&s3.bucket)
         .prefix(format!("{}/{key}", s3.prefix))
