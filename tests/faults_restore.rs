@@ -166,19 +166,20 @@ fn restore_under_a_permanent_stall_fails_in_bounded_time() {
 
 const BLOCK: usize = 64 << 10;
 
-/// Files whose every 64 KiB block starts with a tag naming `version`, the file
-/// and the block, followed by noise (incompressible: the archive stays big).
+/// Three 8 MiB files of 64 KiB blocks tagged with `version` (the one
+/// version-tagged generator, tests/common/tree.rs).
 fn tagged_tree(root: &Path, version: char) {
     fs::create_dir_all(root).unwrap();
-    let mut rng = Rng::new(version as u64);
-    for f in 0..3 {
-        let mut data = Vec::with_capacity(8 << 20);
-        for b in 0..(8 << 20) / BLOCK {
-            let tag = format!("version {version} file {f} block {b:06}\n");
-            data.extend_from_slice(tag.as_bytes());
-            data.extend_from_slice(&rng.noise(BLOCK - tag.len()));
-        }
-        fs::write(root.join(format!("f{f}")), data).unwrap();
+    for f in 0..3u64 {
+        let name = format!("f{f}");
+        let data = common::tree::tagged(
+            &version.to_string(),
+            &name,
+            8 << 20,
+            BLOCK,
+            version as u64 * 10 + f,
+        );
+        fs::write(root.join(name), data).unwrap();
     }
 }
 
@@ -187,9 +188,9 @@ fn versions_in(root: &Path) -> std::collections::BTreeSet<char> {
     let mut seen = std::collections::BTreeSet::new();
     for e in fs::read_dir(root).unwrap() {
         let data = fs::read(e.unwrap().path()).unwrap();
-        for block in data.chunks(BLOCK) {
-            assert!(block.starts_with(b"version "), "untagged block");
-            seen.insert(block[8] as char);
+        for tag in common::tree::block_versions(&data, BLOCK) {
+            assert!(tag == "A" || tag == "B", "untagged block: {tag:?}");
+            seen.insert(tag.chars().next().unwrap());
         }
     }
     seen

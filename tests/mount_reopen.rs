@@ -283,26 +283,13 @@ fn seed_scenario_self_copy_refresh_by_another_mount_moto() {
 
 /// A file whose every 4 KiB block starts with `<version> <name> <block>`.
 fn tagged(version: &str, name: &str, len: usize, seed: u64) -> Vec<u8> {
-    let mut rng = Rng::new(seed);
-    let mut out = Vec::with_capacity(len);
-    let mut block = 0;
-    while out.len() < len {
-        let mut b = format!("{version} {name} {block:08}\n").into_bytes();
-        b.extend(rng.noise(4096 - b.len()));
-        out.extend_from_slice(&b);
-        block += 1;
-    }
-    out.truncate(len);
-    out
+    common::tree::tagged(version, name, len, 4096, seed)
 }
 
 /// The version tags in `data` read at file offset `at` (4 KiB aligned).
 fn tags(data: &[u8], at: u64) -> Vec<String> {
     assert_eq!(at % 4096, 0);
-    data.chunks(4096)
-        .filter(|c| c.len() >= 3)
-        .map(|c| String::from_utf8_lossy(&c[..2]).into_owned())
-        .collect()
+    common::tree::block_versions(data, 4096)
 }
 
 fn raw_tree(root: &Path, version: &str) {
