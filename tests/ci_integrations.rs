@@ -123,12 +123,7 @@ fn saved_text(sb: &Sandbox, key: &str) -> String {
 }
 
 fn s3_sandbox(test: &str) -> Option<Sandbox> {
-    let s3 = TestS3::from_env(test)?;
-    let mut sb = Sandbox::new();
-    sb.store = s3.url().to_string();
-    sb.env
-        .push(("AWS_ENDPOINT_URL".into(), s3.endpoint.clone()));
-    Some(sb)
+    Some(TestS3::from_env(test)?.sandbox())
 }
 
 fn without_fuse(sb: &mut Sandbox) {
@@ -203,6 +198,7 @@ fn buildkite_scenario(sb: &Sandbox, mounted: bool) {
 }
 
 #[test]
+#[ignore = "fuse: needs root and /dev/fuse (its own tier in scripts/test)"]
 fn buildkite_plugin_over_fuse_on_the_local_store() {
     if !fuse_available("buildkite_plugin_over_fuse_on_the_local_store") {
         return;
@@ -379,6 +375,7 @@ fn github_scenario(sb: &Sandbox, mounted: bool) {
 }
 
 #[test]
+#[ignore = "fuse: needs root and /dev/fuse (its own tier in scripts/test)"]
 fn github_action_over_fuse_on_the_local_store() {
     if !fuse_available("github_action_over_fuse_on_the_local_store") {
         return;

@@ -11,7 +11,6 @@ use std::fs;
 use std::io::Read;
 use std::time::{Duration, Instant};
 
-use common::cli::Sandbox;
 use common::proxy::{Fault, Proxy, Rule};
 use common::saved::Saved;
 use common::tree::{assert_same_tree, feature_tree, small_files_tree, Rng};
@@ -66,6 +65,7 @@ fn walk_survives(test: &str, rule: Rule, seed: u64) {
 }
 
 #[test]
+#[ignore = "fuse: needs root and /dev/fuse (its own tier in scripts/test)"]
 fn mount_walk_survives_200ms_latency() {
     walk_survives(
         "mount_walk_survives_200ms_latency",
@@ -75,6 +75,7 @@ fn mount_walk_survives_200ms_latency() {
 }
 
 #[test]
+#[ignore = "fuse: needs root and /dev/fuse (its own tier in scripts/test)"]
 fn mount_walk_survives_bodies_cut_on_10_percent_of_gets() {
     walk_survives(
         "mount_walk_survives_bodies_cut_on_10_percent_of_gets",
@@ -84,6 +85,7 @@ fn mount_walk_survives_bodies_cut_on_10_percent_of_gets() {
 }
 
 #[test]
+#[ignore = "fuse: needs root and /dev/fuse (its own tier in scripts/test)"]
 fn mount_walk_survives_slowdown_on_20_percent_of_gets() {
     walk_survives(
         "mount_walk_survives_slowdown_on_20_percent_of_gets",
@@ -93,6 +95,7 @@ fn mount_walk_survives_slowdown_on_20_percent_of_gets() {
 }
 
 #[test]
+#[ignore = "fuse: needs root and /dev/fuse (its own tier in scripts/test)"]
 fn mount_walk_survives_truncated_bodies() {
     walk_survives(
         "mount_walk_survives_truncated_bodies",
@@ -101,25 +104,14 @@ fn mount_walk_survives_truncated_bodies() {
     );
 }
 
-/// Short retry bounds for the daemon, so a permanent fault fails in seconds.
-fn short_bounds(sb: &mut Sandbox) {
-    for (k, v) in [
-        ("CACHEMOUNT_S3_ATTEMPTS", "2"),
-        ("CACHEMOUNT_S3_READ_TIMEOUT", "1"),
-        ("CACHEMOUNT_S3_STALL_TIMEOUT", "1"),
-        ("CACHEMOUNT_S3_READ_DEADLINE", "4"),
-    ] {
-        sb.env.push((k.into(), v.into()));
-    }
-}
-
 #[test]
+#[ignore = "fuse: needs root and /dev/fuse (its own tier in scripts/test)"]
 fn permanent_stall_gives_eio_in_bounded_time_and_metadata_still_answers() {
     let test = "permanent_stall_gives_eio_in_bounded_time_and_metadata_still_answers";
     let Some(mut saved) = saved(test, 4 << 20) else {
         return;
     };
-    short_bounds(&mut saved.sb);
+    saved.sb.short_retries();
     let proxy = Proxy::with_seed(&saved.s3.endpoint, 5);
     let mount = mount_through(&saved, &proxy);
     proxy.set(Rule::new(Fault::Stall));
@@ -166,6 +158,7 @@ fn permanent_stall_gives_eio_in_bounded_time_and_metadata_still_answers() {
 }
 
 #[test]
+#[ignore = "fuse: needs root and /dev/fuse (its own tier in scripts/test)"]
 fn daemon_killed_mid_read_gives_an_error_and_umount_recovers() {
     let test = "daemon_killed_mid_read_gives_an_error_and_umount_recovers";
     let Some(saved) = saved(test, 24 << 20) else {
@@ -175,12 +168,34 @@ fn daemon_killed_mid_read_gives_an_error_and_umount_recovers() {
     let mount = mount_through(&saved, &proxy);
     proxy.set(Rule::new(Fault::Latency(Duration::from_millis(300))));
     let big = mount.path().join("big.bin");
+    let size = fs::metadata(&big).unwrap().len();
+    // The reader counts the bytes it got; the daemon is killed once some,
+    // not all, have arrived: mid-read, confirmed.
+    let got = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counter = got.clone();
     let reader = std::thread::spawn(move || -> std::io::Result<u64> {
+        use std::io::Read;
         let mut f = fs::File::open(&big)?;
-        std::io::copy(&mut f, &mut std::io::sink())
+        let mut buf = vec![0u8; 128 << 10];
+        loop {
+            let n = f.read(&mut buf)?;
+            if n == 0 {
+                return Ok(counter.load(std::sync::atomic::Ordering::SeqCst));
+            }
+            counter.fetch_add(n as u64, std::sync::atomic::Ordering::SeqCst);
+        }
     });
-    std::thread::sleep(Duration::from_millis(500));
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while got.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the reader got no byte"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
     unsafe { libc::kill(mount.pid as libc::pid_t, libc::SIGKILL) };
+    let at_kill = got.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(at_kill < size, "the read had finished before the kill");
     let result = bounded(
         Duration::from_secs(30),
         "the reader after the daemon died",
@@ -190,6 +205,7 @@ fn daemon_killed_mid_read_gives_an_error_and_umount_recovers() {
         result.is_err(),
         "the read should fail once the daemon is gone, got {result:?}"
     );
+    assert!(got.load(std::sync::atomic::Ordering::SeqCst) < size);
     let p = mount.path().display().to_string();
     let out = run_bounded(saved.sb.command(&["umount", &p]), Duration::from_secs(30));
     assert!(

@@ -10,7 +10,6 @@ mod common;
 
 use std::fs;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -138,14 +137,7 @@ fn restore_under_a_permanent_stall_fails_in_bounded_time() {
     let test = "restore_under_a_permanent_stall_fails_in_bounded_time";
     let Some(mut saved) = saved(test) else { return };
     // Small bounds (defaults: 20 s per attempt, 5 attempts, 120 s per read).
-    for (k, v) in [
-        ("CACHEMOUNT_S3_READ_TIMEOUT", "1"),
-        ("CACHEMOUNT_S3_ATTEMPTS", "2"),
-        ("CACHEMOUNT_S3_STALL_TIMEOUT", "1"),
-        ("CACHEMOUNT_S3_READ_DEADLINE", "4"),
-    ] {
-        saved.sb.env.push((k.into(), v.into()));
-    }
+    saved.sb.short_retries();
     // A previous restore's result, which a failed restore must leave alone.
     let previous = saved.sb.work().join("cache");
     fs::create_dir(&previous).unwrap();
@@ -174,19 +166,20 @@ fn restore_under_a_permanent_stall_fails_in_bounded_time() {
 
 const BLOCK: usize = 64 << 10;
 
-/// Files whose every 64 KiB block starts with a tag naming `version`, the file
-/// and the block, followed by noise (incompressible: the archive stays big).
+/// Three 8 MiB files of 64 KiB blocks tagged with `version` (the one
+/// version-tagged generator, tests/common/tree.rs).
 fn tagged_tree(root: &Path, version: char) {
     fs::create_dir_all(root).unwrap();
-    let mut rng = Rng::new(version as u64);
-    for f in 0..3 {
-        let mut data = Vec::with_capacity(8 << 20);
-        for b in 0..(8 << 20) / BLOCK {
-            let tag = format!("version {version} file {f} block {b:06}\n");
-            data.extend_from_slice(tag.as_bytes());
-            data.extend_from_slice(&rng.noise(BLOCK - tag.len()));
-        }
-        fs::write(root.join(format!("f{f}")), data).unwrap();
+    for f in 0..3u64 {
+        let name = format!("f{f}");
+        let data = common::tree::tagged(
+            &version.to_string(),
+            &name,
+            8 << 20,
+            BLOCK,
+            version as u64 * 10 + f,
+        );
+        fs::write(root.join(name), data).unwrap();
     }
 }
 
@@ -195,9 +188,9 @@ fn versions_in(root: &Path) -> std::collections::BTreeSet<char> {
     let mut seen = std::collections::BTreeSet::new();
     for e in fs::read_dir(root).unwrap() {
         let data = fs::read(e.unwrap().path()).unwrap();
-        for block in data.chunks(BLOCK) {
-            assert!(block.starts_with(b"version "), "untagged block");
-            seen.insert(block[8] as char);
+        for tag in common::tree::block_versions(&data, BLOCK) {
+            assert!(tag == "A" || tag == "B", "untagged block: {tag:?}");
+            seen.insert(tag.chars().next().unwrap());
         }
     }
     seen
@@ -214,89 +207,129 @@ fn archive_of(sb: &Sandbox, name: &str) -> Vec<u8> {
     fs::read(blob).unwrap()
 }
 
-#[test]
-fn an_object_overwritten_mid_download_is_never_restored_mixed() {
-    let test = "an_object_overwritten_mid_download_is_never_restored_mixed";
-    let Some(s3) = TestS3::from_env(test) else {
-        return;
-    };
-    // Two archives of the same path with different content, built locally.
-    let mut sb = Sandbox::new();
+/// Two archives of the same path `cache` with different content (tagged 'A'
+/// and 'B'), built in `sb`'s local store; the trees they hold are moved aside.
+struct TwoVersions {
+    archive_a: Arc<Vec<u8>>,
+    archive_b: Arc<Vec<u8>>,
+    expected_b: std::path::PathBuf,
+}
+
+fn two_versions(sb: &Sandbox) -> TwoVersions {
     let cache = sb.work().join("cache");
     tagged_tree(&cache, 'A');
-    let archive_a = archive_of(&sb, "cache");
-    let expected_a = sb.dir.path().join("expected-a");
-    fs::rename(&cache, &expected_a).unwrap();
+    let archive_a = Arc::new(archive_of(sb, "cache"));
+    fs::remove_dir_all(&cache).unwrap();
     tagged_tree(&cache, 'B');
-    let archive_b = Arc::new(archive_of(&sb, "cache"));
+    let archive_b = Arc::new(archive_of(sb, "cache"));
     let expected_b = sb.dir.path().join("expected-b");
     fs::rename(&cache, &expected_b).unwrap();
     assert!(
         archive_a.len() > 3 * (8 << 20) - (1 << 20),
         "archive too small to span GETs"
     );
+    TwoVersions {
+        archive_a,
+        archive_b,
+        expected_b,
+    }
+}
 
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let raw = "raw/archive.zip";
+/// Writes `bytes` to `key` on the real server (not through the proxy).
+fn put_direct(s3: &TestS3, key: &str, bytes: &[u8]) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
-        s3.store()
-            .await
-            .put(raw, PutSource::Bytes(archive_a.into()))
-            .await
-            .unwrap()
+        let body = PutSource::Bytes(bytes.to_vec().into());
+        s3.store().await.put(key, body).await.unwrap();
     });
+}
 
-    let proxy = Proxy::start(&s3.endpoint);
-    // On the 2nd ranged GET, before it is forwarded: overwrite the object with
-    // version B, directly on the server. Then the 3rd GET's body is cut.
-    let gets = Arc::new(AtomicU64::new(0));
-    let (s3_hook, b) = (s3.clone(), archive_b.clone());
-    proxy.set_hook(move |req| {
-        if req.is_ranged_get() && gets.fetch_add(1, Ordering::SeqCst) == 1 {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async {
-                let body = PutSource::Bytes(b.to_vec().into());
-                s3_hook.store().await.put(raw, body).await.unwrap();
-            });
-        }
-    });
-    proxy.set(Rule::new(Fault::Cut).every(3));
+const RAW: &str = "raw/archive.zip";
 
-    sb.store = s3.url().to_string();
-    let url = format!("s3://{}/{}/{raw}", s3.bucket, s3.prefix);
-    let started = Instant::now();
-    let out = sb.run(&[
+fn restore_raw(sb: &Sandbox, s3: &TestS3, proxy: &Proxy) -> std::process::Output {
+    let url = format!("s3://{}/{}/{RAW}", s3.bucket, s3.prefix);
+    sb.run(&[
         "restore",
         "-q",
         "--endpoint-url",
         &proxy.url(),
         "--url",
         &url,
-    ]);
-    let took = started.elapsed();
-    report(test, &proxy, took);
+    ])
+}
+
+#[test]
+fn an_object_overwritten_mid_download_is_never_restored_mixed() {
+    let test = "an_object_overwritten_mid_download_is_never_restored_mixed";
+    let Some(s3) = TestS3::from_env(test) else {
+        return;
+    };
+    let mut sb = Sandbox::new();
+    let v = two_versions(&sb);
+    put_direct(&s3, RAW, &v.archive_a);
+
+    let proxy = Proxy::start(&s3.endpoint);
+    // Before the 2nd ranged GET is forwarded: overwrite the object with
+    // version B, directly on the server. Every 3rd GET's body is cut too.
+    let (s3_hook, b) = (s3.clone(), v.archive_b.clone());
+    proxy.change_on_nth_ranged_get(2, move || put_direct(&s3_hook, RAW, &b));
+    proxy.set(Rule::new(Fault::Cut).every(3));
+
+    sb.store = s3.url().to_string();
+    let started = Instant::now();
+    let out = restore_raw(&sb, &s3, &proxy);
+    report(test, &proxy, started.elapsed());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    if out.status.success() {
-        let versions = versions_in(&cache);
-        assert_eq!(
-            versions.len(),
-            1,
-            "restored a mix of versions: {versions:?}"
-        );
-        // The overwrite happened before the download could finish: the restore
-        // must have followed it to B.
-        assert_eq!(versions, ['B'].into(), "restored the old version");
-        assert_same_tree(&expected_b, &cache);
-    } else {
-        assert!(
-            stderr.contains("changed") || stderr.contains("changing"),
-            "unclear error: {stderr}"
-        );
-        assert!(!cache.exists(), "a failed restore left files behind");
-    }
+    // One change is well within the bound: the restore follows it to B.
+    assert!(out.status.success(), "restore failed: {stderr}");
+    assert!(
+        proxy.answered().iter().any(|a| a.status == 412),
+        "the overwrite never reached the restore as a 412"
+    );
+    let cache = sb.work().join("cache");
+    let versions = versions_in(&cache);
+    assert_eq!(versions, ['B'].into(), "restored {versions:?}, not B alone");
+    assert_same_tree(&v.expected_b, &cache);
     assert!(proxy.faults() >= 1);
-    let _ = expected_a;
+}
+
+#[test]
+fn an_object_that_keeps_changing_fails_the_restore_after_6_downloads() {
+    let test = "an_object_that_keeps_changing_fails_the_restore_after_6_downloads";
+    let Some(s3) = TestS3::from_env(test) else {
+        return;
+    };
+    let mut sb = Sandbox::new();
+    let v = two_versions(&sb);
+    put_direct(&s3, RAW, &v.archive_a);
+    let previous = sb.work().join("cache");
+    fs::create_dir(&previous).unwrap();
+    fs::write(previous.join("old"), b"previous").unwrap();
+
+    // Before every ranged GET: overwrite the object with the other version,
+    // a counter appended so that no two writes share an ETag (SeaweedFS's
+    // is the MD5 of the bytes).
+    let proxy = Proxy::start(&s3.endpoint);
+    let (s3_hook, a, b) = (s3.clone(), v.archive_a.clone(), v.archive_b.clone());
+    proxy.on_ranged_get(move |n| {
+        let base = if n % 2 == 1 { &b } else { &a };
+        put_direct(&s3_hook, RAW, &[&base[..], &n.to_le_bytes()].concat());
+    });
+
+    sb.store = s3.url().to_string();
+    let out = restore_raw(&sb, &s3, &proxy);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("kept changing during the download (6 times); try again"),
+        "{stderr}"
+    );
+    // Six downloads, each cut short by a 412.
+    let precondition_failures = proxy.answered().iter().filter(|a| a.status == 412).count();
+    assert!(precondition_failures >= 6, "{precondition_failures} 412s");
+    assert_eq!(fs::read(previous.join("old")).unwrap(), b"previous");
+    assert_eq!(fs::read_dir(&previous).unwrap().count(), 1);
 }

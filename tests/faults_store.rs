@@ -5,8 +5,6 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -179,13 +177,8 @@ async fn a_resumed_read_never_mixes_versions() {
     // The first GET's body is cut; before the resumption goes out, the object
     // is overwritten on the server.
     let arm = |proxy: &Proxy| {
-        let gets = Arc::new(AtomicU64::new(0));
         let (s3, new) = (s3.clone(), new.clone());
-        proxy.set_hook(move |req| {
-            if req.is_ranged_get() && gets.fetch_add(1, Ordering::SeqCst) == 1 {
-                overwrite(&s3, "obj", &new);
-            }
-        });
+        proxy.change_on_nth_ranged_get(2, move || overwrite(&s3, "obj", &new));
         proxy.set(Rule::new(Fault::Cut).first(1));
     };
 

@@ -287,7 +287,15 @@ async fn a_corrupt_frame_fails_that_read_only() {
     let (start, _) = e.frame_span(2);
     let mut bytes = fs::read(&blob_path).unwrap();
     bytes[(off + start + 100) as usize] ^= 1;
+    let before = fs::metadata(&blob_path).unwrap();
     fs::write(&blob_path, &bytes).unwrap();
+    // Same inode and size: make sure the rewrite shows in the version (mtime)
+    // even on a file system with coarse timestamps.
+    let later = filetime::FileTime::from_unix_time(
+        filetime::FileTime::from_last_modification_time(&before).unix_seconds() + 10,
+        0,
+    );
+    filetime::set_file_mtime(&blob_path, later).unwrap();
     // A fresh core pinned to the corrupted object.
     let core = core(&fx, 64 << 20, FetchConfig::default()).await;
     let err = core.read(big, (2 << 20) + 1, 10).await.unwrap_err();
@@ -303,7 +311,8 @@ async fn a_corrupt_frame_fails_that_read_only() {
     );
     // The old core's pin no longer matches: its reads fail instead of mixing versions.
     let stale = core_ok.read(big, 4 << 20, 10).await;
-    if let Err(e) = stale {
-        assert!(matches!(e, FsError::Changed(_)), "{e:?}");
-    }
+    assert!(
+        matches!(stale, Err(FsError::Changed(_))),
+        "a read pinned to the old version must fail with Changed, got {stale:?}"
+    );
 }

@@ -103,6 +103,7 @@ fn write_buildkite_zip(path: &std::path::Path, members: &[Member]) {
 }
 
 #[test]
+#[ignore = "fuse: needs root and /dev/fuse (its own tier in scripts/test)"]
 fn buildkite_style_archive_mounts_and_reads_right() {
     if !fuse_available("buildkite_style_archive_mounts_and_reads_right") {
         return;
@@ -355,15 +356,6 @@ fn upload(s3: &TestS3, key: &str, from: &Path) -> String {
     format!("s3://{}/{}/{key}", s3.bucket, s3.prefix)
 }
 
-/// A sandbox whose commands reach the S3 test server.
-fn sandbox_on(s3: &TestS3) -> Sandbox {
-    let mut sb = Sandbox::new();
-    sb.store = s3.url().to_string();
-    sb.env
-        .push(("AWS_ENDPOINT_URL".into(), s3.endpoint.clone()));
-    sb
-}
-
 /// Where a test's zip is mounted from.
 enum Place {
     Local,
@@ -375,7 +367,7 @@ enum Place {
 fn place_zip(place: &Place, file: &str, write: impl FnOnce(&Path)) -> (Sandbox, String) {
     let sb = match place {
         Place::Local => Sandbox::new(),
-        Place::SeaweedFs(s3) => sandbox_on(s3),
+        Place::SeaweedFs(s3) => s3.sandbox(),
     };
     let zip_path = sb.dir.path().join(file);
     write(&zip_path);
@@ -439,6 +431,7 @@ fn damaged_entries_fail_with_eio(place: Place) {
 }
 
 #[test]
+#[ignore = "fuse: needs root and /dev/fuse (its own tier in scripts/test)"]
 fn damaged_foreign_entries_fail_with_eio_on_every_read() {
     if !fuse_available("damaged_foreign_entries_fail_with_eio_on_every_read") {
         return;
@@ -447,6 +440,7 @@ fn damaged_foreign_entries_fail_with_eio_on_every_read() {
 }
 
 #[test]
+#[ignore = "fuse: needs root and /dev/fuse (its own tier in scripts/test)"]
 fn damaged_foreign_entries_fail_with_eio_on_every_read_s3() {
     let test = "damaged_foreign_entries_fail_with_eio_on_every_read_s3";
     if !fuse_available(test) {
@@ -467,6 +461,7 @@ fn drop_page_cache(path: &Path) {
 }
 
 #[test]
+#[ignore = "fuse: needs root and /dev/fuse (its own tier in scripts/test)"]
 fn a_large_foreign_entry_is_verified_once_and_rechecked_after_eviction() {
     let test = "a_large_foreign_entry_is_verified_once_and_rechecked_after_eviction";
     if !fuse_available(test) {
@@ -565,6 +560,7 @@ fn a_large_foreign_entry_is_verified_once_and_rechecked_after_eviction() {
 /// with its blocks, so the new bytes are verified again — and fail — instead
 /// of being served under the old version's verdict.
 #[test]
+#[ignore = "fuse: needs root and /dev/fuse (its own tier in scripts/test)"]
 fn a_reopen_verifies_the_new_version_again() {
     let test = "a_reopen_verifies_the_new_version_again";
     if !fuse_available(test) {

@@ -30,6 +30,7 @@ fn errno_of(r: std::io::Result<impl Sized>) -> Option<i32> {
 }
 
 #[test]
+#[ignore = "fuse: needs root and /dev/fuse (its own tier in scripts/test)"]
 fn mount_is_read_only_and_umount_ends_the_daemon() {
     if !fuse_available("mount_is_read_only_and_umount_ends_the_daemon") {
         return;
@@ -108,6 +109,7 @@ fn mount_is_read_only_and_umount_ends_the_daemon() {
 }
 
 #[test]
+#[ignore = "fuse: needs root and /dev/fuse (its own tier in scripts/test)"]
 fn killed_daemon_leaves_a_stale_mount_that_umount_cleans() {
     if !fuse_available("killed_daemon_leaves_a_stale_mount_that_umount_cleans") {
         return;
@@ -152,6 +154,7 @@ fn killed_daemon_leaves_a_stale_mount_that_umount_cleans() {
 }
 
 #[test]
+#[ignore = "fuse: needs root and /dev/fuse (its own tier in scripts/test)"]
 fn two_mounts_of_different_keys_at_once_and_sigterm() {
     if !fuse_available("two_mounts_of_different_keys_at_once_and_sigterm") {
         return;
@@ -189,6 +192,7 @@ fn two_mounts_of_different_keys_at_once_and_sigterm() {
 }
 
 #[test]
+#[ignore = "fuse: needs root and /dev/fuse (its own tier in scripts/test)"]
 fn one_daemon_serves_several_paths() {
     if !fuse_available("one_daemon_serves_several_paths") {
         return;
@@ -219,6 +223,7 @@ fn one_daemon_serves_several_paths() {
 }
 
 #[test]
+#[ignore = "fuse: needs root and /dev/fuse (its own tier in scripts/test)"]
 fn bad_inputs_fail_clearly_and_mount_nothing() {
     if !fuse_available("bad_inputs_fail_clearly_and_mount_nothing") {
         return;
@@ -311,6 +316,7 @@ fn bad_inputs_fail_clearly_and_mount_nothing() {
 }
 
 #[test]
+#[ignore = "fuse: needs root and /dev/fuse (its own tier in scripts/test)"]
 fn corrupt_frame_fails_only_that_read() {
     if !fuse_available("corrupt_frame_fails_only_that_read") {
         return;
@@ -372,6 +378,7 @@ fn corrupt_frame_fails_only_that_read() {
 }
 
 #[test]
+#[ignore = "fuse: needs root and /dev/fuse (its own tier in scripts/test)"]
 fn stats_reports_counters() {
     if !fuse_available("stats_reports_counters") {
         return;
@@ -416,6 +423,7 @@ fn stats_reports_counters() {
 }
 
 #[test]
+#[ignore = "fuse: needs root and /dev/fuse (its own tier in scripts/test)"]
 fn object_replaced_under_the_mount_is_reopened_and_read_from_the_new_version() {
     if !fuse_available("object_replaced_under_the_mount_is_reopened_and_read_from_the_new_version")
     {

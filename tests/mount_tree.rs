@@ -35,6 +35,7 @@ fn compare(expected: PathBuf, actual: PathBuf, what: &str) {
 }
 
 #[test]
+#[ignore = "fuse: needs root and /dev/fuse (its own tier in scripts/test)"]
 fn big_tree_mounts_identically_from_local_store_s3_and_a_tiny_cache() {
     let test = "big_tree_mounts_identically_from_local_store_s3_and_a_tiny_cache";
     if !fuse_available(test) {
@@ -88,7 +89,11 @@ fn big_tree_mounts_identically_from_local_store_s3_and_a_tiny_cache() {
             compare(expected.clone(), src.clone(), "walking the S3 mount");
             drop(m);
         }
-        None => eprintln!("SKIP {test} (S3 part): CACHEMOUNT_TEST_S3_ENDPOINT not set"),
+        None => common::skip::missing(
+            test,
+            common::skip::Need::S3,
+            "the S3 part: CACHEMOUNT_TEST_S3_ENDPOINT is not set",
+        ),
     }
     // 16 MiB of cache against > 300 MB read: evictions everywhere, bytes still right.
     let m = Mount::new(&sb, &["--cache-size", "16M", "--key", "big"]);
@@ -128,6 +133,7 @@ fn random_files(root: &Path, seed: u64) -> Vec<(PathBuf, Arc<Vec<u8>>)> {
 }
 
 #[test]
+#[ignore = "fuse: needs root and /dev/fuse (its own tier in scripts/test)"]
 fn eight_threads_read_random_ranges_right() {
     let test = "eight_threads_read_random_ranges_right";
     if !fuse_available(test) {

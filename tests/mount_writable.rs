@@ -20,12 +20,7 @@ use mount_support::{bounded, fuse_available, is_mounted, run_bounded, Mount};
 
 /// A sandbox on this test's SeaweedFS prefix; None (skip) without the server.
 fn s3_sandbox(test: &str) -> Option<Sandbox> {
-    let s3 = TestS3::from_env(test)?;
-    let mut sb = Sandbox::new();
-    sb.store = s3.url().to_string();
-    sb.env
-        .push(("AWS_ENDPOINT_URL".into(), s3.endpoint.clone()));
-    Some(sb)
+    Some(TestS3::from_env(test)?.sandbox())
 }
 
 /// Another working dir and HOME on the same store (to restore or mount a
@@ -170,6 +165,7 @@ fn bounded_compare(expected: PathBuf, actual: PathBuf, exact: bool) {
 }
 
 #[test]
+#[ignore = "fuse: needs root and /dev/fuse (its own tier in scripts/test)"]
 fn shell_changes_on_a_writable_mount_match_a_restored_copy_and_save_incrementally() {
     let test = "shell_changes_on_a_writable_mount_match_a_restored_copy_and_save_incrementally";
     if !fuse_available(test) {
@@ -182,17 +178,18 @@ fn shell_changes_on_a_writable_mount_match_a_restored_copy_and_save_incrementall
 
 /// The same through fuse-overlayfs (what normal users get), forced as root.
 #[test]
+#[ignore = "fuse: needs root and /dev/fuse (its own tier in scripts/test)"]
 fn shell_changes_through_fuse_overlayfs_match_a_restored_copy() {
     let test = "shell_changes_through_fuse_overlayfs_match_a_restored_copy";
     if !fuse_available(test) {
         return;
     }
     if cachemount::mount::preflight::which("fuse-overlayfs").is_none() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "{test}: CI must install fuse-overlayfs"
+        common::skip::missing(
+            test,
+            common::skip::Need::FuseOverlayfs,
+            "fuse-overlayfs is not installed",
         );
-        eprintln!("SKIP {test}: fuse-overlayfs is not installed");
         return;
     }
     if let Some(sb) = s3_sandbox(test) {
@@ -285,6 +282,7 @@ fn shell_changes_scenario(mut sb: Sandbox, overlay: &str) {
 }
 
 #[test]
+#[ignore = "fuse: needs root and /dev/fuse (its own tier in scripts/test)"]
 fn saving_an_unchanged_writable_mount_writes_only_a_pointer() {
     let test = "saving_an_unchanged_writable_mount_writes_only_a_pointer";
     if !fuse_available(test) {
@@ -323,6 +321,7 @@ fn saving_an_unchanged_writable_mount_writes_only_a_pointer() {
 }
 
 #[test]
+#[ignore = "fuse: needs root and /dev/fuse (its own tier in scripts/test)"]
 fn umount_keep_changes_keeps_the_upper_dir_and_writable_needs_a_key() {
     let test = "umount_keep_changes_keeps_the_upper_dir_and_writable_needs_a_key";
     if !fuse_available(test) {
@@ -359,13 +358,14 @@ fn umount_keep_changes_keeps_the_upper_dir_and_writable_needs_a_key() {
 }
 
 #[test]
+#[ignore = "fuse: needs root and /dev/fuse (its own tier in scripts/test)"]
 fn cargo_builds_into_a_writable_target_dir() {
     let test = "cargo_builds_into_a_writable_target_dir";
     if !fuse_available(test) {
         return;
     }
     let Some(cargo) = std::env::var_os("CARGO") else {
-        eprintln!("SKIP {test}: CARGO is not set (run under cargo)");
+        common::skip::missing(test, common::skip::Need::Cargo, "CARGO is not set");
         return;
     };
     let sb = Sandbox::new();
@@ -428,6 +428,7 @@ fn cargo_builds_into_a_writable_target_dir() {
 }
 
 #[test]
+#[ignore = "fuse: needs root and /dev/fuse (its own tier in scripts/test)"]
 fn one_percent_changed_of_100k_files_sends_only_changes_and_metadata() {
     let test = "one_percent_changed_of_100k_files_sends_only_changes_and_metadata";
     if !fuse_available(test) {
@@ -514,6 +515,7 @@ fn one_percent_changed_of_100k_files_sends_only_changes_and_metadata() {
 }
 
 #[test]
+#[ignore = "fuse: needs root and /dev/fuse (its own tier in scripts/test)"]
 fn umount_cleans_a_writable_mount_whose_daemon_was_killed() {
     let test = "umount_cleans_a_writable_mount_whose_daemon_was_killed";
     if !fuse_available(test) {

@@ -88,7 +88,7 @@ async fn core_of(
     store: &Arc<LocalStore>,
     key: &str,
     digest: Option<&str>,
-    limit: Option<usize>,
+    bound: Option<(usize, Duration)>,
 ) -> (Arc<FsCore<LocalStore>>, Arc<Stats>) {
     let stats = Arc::new(Stats::default());
     let version = open_version(&**store, key, digest, Refresh::Never, Some(&stats))
@@ -109,8 +109,8 @@ async fn core_of(
         &fetcher,
         stats.clone(),
     );
-    if let Some(l) = limit {
-        r = r.with_limit(l, Duration::from_secs(60));
+    if let Some((limit, window)) = bound {
+        r = r.with_limit(limit, window);
     }
     let core = FsCore::with_reopen(tree, b"_0/cache", r, fetcher, digest.is_none());
     (core, stats)
@@ -252,15 +252,20 @@ async fn content_addressed_blob_rewritten_costs_readers_nothing() {
         "key mounts need no handles"
     );
     let src = random(1, 5 << 20);
-    // Many concurrent readers; the blob is rewritten (same bytes, new ETag) in the middle.
+    // Many concurrent readers; the blob is rewritten (same bytes, new ETag)
+    // once every reader has read something, and each reads on after it.
+    let reads = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let replaced = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut tasks = Vec::new();
     for t in 0..8u64 {
-        let core = core.clone();
+        let (core, reads, replaced) = (core.clone(), reads.clone(), replaced.clone());
         tasks.push(tokio::spawn(async move {
             let mut out = Vec::new();
             let chunk = 64 << 10;
             let mut off = t * 4096;
-            while out.len() < (2 << 20) {
+            let mut after = 0;
+            while after < 8 {
+                let was_replaced = replaced.load(std::sync::atomic::Ordering::SeqCst);
                 let b = core.read(same, off, chunk).await.unwrap();
                 if b.is_empty() {
                     off = 0;
@@ -268,16 +273,26 @@ async fn content_addressed_blob_rewritten_costs_readers_nothing() {
                 }
                 out.push((off, b.clone()));
                 off += b.len() as u64;
-                tokio::time::sleep(Duration::from_millis(1)).await;
-                if out.len() > 64 {
-                    break;
+                reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                if was_replaced {
+                    after += 1;
                 }
+                assert!(out.len() < 100_000, "the blob was never replaced");
+                tokio::task::yield_now().await;
             }
             out
         }));
     }
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while reads.load(std::sync::atomic::Ordering::SeqCst) < 16 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the readers read nothing"
+        );
+        tokio::task::yield_now().await;
+    }
     replace(&blob.clone(), &blob);
+    replaced.store(true, std::sync::atomic::Ordering::SeqCst);
     for t in tasks {
         for (off, b) in t.await.unwrap() {
             assert!(b[..] == src[off as usize..off as usize + b.len()]);
@@ -300,7 +315,7 @@ async fn an_object_that_keeps_changing_ends_in_an_error_within_the_bound() {
     let (blob1, _) = save(dir.path(), &store, "v1", v1).await;
     let raw = store.root().join("raw.zip");
     replace(&blob1, &raw);
-    let (core, stats) = core_of(&store, "raw.zip", None, Some(2)).await;
+    let (core, stats) = core_of(&store, "raw.zip", None, Some((2, Duration::from_secs(60)))).await;
     let same = ino(&core, "same.bin").unwrap();
     let started = std::time::Instant::now();
     let mut result = Ok(bytes::Bytes::new());
@@ -318,5 +333,44 @@ async fn an_object_that_keeps_changing_ends_in_an_error_within_the_bound() {
     );
     assert!(started.elapsed() < Duration::from_secs(30));
     assert_eq!(get(&stats, "reopens"), 2);
+    assert_eq!(get(&stats, "reopen_refused"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_bound_counts_only_the_reopens_within_its_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(LocalStore::new(dir.path().join("store")));
+    let (blob1, _) = save(dir.path(), &store, "v1", v1).await;
+    let raw = store.root().join("raw.zip");
+    replace(&blob1, &raw);
+    let window = Duration::from_secs(3);
+    let (core, stats) = core_of(&store, "raw.zip", None, Some((2, window))).await;
+    let same = ino(&core, "same.bin").unwrap();
+    // Each replacement then a read (backwards: no read-ahead answers it) is one reopen.
+    let change_and_read = |i: u64| {
+        replace(&blob1, &raw);
+        core.read(same, (4 - i) << 20, 4096)
+    };
+    let first = std::time::Instant::now();
+    change_and_read(0).await.unwrap();
+    change_and_read(1).await.unwrap();
+    let refused = change_and_read(2).await;
+    assert!(
+        first.elapsed() < window,
+        "the machine was too slow for the window"
+    );
+    assert!(
+        matches!(&refused, Err(e @ FsError::Changed(_)) if e.to_string().contains("keeps changing")),
+        "a third reopen within the window: {refused:?}"
+    );
+    // Once the window has passed the first two (the clock is the event here),
+    // the object may be reopened again.
+    let elapsed = first.elapsed();
+    if elapsed <= window {
+        tokio::time::sleep(window - elapsed + Duration::from_millis(200)).await;
+    }
+    let again = change_and_read(3).await;
+    assert!(again.is_ok(), "reopening after the window: {again:?}");
+    assert_eq!(get(&stats, "reopens"), 3);
     assert_eq!(get(&stats, "reopen_refused"), 1);
 }

@@ -12,11 +12,7 @@ use common::tree::{assert_same_tree, feature_tree, Rng};
 
 fn s3_sandbox(test: &str) -> Option<(Sandbox, TestS3)> {
     let s3 = TestS3::from_env(test)?;
-    let mut sb = Sandbox::new();
-    sb.store = s3.url().to_string();
-    sb.env
-        .push(("AWS_ENDPOINT_URL".into(), s3.endpoint.clone()));
-    Some((sb, s3))
+    Some((s3.sandbox(), s3))
 }
 
 #[test]

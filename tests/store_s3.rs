@@ -160,9 +160,11 @@ async fn dead_endpoint_is_unreachable_quickly() {
         Err(StoreError::Unreachable { endpoint, .. }) => {
             assert!(endpoint.contains("127.0.0.1:1"), "{endpoint}")
         }
-        Err(StoreError::Credentials(_)) => {
-            eprintln!("SKIP dead_endpoint_is_unreachable_quickly: no AWS credentials")
-        }
+        Err(StoreError::Credentials(_)) => common::skip::missing(
+            "dead_endpoint_is_unreachable_quickly",
+            common::skip::Need::S3,
+            "no AWS credentials (scripts/s3-server.sh env sets them)",
+        ),
         other => panic!("expected Unreachable, got {other:?}"),
     }
     assert!(

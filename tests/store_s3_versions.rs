@@ -18,15 +18,7 @@ async fn pinned_version_id_survives_overwrite_and_its_deletion_is_a_precondition
     let Some(s3) = TestS3::from_env(test) else {
         return;
     };
-    let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .endpoint_url(&s3.endpoint)
-        .load()
-        .await;
-    let client = aws_sdk_s3::Client::from_conf(
-        aws_sdk_s3::config::Builder::from(&sdk)
-            .force_path_style(true)
-            .build(),
-    );
+    let client = s3.sdk().await;
     let bucket = format!(
         "cm-versioned-{}-{}",
         std::process::id(),
@@ -62,7 +54,11 @@ async fn pinned_version_id_survives_overwrite_and_its_deletion_is_a_precondition
         .unwrap();
     let v1 = store.head("obj").await.unwrap();
     if versioned.is_err() || v1.version.version_id.is_none() {
-        eprintln!("SKIP {test}: the server does not version buckets ({versioned:?})");
+        common::skip::missing(
+            test,
+            common::skip::Need::Versioning,
+            &format!("the server does not version buckets ({versioned:?})"),
+        );
         return;
     }
     store

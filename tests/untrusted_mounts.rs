@@ -106,6 +106,7 @@ fn check_mount(sb: &Sandbox, args: &[&str], overlay: Option<&str>) {
 }
 
 #[test]
+#[ignore = "fuse: needs root and /dev/fuse (its own tier in scripts/test)"]
 fn every_mount_layer_is_nosuid_and_nodev() {
     if !fuse_available("every_mount_layer_is_nosuid_and_nodev") {
         return;
@@ -149,6 +150,7 @@ impl Drop for Tmpfs {
 }
 
 #[test]
+#[ignore = "fuse: needs root and /dev/fuse (its own tier in scripts/test)"]
 fn umount_refuses_mounts_cachemount_did_not_make() {
     if !fuse_available("umount_refuses_mounts_cachemount_did_not_make") {
         return;
@@ -184,6 +186,7 @@ fn mode(path: &Path) -> u32 {
 }
 
 #[test]
+#[ignore = "fuse: needs root and /dev/fuse (its own tier in scripts/test)"]
 fn the_daemon_log_and_writable_state_are_private() {
     if !fuse_available("the_daemon_log_and_writable_state_are_private") {
         return;

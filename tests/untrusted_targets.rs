@@ -373,13 +373,18 @@ fn restore_grants_no_privilege() {
         );
         assert_eq!(md.permissions().mode() & 0o7777, 0o755, "still no setuid");
     } else {
-        eprintln!("SKIP restore_grants_no_privilege (owner part): not root");
+        common::skip::missing(
+            "restore_grants_no_privilege",
+            common::skip::Need::Root,
+            "the --same-owner part: not root",
+        );
     }
 }
 
 /// A swap that fails (the second target is busy: a mount point) leaves no
 /// staged tree behind.
 #[test]
+#[ignore = "fuse: needs root and /dev/fuse (its own tier in scripts/test)"]
 fn failed_swap_removes_staged_trees() {
     if !fuse_available("failed_swap_removes_staged_trees") {
         return;
@@ -502,6 +507,7 @@ fn replacing_an_old_tree_never_follows_its_links() {
 /// A mount of a foreign cache of `vendor/bundle` mounts there and hides
 /// nothing beside it.
 #[test]
+#[ignore = "fuse: needs root and /dev/fuse (its own tier in scripts/test)"]
 fn foreign_mount_hides_nothing_beside_its_target() {
     if !fuse_available("foreign_mount_hides_nothing_beside_its_target") {
         return;
@@ -532,6 +538,7 @@ fn foreign_mount_hides_nothing_beside_its_target() {
 
 /// A mount whose target lies below a symlink is refused before anything is mounted.
 #[test]
+#[ignore = "fuse: needs root and /dev/fuse (its own tier in scripts/test)"]
 fn mount_through_a_symlink_is_refused() {
     if !fuse_available("mount_through_a_symlink_is_refused") {
         return;

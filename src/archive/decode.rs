@@ -186,26 +186,14 @@ pub enum DecodeError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::archive::index::{DataOffset, EntryKind, Frame, Timestamp};
+    use crate::archive::index::{EntryKind, Frame};
 
     fn entry(compression: Compression, size: u64, data: &[u8]) -> Entry {
         Entry {
-            name: b"_0/f".to_vec(),
-            kind: EntryKind::File,
-            mode: 0o644,
-            uid: 0,
-            gid: 0,
-            mtime: Timestamp::default(),
             size,
-            link_target: None,
-            xattrs: Vec::new(),
-            offset: DataOffset::Data(0),
             compressed_size: data.len() as u64,
             compression,
-            crc32: 0,
-            frame_size: 0,
-            frames: Vec::new(),
-            content_hash: None,
+            ..Entry::new(EntryKind::File, "_0/f")
         }
     }
 

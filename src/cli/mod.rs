@@ -293,6 +293,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             keep_changes,
             paths,
         } => {
+            // Every path is tried; the failures make one error (one `error:` line).
             let mut failed = Vec::new();
             for p in &paths {
                 match umount(
@@ -305,14 +306,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     Ok(Some(kept)) => {
                         println!("unmounted {p}; its changes are kept in {}", kept.display())
                     }
-                    Err(e) => {
-                        eprintln!("error: {e:#}");
-                        failed.push(p.clone());
-                    }
+                    Err(e) => failed.push(e),
                 }
             }
-            if !failed.is_empty() {
-                anyhow::bail!("could not unmount {}", failed.join(", "));
+            match failed.len() {
+                0 => {}
+                1 => return Err(failed.remove(0)),
+                _ => anyhow::bail!(
+                    "{}",
+                    failed
+                        .iter()
+                        .map(|e| format!("{e:#}"))
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                ),
             }
         }
         Command::Stats { path, format } => {

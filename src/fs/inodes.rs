@@ -394,26 +394,16 @@ fn split_last(path: &[u8]) -> (&[u8], &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::archive::{Compression, DataOffset, Entry};
+    use crate::archive::Entry;
 
     fn entry(name: &str, kind: EntryKind) -> Entry {
         Entry {
-            name: name.as_bytes().to_vec(),
-            kind,
-            mode: 0o644,
             uid: 1,
             gid: 2,
             mtime: Timestamp { secs: 5, nanos: 6 },
             size: 3,
-            link_target: None,
-            xattrs: Vec::new(),
-            offset: DataOffset::Data(0),
             compressed_size: 3,
-            compression: Compression::Stored,
-            crc32: 0,
-            frame_size: 0,
-            frames: Vec::new(),
-            content_hash: None,
+            ..Entry::new(kind, name)
         }
     }
 

@@ -202,27 +202,19 @@ pub fn unchanged_entries(old: &ArchiveIndex, new: &ArchiveIndex) -> Vec<Option<u
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::archive::{Compression, DataOffset, EntryKind, Timestamp};
+    use crate::archive::{EntryKind, Timestamp};
     use crate::fs::inodes::{Tree, ROOT_INO};
 
     fn entry(name: &str, kind: EntryKind, size: u64, crc: u32, hash: Option<u8>) -> Entry {
         Entry {
-            name: name.as_bytes().to_vec(),
-            kind,
-            mode: 0o644,
             uid: 1,
             gid: 2,
             mtime: Timestamp { secs: 5, nanos: 6 },
             size,
-            link_target: None,
-            xattrs: Vec::new(),
-            offset: DataOffset::Data(0),
             compressed_size: size,
-            compression: Compression::Stored,
             crc32: crc,
-            frame_size: 0,
-            frames: Vec::new(),
             content_hash: hash.map(|h| [h; 32]),
+            ..Entry::new(kind, name)
         }
     }
 

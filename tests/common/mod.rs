@@ -5,5 +5,6 @@ pub mod mount;
 pub mod proxy;
 pub mod s3;
 pub mod saved;
+pub mod skip;
 pub mod tree;
 pub mod zips;

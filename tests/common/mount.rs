@@ -2,15 +2,13 @@
 //! that always unmounts (lazily) and stops the daemon, even when the test
 //! panics, and time bounds around anything that could hang on a broken mount.
 //!
-//! Tests that need FUSE call [`fuse_available`] first: without root or
-//! /dev/fuse they print `SKIP <name>: <reason>` and return — except in CI
-//! (`CI` set), where a missing FUSE is a failure.
+//! Tests that need FUSE are `#[ignore = "fuse: …"]` (their own tier, see
+//! tests/common/skip.rs) and call [`fuse_available`] first.
 
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::common::cli::Sandbox;
@@ -18,50 +16,32 @@ use crate::common::cli::Sandbox;
 /// How long `mount` may take in a test (a big index from S3 included).
 pub const MOUNT_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// Whether real FUSE mounts can run here; prints SKIP (or panics in CI) if not.
-pub fn fuse_available(test: &str) -> bool {
-    let reason = if unsafe { libc::geteuid() } != 0 {
-        Some("not root (the FUSE tests mount with mount(2))")
+/// Whether this machine can make real FUSE mounts (root and /dev/fuse).
+pub fn fuse_usable() -> Result<(), &'static str> {
+    if unsafe { libc::geteuid() } != 0 {
+        Err("not root (the FUSE tests mount with mount(2))")
     } else if !Path::new("/dev/fuse").exists() {
-        Some("no /dev/fuse")
+        Err("no /dev/fuse")
     } else {
-        None
-    };
-    match reason {
-        None => true,
-        Some(r) if std::env::var_os("CI").is_some() => {
-            panic!("{test}: {r}, but CI must run the FUSE tests")
-        }
-        Some(r) => {
-            eprintln!("SKIP {test}: {r}");
+        Ok(())
+    }
+}
+
+/// Whether real FUSE mounts can run here. FUSE tests are `#[ignore = "fuse:
+/// …"]`, a tier `scripts/test` runs only where FUSE is usable (reported as
+/// skipped elsewhere); a FUSE test run by hand without FUSE is a skip through
+/// tests/common/skip.rs (a failure in CI).
+pub fn fuse_available(test: &str) -> bool {
+    match fuse_usable() {
+        Ok(()) => true,
+        Err(r) => {
+            crate::common::skip::missing(test, crate::common::skip::Need::Fuse, r);
             false
         }
     }
 }
 
-/// Runs `cmd`, killing it after `timeout` (then panicking).
-pub fn run_bounded(mut cmd: Command, timeout: Duration) -> Output {
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + timeout;
-    loop {
-        if child.try_wait().unwrap().is_some() {
-            return child.wait_with_output().unwrap();
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
-            panic!(
-                "{cmd:?} did not finish within {timeout:?}; stderr: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
+pub use crate::common::cli::run_bounded;
 
 /// Runs `f` on another thread and panics if it takes longer than `timeout`
 /// (a hung FUSE read must fail the test, so the guards can unmount).

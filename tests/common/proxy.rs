@@ -51,8 +51,14 @@ pub enum Fault {
     Status500,
     /// Answer 503 SlowDown (S3's XML error) without asking the server.
     SlowDown,
+    /// Answer 403 AccessDenied without asking the server (credentials
+    /// without permission on the bucket).
+    AccessDenied,
     /// Read the request, never answer (the connection stays open).
     Stall,
+    /// Forward the request head and half its body upstream, then reset both
+    /// connections: an upload cut in the middle (a multipart part, a PUT).
+    CutRequest,
 }
 
 /// When a rule fires, among the requests it matches.
@@ -78,7 +84,19 @@ pub enum Requests {
     Gets,
     /// Everything (HEAD, PUT, …) too.
     All,
+    /// Requests of this method whose target (path and query) contains this
+    /// text: `Requests::Matching("PUT", "partNumber=")` (multipart parts),
+    /// `Requests::Matching("POST", "uploadId=")` (CompleteMultipartUpload),
+    /// `Requests::Matching("PUT", "/keys/")` (key pointers).
+    Matching(&'static str, &'static str),
 }
+
+/// Multipart upload parts.
+pub const UPLOAD_PARTS: Requests = Requests::Matching("PUT", "partNumber=");
+/// CompleteMultipartUpload.
+pub const COMPLETE_MULTIPART: Requests = Requests::Matching("POST", "uploadId=");
+/// Writes of key pointers (`PREFIX/keys/…`).
+pub const POINTER_PUTS: Requests = Requests::Matching("PUT", "/keys/");
 
 /// One fault rule: `Rule::new(Fault::SlowDown).probability(0.2)`.
 #[derive(Debug, Clone, PartialEq)]
@@ -135,12 +153,39 @@ pub struct RequestInfo {
     pub target: String,
     /// The Range header, if any.
     pub range: Option<String>,
+    /// The Authorization header (SigV4: its credential scope names the region).
+    pub authorization: Option<String>,
 }
 
 impl RequestInfo {
     pub fn is_ranged_get(&self) -> bool {
         self.method == "GET" && self.range.is_some()
     }
+
+    /// The region of the SigV4 credential scope (`Credential=AK/date/REGION/s3/…`).
+    pub fn signed_region(&self) -> Option<&str> {
+        let auth = self.authorization.as_deref()?;
+        let scope = auth.split("Credential=").nth(1)?;
+        scope.split('/').nth(2)
+    }
+
+    pub fn matches(&self, requests: Requests) -> bool {
+        match requests {
+            Requests::RangedGets => self.is_ranged_get(),
+            Requests::Gets => self.method == "GET",
+            Requests::All => true,
+            Requests::Matching(method, text) => self.method == method && self.target.contains(text),
+        }
+    }
+}
+
+/// A request and the status it was answered with (by the server, or by a
+/// fault: 500, 503; 0 when the connection was cut, stalled or reset before a
+/// status reached the client).
+#[derive(Debug, Clone)]
+pub struct Answered {
+    pub request: RequestInfo,
+    pub status: u16,
 }
 
 /// Runs before a request is forwarded (on a blocking thread: it may block, e.g.
@@ -162,6 +207,7 @@ struct Shared {
     rules: Mutex<Vec<(Rule, u64)>>,
     rng: Mutex<u64>,
     hook: Mutex<Option<Hook>>,
+    answered: Mutex<Vec<Answered>>,
     requests: AtomicU64,
     ranged_gets: AtomicU64,
     faults: AtomicU64,
@@ -187,6 +233,7 @@ impl Proxy {
             rules: Mutex::new(Vec::new()),
             rng: Mutex::new(seed),
             hook: Mutex::new(None),
+            answered: Mutex::new(Vec::new()),
             requests: AtomicU64::new(0),
             ranged_gets: AtomicU64::new(0),
             faults: AtomicU64::new(0),
@@ -258,6 +305,47 @@ impl Proxy {
         *self.shared.hook.lock().unwrap() = None;
     }
 
+    /// Runs `change(n)` before the `n`th ranged GET (1, 2, …) is forwarded —
+    /// the request waits for it: the one "change the object mid-read" hook.
+    pub fn on_ranged_get(&self, change: impl Fn(u64) + Send + Sync + 'static) {
+        let gets = AtomicU64::new(0);
+        self.set_hook(move |req| {
+            if req.is_ranged_get() {
+                change(gets.fetch_add(1, Ordering::SeqCst) + 1);
+            }
+        });
+    }
+
+    /// Runs `change()` once, before the `n`th ranged GET is forwarded.
+    pub fn change_on_nth_ranged_get(&self, n: u64, change: impl Fn() + Send + Sync + 'static) {
+        assert!(n > 0, "ranged GETs count from 1");
+        self.on_ranged_get(move |i| {
+            if i == n {
+                change()
+            }
+        });
+    }
+
+    /// Every request answered (or cut) so far, in the order they ended.
+    pub fn answered(&self) -> Vec<Answered> {
+        self.watcher().answered()
+    }
+
+    /// Waits until `pred` holds for a request answered so far; false after `timeout`.
+    pub fn wait_for(&self, timeout: Duration, pred: impl Fn(&Answered) -> bool) -> bool {
+        self.watcher().wait_for(timeout, pred)
+    }
+
+    /// Waits until at least `n` faults were injected; false after `timeout`.
+    pub fn wait_faults(&self, n: u64, timeout: Duration) -> bool {
+        self.watcher().wait_faults(n, timeout)
+    }
+
+    /// A handle on the proxy's record that a hook can hold.
+    pub fn watcher(&self) -> Watcher {
+        Watcher(self.shared.clone())
+    }
+
     /// Requests seen, of any kind.
     pub fn requests(&self) -> u64 {
         self.shared.requests.load(Ordering::SeqCst)
@@ -272,6 +360,40 @@ impl Proxy {
     /// not injected, so not counted).
     pub fn faults(&self) -> u64 {
         self.shared.faults.load(Ordering::SeqCst)
+    }
+}
+
+/// What the proxy has seen, for a hook or another thread to wait on.
+#[derive(Clone)]
+pub struct Watcher(Arc<Shared>);
+
+impl Watcher {
+    pub fn answered(&self) -> Vec<Answered> {
+        self.0.answered.lock().unwrap().clone()
+    }
+
+    pub fn wait_for(&self, timeout: Duration, pred: impl Fn(&Answered) -> bool) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if self.0.answered.lock().unwrap().iter().any(&pred) {
+                return true;
+            }
+            if std::time::Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn wait_faults(&self, n: u64, timeout: Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        while self.0.faults.load(Ordering::SeqCst) < n {
+            if std::time::Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        true
     }
 }
 
@@ -302,12 +424,7 @@ impl Shared {
     fn pick(&self, req: &RequestInfo) -> Option<Fault> {
         let mut rules = self.rules.lock().unwrap();
         for (rule, matched) in rules.iter_mut() {
-            let applies = match rule.requests {
-                Requests::RangedGets => req.is_ranged_get(),
-                Requests::Gets => req.method == "GET",
-                Requests::All => true,
-            };
-            if !applies {
+            if !req.matches(rule.requests) {
                 continue;
             }
             *matched += 1;
@@ -327,6 +444,13 @@ impl Shared {
 
     fn injected(&self) {
         self.faults.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn answer(&self, request: &RequestInfo, status: u16) {
+        self.answered.lock().unwrap().push(Answered {
+            request: request.clone(),
+            status,
+        });
     }
 }
 
@@ -499,6 +623,7 @@ async fn serve(conn: TcpStream, shared: Arc<Shared>) -> io::Result<()> {
             method: method.clone(),
             target: head.start.get(1).cloned().unwrap_or_default(),
             range: head.header("range").map(str::to_string),
+            authorization: head.header("authorization").map(str::to_string),
         };
         if info.is_ranged_get() {
             shared.ranged_gets.fetch_add(1, Ordering::SeqCst);
@@ -526,6 +651,7 @@ async fn serve(conn: TcpStream, shared: Arc<Shared>) -> io::Result<()> {
                     "We encountered an internal error. Please try again.",
                 );
                 client.get_mut().write_all(&r).await?;
+                shared.answer(&info, 500);
                 if client_closes {
                     return Ok(());
                 }
@@ -540,6 +666,17 @@ async fn serve(conn: TcpStream, shared: Arc<Shared>) -> io::Result<()> {
                     "Please reduce your request rate.",
                 );
                 client.get_mut().write_all(&r).await?;
+                shared.answer(&info, 503);
+                if client_closes {
+                    return Ok(());
+                }
+                continue;
+            }
+            Some(Fault::AccessDenied) => {
+                shared.injected();
+                let r = s3_error(403, "Forbidden", "AccessDenied", "Access Denied");
+                client.get_mut().write_all(&r).await?;
+                shared.answer(&info, 403);
                 if client_closes {
                     return Ok(());
                 }
@@ -547,11 +684,23 @@ async fn serve(conn: TcpStream, shared: Arc<Shared>) -> io::Result<()> {
             }
             Some(Fault::Stall) => {
                 shared.injected();
+                shared.answer(&info, 0);
                 std::future::pending::<()>().await;
+            }
+            Some(Fault::CutRequest) => {
+                shared.injected();
+                if let Ok(mut up) = TcpStream::connect(&shared.upstream).await {
+                    let _ = up.write_all(&head.raw).await;
+                    let _ = up.write_all(&body[..body.len() / 2]).await;
+                    let _ = up.set_zero_linger();
+                }
+                shared.answer(&info, 0);
+                client.get_mut().set_zero_linger()?;
+                return Ok(());
             }
             _ => {}
         }
-        let keep = forward(&shared, &head, &method, &body, client.get_mut(), fault).await?;
+        let keep = forward(&shared, &info, &head, &body, client.get_mut(), fault).await?;
         if !keep || client_closes {
             return Ok(());
         }
@@ -562,8 +711,8 @@ async fn serve(conn: TcpStream, shared: Arc<Shared>) -> io::Result<()> {
 /// Returns whether the client connection can carry another request.
 async fn forward(
     shared: &Shared,
+    info: &RequestInfo,
     head: &Head,
-    method: &str,
     body: &[u8],
     client: &mut TcpStream,
     fault: Option<Fault>,
@@ -589,6 +738,7 @@ async fn forward(
         }
         break (resp, status);
     };
+    let method = info.method.as_str();
     let framing = if method == "HEAD" || status == 204 || status == 304 {
         Framing::None
     } else if resp.has_token("transfer-encoding", "chunked") {
@@ -610,6 +760,7 @@ async fn forward(
         };
         if let Some(sent) = sent {
             shared.injected();
+            shared.answer(info, 0);
             client.write_all(&resp.raw).await?;
             copy_exact(&mut up, client, sent).await?;
             client.flush().await?;
@@ -631,9 +782,11 @@ async fn forward(
         Framing::Chunked => copy_chunked(&mut up, client).await?,
         Framing::UntilClose => {
             tokio::io::copy_buf(&mut up, client).await?;
+            shared.answer(info, status);
             return Ok(false);
         }
     }
     client.flush().await?;
+    shared.answer(info, status);
     Ok(!resp.has_token("connection", "close"))
 }

@@ -21,8 +21,7 @@ impl Saved {
     /// `build(dir)` fills the tree saved as `cache`; None (skip) without S3.
     pub fn on_s3(test: &str, build: impl FnOnce(&Path)) -> Option<Saved> {
         let s3 = TestS3::from_env(test)?;
-        let mut sb = Sandbox::new();
-        sb.store = s3.url().to_string();
+        let sb = s3.sandbox();
         let src = sb.work().join("cache");
         build(&src);
         sb.ok(&[

@@ -67,12 +67,21 @@ impl Rng {
     }
 }
 
-/// Whether the filesystem under `dir` keeps user xattrs (tmpfs and ext4 do; some overlays don't).
+/// Whether the filesystem under `dir` keeps user xattrs (tmpfs and ext4 do;
+/// some overlays don't). Without them the xattr checks are a skip
+/// (tests/common/skip.rs): a failure in CI, a logged SKIP elsewhere.
 pub fn supports_xattrs(dir: &Path) -> bool {
     let probe = dir.join(".xattr-probe");
     let _ = fs::write(&probe, b"");
     let ok = xattr::set(&probe, "user.probe", b"1").is_ok();
     let _ = fs::remove_file(&probe);
+    if !ok {
+        crate::common::skip::missing(
+            "xattr checks",
+            crate::common::skip::Need::Xattrs,
+            &format!("{} keeps no user xattrs", dir.display()),
+        );
+    }
     ok
 }
 
@@ -128,6 +137,37 @@ pub fn feature_tree(root: &Path, seed: u64) {
     for (i, p) in paths.iter().enumerate() {
         set_mtime(p, 1_600_000_000 + i as i64 * 1000, 123_456_789 + i as u32);
     }
+}
+
+/// The one version-tagged generator: `len` bytes in `block`-sized blocks,
+/// each starting with the line `"{version} {name} {index:08}\n"` and filled
+/// with noise (incompressible), so a reader can tell which version of which
+/// file every block it got came from.
+pub fn tagged(version: &str, name: &str, len: usize, block: usize, seed: u64) -> Vec<u8> {
+    let mut rng = Rng::new(seed);
+    let mut out = Vec::with_capacity(len + block);
+    let mut index = 0;
+    while out.len() < len {
+        let mut b = format!("{version} {name} {index:08}\n").into_bytes();
+        assert!(b.len() < block, "block too small for its tag");
+        b.extend(rng.noise(block - b.len()));
+        out.extend_from_slice(&b);
+        index += 1;
+    }
+    out.truncate(len);
+    out
+}
+
+/// The version tag of each `block`-sized block of [`tagged`] bytes (blocks
+/// too short to hold a tag are skipped).
+pub fn block_versions(data: &[u8], block: usize) -> Vec<String> {
+    data.chunks(block)
+        .filter(|c| c.len() >= 3)
+        .map(|c| {
+            let end = c.iter().position(|b| *b == b' ').unwrap_or(c.len().min(16));
+            String::from_utf8_lossy(&c[..end]).into_owned()
+        })
+        .collect()
 }
 
 /// `count` small files spread over many directories, node_modules-like.
