@@ -18,8 +18,7 @@ mod gen;
 use std::path::{Component, Path, PathBuf};
 
 use cachemount::archive::{DataOffset, EntryKind};
-use cachemount::paths::{names, Anchors, PathSpec};
-use cachemount::restore::{plan_targets, saved_roots, Target};
+use cachemount::paths::{names, plan_targets, saved_roots, Anchors, PathSpec, Target};
 use libfuzzer_sys::arbitrary::{Result, Unstructured};
 use libfuzzer_sys::fuzz_target;
 

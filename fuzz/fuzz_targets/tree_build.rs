@@ -21,9 +21,10 @@ mod gen;
 use std::collections::{BTreeMap, HashSet};
 
 use cachemount::archive::{ArchiveIndex, EntryKind};
+use cachemount::archive::limits::IndexBound;
 use cachemount::fs::reopen::{same_attrs, unchanged_entries};
-use cachemount::fs::tree::{Tree, TreeError, ROOT_INO};
-use cachemount::restore::saved_roots;
+use cachemount::fs::inodes::{Tree, TreeError, ROOT_INO};
+use cachemount::paths::saved_roots;
 use libfuzzer_sys::arbitrary::{Result, Unstructured};
 use libfuzzer_sys::fuzz_target;
 
@@ -37,7 +38,7 @@ fuzz_target!(|data: &[u8]| {
 fn run(u: &mut Unstructured) -> Result<()> {
     let old = if u.ratio(1, 4)? {
         let len = u.int_in_range(0..=u.len())?;
-        match ArchiveIndex::decode(u.bytes(len)?) {
+        match ArchiveIndex::decode(u.bytes(len)?, IndexBound::MAX) {
             Ok(index) => index,
             Err(_) => return Ok(()),
         }
