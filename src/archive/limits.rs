@@ -213,7 +213,9 @@ pub fn zstd_stream(data: &[u8], max_len: usize) -> io::Result<Vec<u8>> {
         .ok()
         .flatten()
         .and_then(|n| usize::try_from(n).ok())
-        .filter(|n| *n <= max_len);
+        .filter(|n| *n <= max_len)
+        // A header may lie: reserve no more than a plausible ratio of the input.
+        .map(|n| n.min(data.len().saturating_mul(64)));
     let mut out = Vec::with_capacity(declared.unwrap_or(0));
     zstd::stream::read::Decoder::new(data)?
         .take(max_len as u64 + 1)

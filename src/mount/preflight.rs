@@ -135,11 +135,17 @@ pub fn unescape_mountinfo(s: &str) -> Vec<u8> {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+        // `\ooo`, three octal digits of one byte (so at most `\377`); anything
+        // else is literal.
+        let octal = (b[i] == b'\\' && i + 3 < b.len())
+            .then(|| &b[i + 1..i + 4])
+            .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)))
+            .and_then(|d| {
+                let v = d.iter().fold(0u32, |v, c| v * 8 + u32::from(c - b'0'));
+                u8::try_from(v).ok()
+            });
+        if let Some(byte) = octal {
+            out.push(byte);
             i += 4;
         } else {
             out.push(b[i]);
@@ -218,4 +224,18 @@ pub fn prepare_mountpoint(path: &Path, force: bool) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::unescape_mountinfo;
+
+    #[test]
+    fn mountinfo_escapes_are_one_byte_or_literal() {
+        assert_eq!(unescape_mountinfo("a\\040b\\011"), b"a b\t");
+        assert_eq!(unescape_mountinfo("\\377"), [0xff]);
+        // Found by fuzzing: `\777` overflowed a byte; it is not an escape.
+        assert_eq!(unescape_mountinfo("x\\777"), b"x\\777");
+        assert_eq!(unescape_mountinfo("\\04"), b"\\04");
+    }
 }

@@ -191,7 +191,9 @@ fn deepest_common_roots(index: &ArchiveIndex) -> Vec<Vec<u8>> {
         let (ns, rest) = names::split_namespace(&e.name);
         let Some(rest) = rest else {
             if e.kind != EntryKind::Dir {
-                groups.entry((ns, b"")).or_default();
+                // The namespace is itself a file: its root is the namespace,
+                // whatever other names (`_0//x`) share its empty component.
+                groups.insert((ns, b""), Vec::new());
             }
             continue;
         };

@@ -60,8 +60,10 @@ pub fn escape_key(key: &str) -> Result<String, KeyError> {
         return Err(KeyError::TooLong { len: key.len() });
     }
     let mut flat = String::with_capacity(key.len());
-    for (i, b) in key.bytes().enumerate() {
-        if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || (b == b'.' && i > 0) {
+    for b in key.bytes() {
+        // A `.` never starts a segment (no `.`, `..` or hidden file names).
+        let dot_ok = b == b'.' && !flat.len().is_multiple_of(SEGMENT_LEN);
+        if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || dot_ok {
             flat.push(b as char);
         } else {
             flat.push_str(&format!("%{b:02X}"));
@@ -489,6 +491,24 @@ mod tests {
             resolve(&store, "k-none", &["k-".into()]).await.unwrap().key,
             "k-good"
         );
+    }
+
+    #[test]
+    fn no_segment_of_an_escaped_key_starts_with_a_dot() {
+        // Found by fuzzing: a `.` at a segment boundary made a hidden (or
+        // `.`/`..`) file name in a local store.
+        for key in [
+            format!("{}.x", "a".repeat(SEGMENT_LEN)),
+            format!("{}..", "a".repeat(SEGMENT_LEN)),
+            format!("{}.", "b".repeat(2 * SEGMENT_LEN)),
+        ] {
+            let escaped = escape_key(&key).unwrap();
+            assert!(
+                escaped.split("+/").all(|seg| !seg.starts_with('.')),
+                "{escaped}"
+            );
+            assert_eq!(unescape_key(&escaped).unwrap(), key);
+        }
     }
 
     #[tokio::test]
