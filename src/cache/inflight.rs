@@ -322,6 +322,7 @@ impl<S: ObjectStore> Fetcher<S> {
                     Stats::inc(&self.stats.prefetched_blocks);
                 }
             }
+            self.to_disk(v, job.piece, whole, blocks);
         }
         self.inflight.lock().remove(&key);
         let _ = job.tx.send(outcome);

@@ -13,6 +13,7 @@ use super::control;
 use super::overlay::{Overlays, WritableMount};
 use super::preflight::{self, FUSE_SUPER_MAGIC};
 use super::startup::Phases;
+use crate::cache::disk::{DiskCache, DiskOptions, MountDisk};
 use crate::cache::version::{open_version, Refresh};
 use crate::cache::{Current, FetchConfig, Fetcher, Stats, Version};
 use crate::fs::{FsCore, FuseFs, Reopener, Tree};
@@ -41,6 +42,10 @@ pub struct MountOptions {
     pub dev_fuse: PathBuf,
     /// The kernel read-ahead set on each mount, in KiB.
     pub read_ahead_kb: u32,
+    /// The host's disk cache, unless turned off.
+    pub disk: Option<DiskOptions>,
+    /// Open files wholly in the disk cache with FUSE passthrough.
+    pub passthrough: bool,
 }
 
 /// The single-flight reopen of a mount: `open_version` again (checking the
@@ -255,11 +260,22 @@ pub fn mount_all<S: ObjectStore>(
     }
     let store_name = store.describe();
     let digest = expected_digest.clone();
-    let fetcher = Fetcher::new(
+    let disk = options
+        .disk
+        .as_ref()
+        .and_then(|o| match DiskCache::open(o) {
+            Ok(c) => Some(MountDisk::new(Arc::new(c), store_name.clone())),
+            Err(e) => {
+                tracing::warn!("{e}; reads use the in-memory cache only");
+                None
+            }
+        });
+    let fetcher = Fetcher::with_disk(
         store.clone(),
         options.cache_size,
         stats.clone(),
         options.fetch.clone(),
+        disk,
     );
     let reopener = reopener(store, current.clone(), expected_digest, &fetcher, stats);
     let mut trees = Vec::new();
