@@ -140,6 +140,10 @@ impl<S: ObjectStore> Fetcher<S> {
         out
     }
 
+    pub fn has_disk(&self) -> bool {
+        self.disk.is_some()
+    }
+
     /// The entry's whole content in the disk cache, checked, if it is there.
     pub fn disk_file(&self, v: &Version, entry: u32) -> Option<std::fs::File> {
         self.disk.as_ref()?.file(v, entry)

@@ -395,6 +395,13 @@ impl<S: ObjectStore> FsCore<S> {
         Ok((m.version.clone(), entry))
     }
 
+    /// The file's whole content in the disk cache (checked), for opening it
+    /// in passthrough mode; `None` when it is not there whole.
+    pub fn disk_file(&self, ino: u64) -> Option<std::fs::File> {
+        let (v, entry) = self.resolve(ino, 0).ok()?;
+        self.fetcher.disk_file(&v, entry)
+    }
+
     pub async fn read(&self, ino: u64, offset: u64, size: u32) -> FsResult<Bytes> {
         self.read_fh(ino, 0, offset, size).await
     }

@@ -313,6 +313,11 @@ pub fn mount_all<S: ObjectStore>(
                 !content_addressed,
             );
             let fs = FuseFs::new(core.clone(), runtime.clone());
+            let fs = if options.passthrough {
+                fs
+            } else {
+                fs.without_passthrough()
+            };
             let mut config = fuser::Config::default();
             config.mount_options = vec![
                 fuser::MountOption::RO,
