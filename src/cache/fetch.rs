@@ -140,6 +140,13 @@ impl<S: ObjectStore> Fetcher<S> {
         out
     }
 
+    /// Writes this process's disk cache figures to the shared ledger.
+    pub fn save_disk_figures(&self) {
+        if let Some(d) = &self.disk {
+            d.cache().save_figures();
+        }
+    }
+
     pub fn has_disk(&self) -> bool {
         self.disk.is_some()
     }

@@ -211,6 +211,7 @@ impl<S: ObjectStore> Daemon<S> {
             "all mountpoints are gone; exiting. {}",
             self.fetcher.render_stats().replace('\n', " ")
         );
+        self.fetcher.save_disk_figures();
         Ok(())
     }
 }
