@@ -156,6 +156,12 @@ impl<S: ObjectStore> Fetcher<S> {
         self.disk.as_ref()?.file(v, entry)
     }
 
+    /// Whether the piece's entry is whole in the disk cache (so fetching it
+    /// speculatively would be waste).
+    pub(super) fn on_disk(&self, v: &Version, piece: Piece) -> bool {
+        self.disk.as_ref().is_some_and(|d| d.has(v, piece.entry))
+    }
+
     /// The read answered from the disk cache: the entry is there whole.
     fn read_disk(&self, v: &Version, entry: u32, offset: u64, len: u32) -> Option<Bytes> {
         use std::os::unix::fs::FileExt;

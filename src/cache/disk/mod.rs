@@ -468,6 +468,21 @@ impl MountDisk {
         found
     }
 
+    /// Whether the entry is on disk (not checked: enough to skip fetching
+    /// it speculatively; a read checks it).
+    pub fn has(&self, v: &Version, entry: u32) -> bool {
+        let e = v.entry(entry);
+        if !self.cacheable(e) {
+            return false;
+        }
+        if let Some(&known) = self.known.lock().get(&(v.id, entry)) {
+            return known;
+        }
+        EntryKey::of(&self.namespace, v, entry)
+            .path(&self.cache.root)
+            .exists()
+    }
+
     /// Verified blocks of `entry` were decoded: `blocks` starting at block
     /// `first`, of `block_size` bytes each (the last may be shorter), out of
     /// `count`. The whole content is filed at once; parts are assembled
