@@ -396,8 +396,14 @@ impl<S: ObjectStore> FsCore<S> {
     }
 
     /// The file's whole content in the disk cache (checked), for opening it
-    /// in passthrough mode; `None` when it is not there whole.
-    pub fn disk_file(&self, ino: u64) -> Option<std::fs::File> {
+    /// in passthrough mode; `None` when it is not there whole, or when the
+    /// object may change to other content under the mount (handles are
+    /// tracked): the kernel keeps one backing file per inode while it is
+    /// open, so a new open could not be given the new content.
+    pub fn passthrough_file(&self, ino: u64) -> Option<std::fs::File> {
+        if self.track_handles {
+            return None;
+        }
         let (v, entry) = self.resolve(ino, 0).ok()?;
         self.fetcher.disk_file(&v, entry)
     }

@@ -155,7 +155,7 @@ impl<S: ObjectStore> FuseFs<S> {
             reply.opened_passthrough(FileHandle(fh), PASSTHROUGH_FLAGS, id);
             return None;
         }
-        let file = match self.core.disk_file(ino) {
+        let file = match self.core.passthrough_file(ino) {
             Some(f) if f.metadata().is_ok_and(|m| m.len() >= PASSTHROUGH_MIN) => f,
             _ => return Some(reply),
         };
