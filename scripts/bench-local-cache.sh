@@ -116,7 +116,7 @@ cp -a "$work/src" "$work/srcB"
 python3 "$repo/scripts/lib/gen-tree.py" "$work/srcB/tree" --change-percent 2 > /dev/null
 (cd "$work/srcB" && "$bin" --quiet save --key B tree >/dev/null)
 # The changed files' compressed bytes: what zstd -3 makes of each (as save does).
-changed=$(cd "$work" && diff -rq src/tree srcB/tree 2>/dev/null | awk '/^Files / { print $4 } /^Only in srcB/ { sub(":", "", $3); print $3 "/" $4 }')
+changed=$(cd "$work" && { diff -rq src/tree srcB/tree 2>/dev/null || true; } | awk '/^Files / { print $4 } /^Only in srcB/ { sub(":", "", $3); print $3 "/" $4 }')
 changed_bytes=0 changed_count=0
 for f in $changed; do
   [ -f "$work/$f" ] || continue
