@@ -217,6 +217,18 @@ pub fn zstd_stream(data: &[u8], max_len: usize) -> io::Result<Vec<u8>> {
         // A header may lie: reserve no more than a plausible ratio of the input.
         .map(|n| n.min(data.len().saturating_mul(64)));
     let mut out = Vec::with_capacity(declared.unwrap_or(0));
+    // One pass into the buffer as allocated (no zeroing, no stream
+    // buffers) when the declared size holds everything; a header that
+    // declares less than there is (or more frames) falls through to the
+    // bounded stream below.
+    if declared.is_some()
+        && zstd::bulk::Decompressor::new()?
+            .decompress_to_buffer(data, &mut out)
+            .is_ok()
+    {
+        return Ok(out);
+    }
+    out.clear();
     zstd::stream::read::Decoder::new(data)?
         .take(max_len as u64 + 1)
         .read_to_end(&mut out)?;

@@ -7,6 +7,15 @@
 //! (1 → [`FetchConfig::readahead_max_blocks`] blocks), fetched in batches of
 //! at least half the window. Read-ahead in flight is bounded globally, over
 //! all files and mounts, by a semaphore of bytes.
+//!
+//! Drop-behind: once a reader is a stream (its window reached
+//! [`STREAM_WINDOW`]), the frames it has passed are dropped from the block
+//! cache. The kernel's page cache holds what it read; keeping a second copy
+//! would only push out the cache's working set, and freeing them lets the
+//! next frames decode into the buffers just freed instead of into fresh
+//! memory that must fault in page by page (a quarter of the daemon's CPU on
+//! a cold `cat` of a large file). A single-stream entry keeps its blocks:
+//! decoding one again means decoding from the entry's start.
 
 use std::sync::Arc;
 
@@ -28,7 +37,16 @@ struct Seq {
     /// End of the previous read.
     next: u64,
     window: u32,
+    /// The first block not dropped behind the reader.
+    behind: u32,
 }
+
+/// A sequential reader whose window reached this many blocks is a stream:
+/// the blocks it passed are dropped behind it.
+const STREAM_WINDOW: u32 = 8;
+/// Blocks just behind a stream's read are kept: the kernel's read-ahead
+/// sends several reads at once, which may arrive out of order.
+const DROP_BEHIND_LAG: u32 = 2;
 
 /// A reader walking the archive in order (a tree walk reads files in path
 /// order, which is archive order): small-file batches follow each other
@@ -204,7 +222,7 @@ impl<S: ObjectStore> Fetcher<S> {
     ) {
         let (offset, end, last) = (span.offset, span.end, span.last);
         let e = v.entry(entry);
-        let window = {
+        let (window, passed) = {
             let mut seq = self.prefetch.sequential.lock();
             let st = seq.get_or_insert_mut((v.id, entry), Seq::default);
             let bs = span.block_size;
@@ -226,13 +244,26 @@ impl<S: ObjectStore> Fetcher<S> {
             };
             st.last = Some(offset);
             st.next = if sequential { st.next.max(end) } else { end };
-            st.window
+            let passed = if !sequential {
+                st.behind = span.first;
+                0..0
+            } else if st.window >= STREAM_WINDOW {
+                let to = span.first.saturating_sub(DROP_BEHIND_LAG).max(st.behind);
+                std::mem::replace(&mut st.behind, to)..to
+            } else {
+                0..0
+            };
+            (st.window, passed)
         };
         if window == 0 {
             return;
         }
         match layout {
-            Layout::Frames | Layout::Stored => {}
+            Layout::Frames | Layout::Stored => {
+                for block in passed {
+                    self.cache.remove(&Piece { entry, block }.key(v.id));
+                }
+            }
             Layout::Stream => {
                 let next = Piece {
                     entry,
