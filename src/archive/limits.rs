@@ -288,6 +288,27 @@ mod tests {
     }
 
     #[test]
+    fn a_zstd_stream_decodes_whole_when_its_header_undercounts_and_stays_bounded() {
+        let a = vec![7u8; 100_000];
+        let b: Vec<u8> = (0..50_000u32).map(|i| (i * 31 % 251) as u8).collect();
+        let one = zstd::bulk::compress(&a, 3).unwrap();
+        // One frame: the declared size holds it all (the one-pass path).
+        assert_eq!(zstd_stream(&one, a.len()).unwrap(), a);
+        // Two frames: the first header declares less than there is, so the
+        // one pass fails and the stream decodes both.
+        let mut two = one.clone();
+        two.extend_from_slice(&zstd::bulk::compress(&b, 3).unwrap());
+        let mut both = a.clone();
+        both.extend_from_slice(&b);
+        assert_eq!(zstd_stream(&two, both.len()).unwrap(), both);
+        // The bound holds on either path.
+        for (data, len) in [(&one, a.len()), (&two, both.len())] {
+            let err = zstd_stream(data, len - 1).unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        }
+    }
+
+    #[test]
     fn an_end_record_must_fit_its_archive() {
         let eocd = |entries, cd_size| EndOfCentralDirectory {
             entries,
