@@ -42,6 +42,7 @@ use tokio::sync::Semaphore;
 
 use super::blocks::{BlockCache, BlockKey};
 use super::config::FetchConfig;
+use super::disk::MountDisk;
 use super::error::FetchError;
 use super::inflight::InFlight;
 use super::plan::{is_small, Layout, Piece, Span, BLOCK_SIZE};
@@ -70,6 +71,8 @@ pub struct Fetcher<S> {
     /// Verify passes running at once: each holds a GET buffer, one block and
     /// a decoder's window, and decoding is CPU-bound anyway.
     passes: Semaphore,
+    /// The host's disk cache, if used.
+    pub(super) disk: Option<MountDisk>,
 }
 
 /// Most verify passes running at once.
@@ -82,6 +85,17 @@ impl<S: ObjectStore> Fetcher<S> {
         stats: Arc<Stats>,
         config: FetchConfig,
     ) -> Arc<Self> {
+        Self::with_disk(store, cache_bytes, stats, config, None)
+    }
+
+    /// A fetcher that also reads and fills the host's disk cache.
+    pub fn with_disk(
+        store: Arc<S>,
+        cache_bytes: u64,
+        stats: Arc<Stats>,
+        config: FetchConfig,
+        disk: Option<MountDisk>,
+    ) -> Arc<Self> {
         Arc::new(Fetcher {
             store,
             cache: BlockCache::new(cache_bytes),
@@ -92,6 +106,7 @@ impl<S: ObjectStore> Fetcher<S> {
             streams: Mutex::new(HashMap::new()),
             verify: Verifier::default(),
             passes: Semaphore::new(MAX_PASSES),
+            disk,
         })
     }
 
@@ -102,6 +117,9 @@ impl<S: ObjectStore> Fetcher<S> {
         self.streams.lock().retain(|(v, _), _| *v != id);
         self.verify.drop_version(id);
         self.prefetch.drop_version(id);
+        if let Some(d) = &self.disk {
+            d.drop_version(id);
+        }
         self.cache.drop_version(id)
     }
 
@@ -115,7 +133,62 @@ impl<S: ObjectStore> Fetcher<S> {
 
     /// The counters as `name value` lines.
     pub fn render_stats(&self) -> String {
-        self.stats.render(self.cache.bytes(), self.cache.capacity())
+        let mut out = self.stats.render(self.cache.bytes(), self.cache.capacity());
+        if let Some(d) = &self.disk {
+            out.push_str(&d.render());
+        }
+        out
+    }
+
+    /// Writes this process's disk cache figures to the shared ledger.
+    pub fn save_disk_figures(&self) {
+        if let Some(d) = &self.disk {
+            d.cache().save_figures();
+        }
+    }
+
+    pub fn has_disk(&self) -> bool {
+        self.disk.is_some()
+    }
+
+    /// The entry's whole content in the disk cache, checked, if it is there.
+    pub fn disk_file(&self, v: &Version, entry: u32) -> Option<std::fs::File> {
+        self.disk.as_ref()?.file(v, entry)
+    }
+
+    /// Whether the piece's entry is whole in the disk cache (so fetching it
+    /// speculatively would be waste).
+    pub(super) fn on_disk(&self, v: &Version, piece: Piece) -> bool {
+        self.disk.as_ref().is_some_and(|d| d.has(v, piece.entry))
+    }
+
+    /// The read answered from the disk cache: the entry is there whole.
+    fn read_disk(&self, v: &Version, entry: u32, offset: u64, len: u32) -> Option<Bytes> {
+        use std::os::unix::fs::FileExt;
+        let file = self.disk_file(v, entry)?;
+        let size = v.entry(entry).size;
+        let end = offset.saturating_add(u64::from(len)).min(size);
+        let mut buf = vec![0u8; end.saturating_sub(offset) as usize];
+        file.read_exact_at(&mut buf, offset).ok()?;
+        Some(Bytes::from(buf))
+    }
+
+    /// Verified blocks of `piece` were decoded (all of the entry's when
+    /// `whole`): the disk cache files them (the one place it is filled).
+    pub(super) fn to_disk(&self, v: &Version, piece: Piece, whole: bool, blocks: &[Bytes]) {
+        if let Some(d) = &self.disk {
+            let e = v.entry(piece.entry);
+            let layout = Layout::of(e, &self.config);
+            let first = if whole { 0 } else { piece.block };
+            d.offer(
+                v,
+                piece.entry,
+                first,
+                blocks,
+                layout.block_size(e),
+                layout.block_count(e),
+            );
+        }
     }
     /// Reads `offset..offset+len` of entry `entry` (clamped to its size).
     pub async fn read(
@@ -307,9 +380,9 @@ impl<S: ObjectStore> Fetcher<S> {
             })
         })
     }
-    /// The read answered from the cache alone, or `None` if any block is
-    /// missing (no I/O, no waiting: callable on a FUSE thread inside the
-    /// runtime's context).
+    /// The read answered from the disk cache or the block cache alone, or
+    /// `None` if any block is missing (no network, no waiting on other
+    /// tasks: callable on a FUSE thread inside the runtime's context).
     pub fn read_cached(
         self: &Arc<Self>,
         v: &Arc<Version>,
@@ -322,6 +395,10 @@ impl<S: ObjectStore> Fetcher<S> {
         let Some(span) = Span::of(e, layout, offset, len) else {
             return Some(Ok(Bytes::new()));
         };
+        // A FUSE thread may wait on the local disk (not on the network).
+        if let Some(data) = self.read_disk(v, entry, offset, len) {
+            return Some(Ok(data));
+        }
         if layout != Layout::Frames {
             match self.verify.settled((v.id, entry)) {
                 Some(Err(err)) => return Some(Err(err)),

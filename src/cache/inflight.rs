@@ -79,7 +79,10 @@ impl<S: ObjectStore> Fetcher<S> {
             }
             for &piece in optional {
                 let key = piece.key(v.id);
-                if inflight.contains_key(&key) || self.cache.contains(&key) {
+                if inflight.contains_key(&key)
+                    || self.cache.contains(&key)
+                    || self.on_disk(v, piece)
+                {
                     continue;
                 }
                 let (tx, rx) = oneshot::channel();
@@ -322,6 +325,7 @@ impl<S: ObjectStore> Fetcher<S> {
                     Stats::inc(&self.stats.prefetched_blocks);
                 }
             }
+            self.to_disk(v, job.piece, whole, blocks);
         }
         self.inflight.lock().remove(&key);
         let _ = job.tx.send(outcome);

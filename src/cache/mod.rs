@@ -3,7 +3,9 @@
 //! fills it from the store ([`fetch`], with its block plan, in-flight
 //! table, prefetching and stream decoding beside it), the verification state of entries
 //! that have one checksum for many blocks ([`verify`]) and the counters
-//! ([`stats`]).
+//! ([`stats`]), and the disk cache shared by every mount on the host
+//! ([`disk`]), which the fetcher consults before its block cache and fills
+//! with every whole entry it verified.
 //!
 //! The shape follows mountpoint-s3: reads ask the fetcher for byte ranges of
 //! an entry; the fetcher serves blocks from the cache, fetches the misses with
@@ -12,6 +14,7 @@
 
 pub mod blocks;
 mod config;
+pub mod disk;
 mod error;
 pub mod fetch;
 mod inflight;

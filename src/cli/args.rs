@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::cache::disk::DiskOptions;
 use crate::cache::version::REFRESH_AFTER;
 use crate::cache::FetchConfig;
 use crate::mount::overlay::{OverlayKind, Overlays};
@@ -75,11 +76,37 @@ pub struct GlobalArgs {
     /// The FUSE device (tests of the error path name a missing one).
     #[arg(long, global = true, hide = true, env = "CACHEMOUNT_DEV_FUSE", default_value = preflight::DEV_FUSE)]
     pub dev_fuse: PathBuf,
+    /// The disk cache shared by every mount and restore on this host
+    /// (default: the user's cache dir, cachemount/blocks).
+    #[arg(long, global = true, env = "CACHEMOUNT_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Bound of the disk cache, in bytes (K, M, G suffixes); it never takes
+    /// more than half the free space of its file system either.
+    #[arg(long, global = true, env = "CACHEMOUNT_DISK_CACHE_SIZE", default_value = "10G", value_parser = NamingTheVariable(parse_size))]
+    pub disk_cache_size: u64,
+    /// Use no disk cache: every mount and restore fetches from the store.
+    #[arg(long, global = true, env = "CACHEMOUNT_NO_DISK_CACHE")]
+    pub no_disk_cache: bool,
 }
 
 impl GlobalArgs {
     pub(super) fn overlays(&self) -> Overlays {
         Overlays::new(self.state_dir.clone(), self.overlay)
+    }
+
+    /// Where the disk cache is and its bound, unless it is turned off.
+    pub(super) fn disk_cache(&self) -> Option<DiskOptions> {
+        if self.no_disk_cache {
+            return None;
+        }
+        let dir = self
+            .cache_dir
+            .clone()
+            .or_else(|| Some(dirs::cache_dir()?.join("cachemount").join("blocks")))?;
+        Some(DiskOptions {
+            dir,
+            max_bytes: self.disk_cache_size,
+        })
     }
 
     pub(super) fn refresh_after(&self) -> Duration {
@@ -159,6 +186,10 @@ pub enum Command {
         /// Internal: when `mount` spawned this daemon (ns since the epoch).
         #[arg(long, hide = true)]
         spawned_at: Option<u64>,
+        /// Serve files wholly in the disk cache through FUSE reads instead
+        /// of FUSE passthrough (the kernel reading the cache file itself).
+        #[arg(long, env = "CACHEMOUNT_NO_PASSTHROUGH")]
+        no_passthrough: bool,
         #[command(flatten)]
         tuning: TuningArgs,
     },
@@ -192,6 +223,19 @@ pub enum Command {
         #[arg(long, default_value = "")]
         prefix: String,
     },
+    /// The disk cache shared by the mounts on this host (--cache-dir).
+    Cache {
+        #[command(subcommand)]
+        action: CacheAction,
+    },
+}
+
+#[derive(Subcommand, Debug, Clone, Copy)]
+pub enum CacheAction {
+    /// Its size, entries, bound and hit figures (of every process that used it).
+    Stats,
+    /// Delete every entry (nothing else in the dir).
+    Clear,
 }
 
 /// Tuning of the mount, for tests and benchmarks: hidden, usually set by

@@ -9,6 +9,7 @@ use anyhow::Context;
 use clap::Parser;
 
 use crate::archive::WriterOptions;
+use crate::cache::disk::DiskCache;
 use crate::cache::version::{open_version, refresh_lifetime, Refresh};
 use crate::cache::Stats;
 use crate::mount::daemon::{self, MountOptions};
@@ -28,7 +29,7 @@ mod args;
 mod doctor;
 mod report;
 
-pub use args::{Cli, Command, GlobalArgs, SourceArgs};
+pub use args::{CacheAction, Cli, Command, GlobalArgs, SourceArgs};
 
 use report::{Hit, Matched, MissReport, MountReport, MountedPath};
 
@@ -252,12 +253,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             fuse_threads,
             daemon_child,
             spawned_at,
+            no_passthrough,
             tuning,
             ..
         } => {
             let options = MountOptions {
                 force,
                 cache_size,
+                disk: cli.global.disk_cache(),
+                passthrough: !no_passthrough,
                 fetch: tuning.fetch_config(),
                 fuse_threads,
                 writable,
@@ -375,6 +379,35 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 report::print_json(&rows);
             } else {
                 print!("{}", report::keys_human(&rows));
+            }
+        }
+        Command::Cache { action } => {
+            let Some(options) = cli.global.disk_cache() else {
+                anyhow::bail!("the disk cache is turned off (--no-disk-cache)");
+            };
+            let cache = DiskCache::open(&options)?;
+            match action {
+                CacheAction::Stats => {
+                    let summary = cache.summary();
+                    if cli.global.json {
+                        report::print_json(&summary);
+                    } else {
+                        print!("{}", report::disk_cache_human(&summary));
+                    }
+                }
+                CacheAction::Clear => {
+                    let (entries, bytes) = cache.clear()?;
+                    if cli.global.json {
+                        report::print_json(&serde_json::json!({
+                            "command": "cache clear", "entries": entries, "bytes": bytes
+                        }));
+                    } else {
+                        println!(
+                            "removed {entries} entries ({bytes} bytes) from {}",
+                            cache.dir().display()
+                        );
+                    }
+                }
             }
         }
     }

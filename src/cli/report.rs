@@ -246,6 +246,23 @@ pub fn stats_prometheus(path: &std::path::Path, counters: &[(String, u64)]) -> S
 }
 
 /// Prints `report` as one line of JSON on stdout.
+/// `cache stats`: one `name value` line each, like a mount's `stats`.
+pub fn disk_cache_human(s: &crate::cache::disk::Summary) -> String {
+    let f = &s.figures;
+    format!(
+        "dir {}\nbytes {}\nentries {}\nlimit {}\nhits {}\nmisses {}\ninserts {}\nevicted {}\ndamaged {}\n",
+        s.dir.display(),
+        s.bytes,
+        s.entries,
+        s.limit,
+        f.hits,
+        f.misses,
+        f.inserts,
+        f.evicted,
+        f.damaged
+    )
+}
+
 pub fn print_json(report: &impl Serialize) {
     println!(
         "{}",

@@ -395,6 +395,19 @@ impl<S: ObjectStore> FsCore<S> {
         Ok((m.version.clone(), entry))
     }
 
+    /// The file's whole content in the disk cache (checked), for opening it
+    /// in passthrough mode; `None` when it is not there whole, or when the
+    /// object may change to other content under the mount (handles are
+    /// tracked): the kernel keeps one backing file per inode while it is
+    /// open, so a new open could not be given the new content.
+    pub fn passthrough_file(&self, ino: u64) -> Option<std::fs::File> {
+        if self.track_handles {
+            return None;
+        }
+        let (v, entry) = self.resolve(ino, 0).ok()?;
+        self.fetcher.disk_file(&v, entry)
+    }
+
     pub async fn read(&self, ino: u64, offset: u64, size: u32) -> FsResult<Bytes> {
         self.read_fh(ino, 0, offset, size).await
     }

@@ -12,7 +12,17 @@
 //! answer `ENOSYS` when the kernel supports no-open (it then stops sending
 //! them, and keeps the page cache and caches directory listings: immutable
 //! content), `flush` answers `ENOSYS` once, readdirplus replaces lookups.
+//!
+//! With a disk cache and a kernel that offers FUSE passthrough, `open` is
+//! answered instead (no-open is all or nothing): a file whose whole content
+//! is in the disk cache, and at least [`PASSTHROUGH_MIN`] bytes, is opened
+//! in passthrough mode on the cache file, so the kernel reads it with no
+//! round trip per read; smaller ones are read from the cache file through
+//! FUSE (one read serves them). Where registering a backing file fails (the
+//! kernel asks for CAP_SYS_ADMIN) that is logged once and every open is
+//! answered plainly.
 
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
@@ -21,11 +31,13 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
-    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
-    INodeNo, InitFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyCreate,
-    ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs,
-    ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    AccessFlags, BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
+    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen,
+    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
+
+use parking_lot::Mutex;
 
 use super::core::{Attr, FsCore, FsError};
 use crate::archive::{EntryKind, Timestamp};
@@ -81,11 +93,28 @@ pub fn errno(e: &FsError) -> Errno {
     }
 }
 
+/// Smallest file opened in passthrough mode: below it, registering and
+/// releasing a backing file costs about what the one FUSE read it saves
+/// does (see the open-cost figure of `scripts/bench-local-cache.sh`).
+pub const PASSTHROUGH_MIN: u64 = 64 << 10;
+
+/// Open flags of a passthrough open: the kernel refuses any beyond its
+/// passthrough mask (FOPEN_KEEP_CACHE included: the page cache is the
+/// backing file's).
+const PASSTHROUGH_FLAGS: FopenFlags = FopenFlags::empty();
+
 pub struct FuseFs<S> {
     core: Arc<FsCore<S>>,
     runtime: tokio::runtime::Handle,
     /// The kernel supports no-open: answer open/opendir with ENOSYS.
     no_open: AtomicBool,
+    /// Passthrough asked for (and a disk cache to pass through to).
+    want_passthrough: bool,
+    /// Passthrough works: the kernel offered it and backing files register.
+    passthrough: AtomicBool,
+    /// The backing file of each inode opened in passthrough mode, and how
+    /// many opens use it (the kernel wants one per inode while any is open).
+    backing: Mutex<HashMap<u64, (BackingId, u32)>>,
 }
 
 /// Implements `Filesystem` methods that would change the tree as one line
@@ -103,10 +132,51 @@ macro_rules! read_only {
 
 impl<S: ObjectStore> FuseFs<S> {
     pub fn new(core: Arc<FsCore<S>>, runtime: tokio::runtime::Handle) -> Self {
+        let want_passthrough = core.fetcher().has_disk();
         FuseFs {
             core,
             runtime,
             no_open: AtomicBool::new(false),
+            want_passthrough,
+            passthrough: AtomicBool::new(false),
+            backing: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Turns passthrough off (`--no-passthrough`): files in the disk cache
+    /// are then read from it through FUSE.
+    pub fn without_passthrough(mut self) -> Self {
+        self.want_passthrough = false;
+        self
+    }
+
+    /// Opens `ino` in passthrough mode if its whole content is in the disk
+    /// cache; gives the reply back when it is not (or passthrough failed).
+    fn open_passthrough(&self, ino: u64, fh: u64, reply: ReplyOpen) -> Option<ReplyOpen> {
+        let mut backing = self.backing.lock();
+        if let Some((id, opens)) = backing.get_mut(&ino) {
+            *opens += 1;
+            reply.opened_passthrough(FileHandle(fh), PASSTHROUGH_FLAGS, id);
+            return None;
+        }
+        let file = match self.core.passthrough_file(ino) {
+            Some(f) if f.metadata().is_ok_and(|m| m.len() >= PASSTHROUGH_MIN) => f,
+            _ => return Some(reply),
+        };
+        match reply.open_backing(&file) {
+            Ok(id) => {
+                reply.opened_passthrough(FileHandle(fh), PASSTHROUGH_FLAGS, &id);
+                backing.insert(ino, (id, 1));
+                None
+            }
+            Err(e) => {
+                if self.passthrough.swap(false, Ordering::Relaxed) {
+                    tracing::warn!(
+                    "FUSE passthrough is not available ({e}: registering a backing file needs CAP_SYS_ADMIN); files in the disk cache are read from it through FUSE"
+                    );
+                }
+                Some(reply)
+            }
         }
     }
 
@@ -179,8 +249,22 @@ impl<S: ObjectStore> Filesystem for FuseFs<S> {
                 let _ = config.add_capabilities(flag);
             }
         }
+        if self.want_passthrough {
+            if caps.contains(InitFlags::FUSE_PASSTHROUGH)
+                && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+                // Depth 1: the cache files must be on a plain file system,
+                // and overlayfs (`--writable`) may still stack on this mount.
+                && config.set_max_stack_depth(1).is_ok()
+            {
+                self.passthrough.store(true, Ordering::Relaxed);
+            } else {
+                tracing::warn!("the kernel offers no FUSE passthrough (Linux 6.9 or later has it); files in the disk cache are read from it through FUSE");
+            }
+        }
+        // Passthrough needs open answered, and no-open is all or nothing.
         self.no_open.store(
-            caps.contains(InitFlags::FUSE_NO_OPEN_SUPPORT),
+            caps.contains(InitFlags::FUSE_NO_OPEN_SUPPORT)
+                && !self.passthrough.load(Ordering::Relaxed),
             Ordering::Relaxed,
         );
         let _ = config
@@ -232,7 +316,17 @@ impl<S: ObjectStore> Filesystem for FuseFs<S> {
             // The kernel then stops sending open and release, and keeps the
             // page cache (content that never changes: no handles needed).
             Ok(0) if self.no_open.load(Ordering::Relaxed) => reply.error(Errno::ENOSYS),
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+            Ok(fh) => {
+                let reply = if self.passthrough.load(Ordering::Relaxed) {
+                    match self.open_passthrough(ino.0, fh, reply) {
+                        Some(reply) => reply,
+                        None => return,
+                    }
+                } else {
+                    reply
+                };
+                reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE)
+            }
         }
     }
 
@@ -288,6 +382,13 @@ impl<S: ObjectStore> Filesystem for FuseFs<S> {
     ) {
         self.count(Op::Release);
         self.core.release(ino.0, fh.0);
+        let mut backing = self.backing.lock();
+        if let Some((_, opens)) = backing.get_mut(&ino.0) {
+            *opens -= 1;
+            if *opens == 0 {
+                backing.remove(&ino.0);
+            }
+        }
         reply.ok();
     }
 

@@ -13,6 +13,7 @@ use super::control;
 use super::overlay::{Overlays, WritableMount};
 use super::preflight::{self, FUSE_SUPER_MAGIC};
 use super::startup::Phases;
+use crate::cache::disk::{DiskCache, DiskOptions, MountDisk};
 use crate::cache::version::{open_version, Refresh};
 use crate::cache::{Current, FetchConfig, Fetcher, Stats, Version};
 use crate::fs::{FsCore, FuseFs, Reopener, Tree};
@@ -25,6 +26,10 @@ const READY_TIMEOUT: Duration = Duration::from_secs(20);
 /// sets another (the FUSE INIT reply cannot raise it above the kernel's
 /// default of 128 KiB; sysfs can).
 pub const BDI_READ_AHEAD_KB: u32 = 1024;
+
+/// The merge gap of a mount with a disk cache: a zip local header and a long
+/// name fit, a neighbouring file does not.
+const DISK_MERGE_GAP: u64 = 8 << 10;
 
 #[derive(Debug, Clone)]
 pub struct MountOptions {
@@ -41,6 +46,10 @@ pub struct MountOptions {
     pub dev_fuse: PathBuf,
     /// The kernel read-ahead set on each mount, in KiB.
     pub read_ahead_kb: u32,
+    /// The host's disk cache, unless turned off.
+    pub disk: Option<DiskOptions>,
+    /// Open files wholly in the disk cache with FUSE passthrough.
+    pub passthrough: bool,
 }
 
 /// The single-flight reopen of a mount: `open_version` again (checking the
@@ -206,6 +215,7 @@ impl<S: ObjectStore> Daemon<S> {
             "all mountpoints are gone; exiting. {}",
             self.fetcher.render_stats().replace('\n', " ")
         );
+        self.fetcher.save_disk_figures();
         Ok(())
     }
 }
@@ -255,11 +265,28 @@ pub fn mount_all<S: ObjectStore>(
     }
     let store_name = store.describe();
     let digest = expected_digest.clone();
-    let fetcher = Fetcher::new(
+    let disk = options
+        .disk
+        .as_ref()
+        .and_then(|o| match DiskCache::open(o) {
+            Ok(c) => Some(MountDisk::new(Arc::new(c), store_name.clone())),
+            Err(e) => {
+                tracing::warn!("{e}; reads use the in-memory cache only");
+                None
+            }
+        });
+    let mut fetch = options.fetch.clone();
+    if disk.is_some() {
+        // Holes between wanted pieces are mostly files already on disk:
+        // fetch through local headers and names, not through whole files.
+        fetch.merge_gap = fetch.merge_gap.min(DISK_MERGE_GAP);
+    }
+    let fetcher = Fetcher::with_disk(
         store.clone(),
         options.cache_size,
         stats.clone(),
-        options.fetch.clone(),
+        fetch,
+        disk,
     );
     let reopener = reopener(store, current.clone(), expected_digest, &fetcher, stats);
     let mut trees = Vec::new();
@@ -297,6 +324,11 @@ pub fn mount_all<S: ObjectStore>(
                 !content_addressed,
             );
             let fs = FuseFs::new(core.clone(), runtime.clone());
+            let fs = if options.passthrough {
+                fs
+            } else {
+                fs.without_passthrough()
+            };
             let mut config = fuser::Config::default();
             config.mount_options = vec![
                 fuser::MountOption::RO,

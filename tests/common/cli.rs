@@ -91,11 +91,18 @@ impl Sandbox {
         self.dir.path().join("home")
     }
 
+    /// The sandbox's disk cache dir (`CACHEMOUNT_CACHE_DIR`).
+    pub fn disk_cache(&self) -> PathBuf {
+        self.dir.path().join("disk-cache")
+    }
+
     pub fn command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_cachemount"));
         cmd.current_dir(self.work())
             .env("HOME", self.home())
             .env("CACHEMOUNT_STORE", &self.store)
+            // Each sandbox its own disk cache: no test sees another's blocks.
+            .env("CACHEMOUNT_CACHE_DIR", self.disk_cache())
             .args(args);
         for k in &self.unset {
             cmd.env_remove(k);
