@@ -115,7 +115,7 @@ impl<S: ObjectStore> Fetcher<S> {
 
     /// The counters as `name value` lines.
     pub fn render_stats(&self) -> String {
-        self.stats.render(self.cache.bytes(), self.cache.capacity())
+        self.stats.render(&self.cache)
     }
     /// Reads `offset..offset+len` of entry `entry` (clamped to its size).
     pub async fn read(

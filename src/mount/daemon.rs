@@ -41,6 +41,8 @@ pub struct MountOptions {
     pub dev_fuse: PathBuf,
     /// The kernel read-ahead set on each mount, in KiB.
     pub read_ahead_kb: u32,
+    /// Where every mountpoint records its reads (`None`: `--no-record`).
+    pub recorder: Option<Arc<crate::profile::Recorder>>,
 }
 
 /// The single-flight reopen of a mount: `open_version` again (checking the
@@ -141,6 +143,7 @@ pub struct Daemon<S> {
     pub mounted: Vec<Mounted>,
     sessions: Vec<fuser::BackgroundSession>,
     fetcher: Arc<Fetcher<S>>,
+    current: Arc<Current>,
 }
 
 impl<S: ObjectStore> Daemon<S> {
@@ -157,6 +160,11 @@ impl<S: ObjectStore> Daemon<S> {
 
     pub fn fetcher(&self) -> &Arc<Fetcher<S>> {
         &self.fetcher
+    }
+
+    /// The archive version the mount reads now (a reopen swaps it).
+    pub fn current(&self) -> &Arc<Current> {
+        &self.current
     }
 
     /// Serves until every mountpoint is gone (unmounted by `cachemount
@@ -271,6 +279,7 @@ pub fn mount_all<S: ObjectStore>(
         mounted: Vec::new(),
         sessions: Vec::new(),
         fetcher: fetcher.clone(),
+        current: current.clone(),
     };
     let result = (|| -> anyhow::Result<()> {
         for (t, tree) in targets.iter().zip(trees) {
@@ -296,6 +305,9 @@ pub fn mount_all<S: ObjectStore>(
                 fetcher.clone(),
                 !content_addressed,
             );
+            if let Some(r) = &options.recorder {
+                core.set_recorder(r.clone());
+            }
             let fs = FuseFs::new(core.clone(), runtime.clone());
             let mut config = fuser::Config::default();
             config.mount_options = vec![
