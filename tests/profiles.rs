@@ -368,12 +368,16 @@ fn an_archive_saved_in_profile_order_restores_identically_and_zip_readers_list_i
     let mut sorted = rest.to_vec();
     sorted.sort();
     assert_eq!(rest, sorted, "the rest in sorted order");
-    // Python's zipfile lists it and finds every member's CRC right.
+    // Python's zipfile lists it, in the same order (it cannot decompress
+    // zstd entries before Python 3.14, so it only lists).
     let py = std::process::Command::new("python3")
         .args([
             "-c",
-            "import sys, zipfile; z = zipfile.ZipFile(sys.argv[1]); \
-             assert z.testzip() is None; print(len(z.namelist()))",
+            "import sys, zipfile\n\
+             z = zipfile.ZipFile(sys.argv[1])\n\
+             for i in sorted(z.infolist(), key=lambda i: i.header_offset):\n\
+             \x20   n = i.filename\n\
+             \x20   if n.startswith('_') and not n.endswith('/'): print(n)",
         ])
         .arg(archive)
         .output()
@@ -383,13 +387,11 @@ fn an_archive_saved_in_profile_order_restores_identically_and_zip_readers_list_i
         "{}",
         String::from_utf8_lossy(&py.stderr)
     );
-    let count: usize = String::from_utf8_lossy(&py.stdout).trim().parse().unwrap();
-    assert_eq!(
-        count,
-        zip::ZipArchive::new(fs::File::open(archive).unwrap())
-            .unwrap()
-            .len()
-    );
+    let by_python: Vec<String> = String::from_utf8_lossy(&py.stdout)
+        .lines()
+        .map(String::from)
+        .collect();
+    assert_eq!(by_python, listed);
     // It restores to the same tree.
     let expected = sb.dir.path().join("expected");
     fs::rename(&src, &expected).unwrap();
