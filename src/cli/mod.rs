@@ -259,6 +259,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let options = MountOptions {
                 recorder: (!no_record).then(Default::default),
+                prefetch: !no_prefetch,
                 force,
                 cache_size,
                 fetch: tuning.fetch_config(),
@@ -276,7 +277,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 &anchors,
                 options,
                 daemon_child,
-                !no_prefetch,
                 phases,
             )
             .await;
@@ -679,7 +679,6 @@ async fn mount_and_serve(
     anchors: &Anchors,
     options: MountOptions,
     daemon_child: bool,
-    prefetch: bool,
     mut phases: Phases,
 ) -> anyhow::Result<()> {
     let specs = parse_specs(paths, anchors)?;
@@ -701,7 +700,7 @@ async fn mount_and_serve(
         .map(|(key, matched)| crate::mount::learn::LearnKeys { key, matched });
     let loading = learn_keys
         .as_ref()
-        .filter(|_| prefetch)
+        .filter(|_| options.prefetch)
         .map(|k| crate::mount::learn::load_profile(store.clone(), k));
     let recorder = options.recorder.clone();
     let stats = std::sync::Arc::new(Stats::default());

@@ -43,6 +43,8 @@ pub struct MountOptions {
     pub read_ahead_kb: u32,
     /// Where every mountpoint records its reads (`None`: `--no-record`).
     pub recorder: Option<Arc<crate::profile::Recorder>>,
+    /// Replay the key's access profile once the mount answers (not `--no-prefetch`).
+    pub prefetch: bool,
 }
 
 /// The single-flight reopen of a mount: `open_version` again (checking the

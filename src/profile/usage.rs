@@ -139,7 +139,7 @@ mod tests {
             .iter()
             .map(|(n, size)| Entry {
                 size: *size,
-                ..Entry::new(EntryKind::File, n.as_bytes().to_vec())
+                ..Entry::new(EntryKind::File, n.as_bytes())
             })
             .collect();
         entries.sort_by(|a, b| a.name.cmp(&b.name));
