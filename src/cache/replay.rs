@@ -8,13 +8,17 @@
 //! cached like any other; a demand read of a piece in flight joins it). What
 //! replay adds is the order and the pacing:
 //!
-//! - batches of at most [`FetchConfig::max_get`] compressed bytes and
-//!   [`MAX_GROUPS`] separate ranges, at most [`IN_FLIGHT`] batches at once, so
-//!   an archive laid out in profile order (`save`) is a few large GETs and a
-//!   scattered one never a flood of small ones;
-//! - demand first: a batch starts only when no demand fetch is in flight
-//!   (waiting at most [`YIELD`] for them, so a build that keeps missing does
-//!   not stop replay altogether), and in-flight batches are few;
+//! - the profile's pieces merged into ranges by archive offset, the ranges
+//!   in the order of the earliest piece each holds, in batches of at most
+//!   [`FetchConfig::max_get`] bytes and [`MAX_GROUPS`] ranges, at most
+//!   [`IN_FLIGHT`] batches at once: an archive laid out in profile order
+//!   (`save`) is a few large GETs, a scattered one a GET per neighbourhood,
+//!   never a flood of small ones;
+//! - demand first: a demand miss never waits for replay (it starts its own
+//!   GET at once, or joins the replay's fetch of that piece); a batch starts
+//!   only when no demand fetch is in flight (waiting at most [`YIELD`], so a
+//!   build that keeps missing does not stop replay altogether), and
+//!   in-flight batches are few;
 //! - memory: replay stops after half the block cache's capacity (more would
 //!   evict what it fetched before the build reads it).
 //!
@@ -41,8 +45,10 @@ use crate::store::ObjectStore;
 const IN_FLIGHT: usize = 2;
 /// Separate ranges (GETs) in one batch.
 const MAX_GROUPS: usize = 16;
-/// Longest a batch waits for demand fetches to finish before it starts anyway.
-const YIELD: Duration = Duration::from_millis(50);
+/// Longest a batch waits for demand fetches to finish before it starts
+/// anyway. Short: a build that misses continuously would otherwise hold
+/// replay back until the build has fetched everything itself.
+const YIELD: Duration = Duration::from_millis(2);
 /// How often a waiting batch looks again.
 const POLL: Duration = Duration::from_millis(1);
 
@@ -64,44 +70,80 @@ impl<S: ObjectStore> Fetcher<S> {
     pub async fn replay(self: &Arc<Self>, current: &Current, profile: &Profile) -> Replayed {
         let v = current.load();
         let mut out = Replayed::default();
-        let pieces = self.replay_pieces(&v, profile, &mut out);
+        let mut pieces = self.replay_pieces(&v, profile, &mut out);
         Stats::add(&self.stats.profile_entries, out.entries);
-        let in_flight = Arc::new(Semaphore::new(IN_FLIGHT));
+        // Within half the cache, in profile order.
         let mut budget = self.cache.capacity() / 2;
-        let mut batch: Vec<Piece> = Vec::new();
-        let (mut bytes, mut groups, mut prev_end) = (0u64, 0usize, None::<u64>);
-        let mut rest = pieces.into_iter().peekable();
-        while let Some(p) = rest.next() {
+        let within = pieces.iter().position(|p| {
             let e = v.entry(p.entry);
             let decoded = Layout::of(e, &self.config).block_size(e).min(e.size);
-            if decoded > budget {
-                out.stopped = Some("half the block cache is prefetched");
+            let over = decoded > budget;
+            budget = budget.saturating_sub(decoded);
+            over
+        });
+        if let Some(n) = within {
+            pieces.truncate(n);
+            out.stopped = Some("half the block cache is prefetched");
+        }
+        let in_flight = Arc::new(Semaphore::new(IN_FLIGHT));
+        for batch in self.replay_batches(&v, &pieces) {
+            if current.load().id != v.id {
+                out.stopped = Some("the archive changed in the store");
                 break;
             }
-            budget -= decoded;
-            let (range, _) = p.range(&v, &self.config);
-            if prev_end.is_none_or(|end| range.start.abs_diff(end) > self.config.merge_gap) {
-                groups += 1;
-            }
-            prev_end = Some(range.end);
-            bytes += range.end - range.start;
-            batch.push(p);
-            let full = bytes >= self.config.max_get || groups >= MAX_GROUPS;
-            if full || rest.peek().is_none() {
-                if current.load().id != v.id {
-                    out.stopped = Some("the archive changed in the store");
-                    break;
-                }
-                let permit = in_flight.clone().acquire_many_owned(1).await.expect("open");
-                self.yield_to_demand().await;
-                out.pieces += self.start_replay(&v, &batch, permit);
-                batch.clear();
-                (bytes, groups, prev_end) = (0, 0, None);
-            }
+            let permit = in_flight.clone().acquire_many_owned(1).await.expect("open");
+            self.yield_to_demand().await;
+            out.pieces += self.start_replay(&v, &batch, permit);
         }
         // Wait for the last batches, so the caller knows when replay is done.
         let _ = in_flight.acquire_many(IN_FLIGHT as u32).await;
         out
+    }
+
+    /// `pieces` (in profile order) cut into batches: the pieces are merged
+    /// into ranges by archive offset, as a GET would merge them (gap at most
+    /// `merge_gap`, at most `max_get` long), the ranges go in the order of
+    /// the earliest piece each holds, and a batch is up to `max_get` bytes or
+    /// [`MAX_GROUPS`] ranges. An archive laid out in profile order is then
+    /// one range after another; a sorted one whose profile files are
+    /// scattered still gets each neighbourhood in one GET, in about profile
+    /// order.
+    fn replay_batches(&self, v: &Version, pieces: &[Piece]) -> Vec<Vec<Piece>> {
+        let mut by_offset: Vec<(std::ops::Range<u64>, usize)> = pieces
+            .iter()
+            .enumerate()
+            .map(|(rank, p)| (p.range(v, &self.config).0, rank))
+            .collect();
+        by_offset.sort_by_key(|(r, _)| r.start);
+        // (range, earliest rank, piece ranks)
+        let mut groups: Vec<(std::ops::Range<u64>, usize, Vec<usize>)> = Vec::new();
+        for (r, rank) in by_offset {
+            match groups.last_mut() {
+                Some((g, first, members))
+                    if r.start <= g.end + self.config.merge_gap
+                        && r.end.max(g.end) - g.start <= self.config.max_get =>
+                {
+                    g.end = g.end.max(r.end);
+                    *first = (*first).min(rank);
+                    members.push(rank);
+                }
+                _ => groups.push((r.clone(), rank, vec![rank])),
+            }
+        }
+        groups.sort_by_key(|(_, first, _)| *first);
+        let mut batches: Vec<Vec<Piece>> = Vec::new();
+        let (mut bytes, mut count) = (u64::MAX, usize::MAX);
+        for (g, _, members) in groups {
+            if bytes >= self.config.max_get || count >= MAX_GROUPS {
+                batches.push(Vec::new());
+                (bytes, count) = (0, 0);
+            }
+            bytes += g.end - g.start;
+            count += 1;
+            let batch = batches.last_mut().expect("pushed above");
+            batch.extend(members.into_iter().map(|rank| pieces[rank]));
+        }
+        batches
     }
 
     /// The pieces of the profile's entries this archive holds, in profile order.
