@@ -15,10 +15,12 @@
 //!   (`save`) is a few large GETs, a scattered one a GET per neighbourhood,
 //!   never a flood of small ones;
 //! - demand first: a demand miss never waits for replay (it starts its own
-//!   GET at once, or joins the replay's fetch of that piece); a batch starts
-//!   only when no demand fetch is in flight (waiting at most [`YIELD`], so a
-//!   build that keeps missing does not stop replay altogether), and
-//!   in-flight batches are few;
+//!   GET at once, or joins the replay's fetch of that piece); while a build
+//!   is reading (a demand fetch seen in the last [`QUIET`]), replay sends
+//!   one range of at most [`SMALL_GET`] at a time, so a demand GET shares
+//!   the store with at most that; a batch starts only when no demand fetch
+//!   is in flight (waiting at most [`YIELD`], so a build that keeps missing
+//!   does not stop replay altogether);
 //! - memory: replay stops after half the block cache's capacity (more would
 //!   evict what it fetched before the build reads it).
 //!
@@ -42,7 +44,12 @@ use crate::profile::Profile;
 use crate::store::ObjectStore;
 
 /// Replay batches in flight at once.
-const IN_FLIGHT: usize = 2;
+const IN_FLIGHT: u32 = 2;
+/// The longest range replay fetches while a build is reading (batches of
+/// several are merged into GETs of up to `max_get` when it is not).
+const SMALL_GET: u64 = 128 << 10;
+/// A demand fetch seen this recently means a build is reading.
+const QUIET: Duration = Duration::from_millis(100);
 /// Separate ranges (GETs) in one batch.
 const MAX_GROUPS: usize = 16;
 /// Longest a batch waits for demand fetches to finish before it starts
@@ -85,30 +92,56 @@ impl<S: ObjectStore> Fetcher<S> {
             pieces.truncate(n);
             out.stopped = Some("half the block cache is prefetched");
         }
-        let in_flight = Arc::new(Semaphore::new(IN_FLIGHT));
-        for batch in self.replay_batches(&v, &pieces) {
+        let in_flight = Arc::new(Semaphore::new(IN_FLIGHT as usize));
+        let ranges = self.replay_ranges(&v, &pieces);
+        let mut next = ranges.iter().peekable();
+        let mut last_demand: Option<Instant> = None;
+        while next.peek().is_some() {
             if current.load().id != v.id {
                 out.stopped = Some("the archive changed in the store");
                 break;
             }
-            let permit = in_flight.clone().acquire_many_owned(1).await.expect("open");
+            if self.demand_in_flight() {
+                last_demand = Some(Instant::now());
+            }
+            let busy = last_demand.is_some_and(|t| t.elapsed() < QUIET);
+            // A build is reading: one small GET at a time, so a demand GET
+            // never waits long behind replay's; otherwise large merged ones.
+            let (permits, max_bytes, max_ranges) = if busy {
+                (IN_FLIGHT, 0, 1)
+            } else {
+                (1, self.config.max_get, MAX_GROUPS)
+            };
+            let permit = in_flight
+                .clone()
+                .acquire_many_owned(permits)
+                .await
+                .expect("never closed");
             self.yield_to_demand().await;
+            let (mut batch, mut bytes, mut count) = (Vec::new(), 0, 0);
+            while let Some((len, members)) =
+                next.next_if(|_| count < max_ranges && (count == 0 || bytes < max_bytes))
+            {
+                batch.extend_from_slice(members);
+                bytes += len;
+                count += 1;
+            }
             out.pieces += self.start_replay(&v, &batch, permit);
         }
         // Wait for the last batches, so the caller knows when replay is done.
-        let _ = in_flight.acquire_many(IN_FLIGHT as u32).await;
+        let _ = in_flight.acquire_many(IN_FLIGHT).await;
         out
     }
 
-    /// `pieces` (in profile order) cut into batches: the pieces are merged
-    /// into ranges by archive offset, as a GET would merge them (gap at most
-    /// `merge_gap`, at most `max_get` long), the ranges go in the order of
-    /// the earliest piece each holds, and a batch is up to `max_get` bytes or
-    /// [`MAX_GROUPS`] ranges. An archive laid out in profile order is then
+    /// `pieces` (in profile order) merged into ranges by archive offset, as
+    /// a GET would merge them (gap at most `merge_gap`, at most
+    /// [`SMALL_GET`] long: a batch of consecutive ranges is merged again into
+    /// GETs of up to `max_get`), in the order of the earliest piece each
+    /// holds: (bytes, pieces). An archive laid out in profile order is then
     /// one range after another; a sorted one whose profile files are
-    /// scattered still gets each neighbourhood in one GET, in about profile
-    /// order.
-    fn replay_batches(&self, v: &Version, pieces: &[Piece]) -> Vec<Vec<Piece>> {
+    /// scattered still gets each neighbourhood in one range, in about
+    /// profile order.
+    fn replay_ranges(&self, v: &Version, pieces: &[Piece]) -> Vec<(u64, Vec<Piece>)> {
         let mut by_offset: Vec<(std::ops::Range<u64>, usize)> = pieces
             .iter()
             .enumerate()
@@ -121,7 +154,7 @@ impl<S: ObjectStore> Fetcher<S> {
             match groups.last_mut() {
                 Some((g, first, members))
                     if r.start <= g.end + self.config.merge_gap
-                        && r.end.max(g.end) - g.start <= self.config.max_get =>
+                        && r.end.max(g.end) - g.start <= SMALL_GET =>
                 {
                     g.end = g.end.max(r.end);
                     *first = (*first).min(rank);
@@ -131,19 +164,15 @@ impl<S: ObjectStore> Fetcher<S> {
             }
         }
         groups.sort_by_key(|(_, first, _)| *first);
-        let mut batches: Vec<Vec<Piece>> = Vec::new();
-        let (mut bytes, mut count) = (u64::MAX, usize::MAX);
-        for (g, _, members) in groups {
-            if bytes >= self.config.max_get || count >= MAX_GROUPS {
-                batches.push(Vec::new());
-                (bytes, count) = (0, 0);
-            }
-            bytes += g.end - g.start;
-            count += 1;
-            let batch = batches.last_mut().expect("pushed above");
-            batch.extend(members.into_iter().map(|rank| pieces[rank]));
-        }
-        batches
+        groups
+            .into_iter()
+            .map(|(g, _, members)| {
+                (
+                    g.end - g.start,
+                    members.into_iter().map(|r| pieces[r]).collect(),
+                )
+            })
+            .collect()
     }
 
     /// The pieces of the profile's entries this archive holds, in profile order.
