@@ -10,9 +10,10 @@
 #
 # seq: a file of --seq-mb (600) MB, half text, half random bytes, read with
 # `cat` through a fresh mount, against `zstd -d` of the same bytes (a .zst in
-# the page cache, to /dev/null) and against a GET of that .zst piped into
-# `zstd -d`; each of the three --repeat (3) times, interleaved, medians and
-# the ratios of medians printed. Goal: cat >= 0.9x zstd -d.
+# the page cache, to /dev/null), against a GET of that .zst piped into
+# `zstd -d`, and against the GET alone (to /dev/null: the store's ceiling on
+# this machine); each --repeat (3) times, interleaved, medians and the ratios
+# of medians printed. Goal: cat >= 0.9x zstd -d.
 # start: --start-files (50000) small files: `mount` returning, mount -> first
 # `ls` answering, and restore, --repeat times each, medians; and the daemon's
 # start-up phases (its log's "start-up phases" line) of the last mount.
@@ -24,8 +25,9 @@
 # goals of issue 3, and the S3 GET requests the mount made.
 #
 # Goals: mount <= 0.5 s and >= 20x faster than restore; 10% sample >= 5x
-# faster than restore + the same reads; read-all <= 1.25x restore + read;
-# sequential >= 80% of raw GET + zstd -d; cold find <= 2x find on the restored tree.
+# faster than restore + the same reads; read-all <= 1.25x restore + read
+# (workload b, a few large files: <= 0.8x); sequential >= 80% of raw GET +
+# zstd -d; cold find <= 2x find on the restored tree.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo="$PWD"
@@ -163,7 +165,7 @@ run_seq() {
   s3curl -T "$w/file.zst" "$(s3url raw/seq.zst)" >/dev/null
   R[seq.bytes]=$(stat -c %s "$w/src/tree/big/large-0.bin")
   rm -rf "$w/src"
-  local cat_t=() zstd_t=() get_t=()
+  local cat_t=() zstd_t=() get_t=() raw_t=()
   for i in $(seq "$repeat"); do
     mount_fresh "$key" "$w/m$i"
     cat_t+=("$(timed cat tree/big/large-0.bin)")
@@ -174,11 +176,14 @@ run_seq() {
     zstd_t+=("$(timed zstd -q -d -c "$w/file.zst")")
     drop_caches
     get_t+=("$(timed bash -c "$(declare -f s3curl); s3curl '$(s3url raw/seq.zst)' | zstd -q -d -c > /dev/null")")
+    drop_caches
+    raw_t+=("$(timed bash -c "$(declare -f s3curl); s3curl '$(s3url raw/seq.zst)' > /dev/null")")
   done
   R[seq.cat]=$(printf '%s\n' "${cat_t[@]}" | median)
   R[seq.zstd]=$(printf '%s\n' "${zstd_t[@]}" | median)
   R[seq.get]=$(printf '%s\n' "${get_t[@]}" | median)
-  R[seq.runs]="cat ${cat_t[*]}; zstd -d ${zstd_t[*]}; GET|zstd -d ${get_t[*]}"
+  R[seq.raw]=$(printf '%s\n' "${raw_t[@]}" | median)
+  R[seq.runs]="cat ${cat_t[*]}; zstd -d ${zstd_t[*]}; GET|zstd -d ${get_t[*]}; GET ${raw_t[*]}"
   rm -f "$w/file.zst"
 }
 
@@ -229,7 +234,7 @@ report() {
   s_m=$(add "${R[$n.mount]}" "${R[$n.sample]}"); s_r=$(add "${R[$n.restore]}" "${R[$n.sample_r]}")
   a_m=$(add "${R[$n.mount]}" "${R[$n.all]}"); a_r=$(add "${R[$n.restore]}" "${R[$n.all_r]}")
   printf '  %-44s %9.3f %9.3f %9s   (goal restore/mount >= 5)\n' "10% sample incl. mount / restore (s)" "$s_m" "$s_r" "$(ratio "$s_r" "$s_m")"
-  printf '  %-44s %9.3f %9.3f %9s   (goal mount/restore <= 1.25)\n' "read every byte incl. mount / restore (s)" "$a_m" "$a_r" "$(ratio "$a_m" "$a_r")"
+  printf '  %-44s %9.3f %9.3f %9s   (goal mount/restore <= %s)\n' "read every byte incl. mount / restore (s)" "$a_m" "$a_r" "$(ratio "$a_m" "$a_r")" "$( [ "$n" = b ] && echo 0.8 || echo 1.25)"
   local seq_m seq_r raw
   seq_m=$(awk -v m="$mb" -v t="${R[$n.seq]}" 'BEGIN { printf "%.0f", m / t }')
   seq_r=$(awk -v m="$mb" -v t="${R[$n.seq_r]}" 'BEGIN { printf "%.0f", m / t }')
@@ -245,8 +250,10 @@ if wanted seq; then
   printf '  %-44s %9s MB/s  (%s s)\n' "cat through a fresh mount" "$(mbps "${R[seq.bytes]}" "${R[seq.cat]}")" "${R[seq.cat]}"
   printf '  %-44s %9s MB/s  (%s s)\n' "zstd -d of the same bytes (page cache)" "$(mbps "${R[seq.bytes]}" "${R[seq.zstd]}")" "${R[seq.zstd]}"
   printf '  %-44s %9s MB/s  (%s s)\n' "GET | zstd -d" "$(mbps "${R[seq.bytes]}" "${R[seq.get]}")" "${R[seq.get]}"
+  printf '  %-44s %9s MB/s  (%s s)\n' "GET alone, to /dev/null" "$(mbps "${R[seq.bytes]}" "${R[seq.raw]}")" "${R[seq.raw]}"
   printf '  %-44s %9s   (goal >= 0.9)\n' "cat / zstd -d (throughput ratio)" "$(ratio "${R[seq.zstd]}" "${R[seq.cat]}")"
   printf '  %-44s %9s\n' "cat / GET | zstd -d (throughput ratio)" "$(ratio "${R[seq.get]}" "${R[seq.cat]}")"
+  printf '  %-44s %9s\n' "cat / GET alone (throughput ratio)" "$(ratio "${R[seq.raw]}" "${R[seq.cat]}")"
   printf '  %-44s %s\n' "S3 GET requests of the last cat" "${R[seq.req]}"
   printf '  runs (s): %s\n' "${R[seq.runs]}"
 fi

@@ -270,6 +270,27 @@ async fn sequential_reads_merge_and_read_ahead_within_a_tiny_cache() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stream_drops_the_frames_it_passed_and_rereads_them_right() {
+    let fx = fixture(|p| {
+        fs::create_dir_all(p).unwrap();
+        fs::write(p.join("seq.bin"), Rng::new(5).text(40 << 20)).unwrap();
+    })
+    .await;
+    let source = fs::read(fx.src.join("seq.bin")).unwrap();
+    // A cache that could hold the whole file: what leaves it was dropped behind.
+    let core = core(&fx, 256 << 20, FetchConfig::default()).await;
+    let ino = ino_of(&core, "seq.bin");
+    assert!(read_all(&core, ino, 1 << 20).await == source);
+    let cached = core.fetcher().cache().bytes();
+    assert!(
+        cached <= 12 << 20,
+        "a sequential reader's passed frames leave the cache (read-ahead and the last few stay): {cached} bytes cached"
+    );
+    // Read again (as after the kernel dropped its pages): fetched again, right.
+    assert!(read_all(&core, ino, 1 << 20).await == source);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_corrupt_frame_fails_that_read_only() {
     let fx = fixture(|p| feature_tree(p, 5)).await;
     let core_ok = core(&fx, 64 << 20, FetchConfig::default()).await;

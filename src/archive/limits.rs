@@ -217,6 +217,18 @@ pub fn zstd_stream(data: &[u8], max_len: usize) -> io::Result<Vec<u8>> {
         // A header may lie: reserve no more than a plausible ratio of the input.
         .map(|n| n.min(data.len().saturating_mul(64)));
     let mut out = Vec::with_capacity(declared.unwrap_or(0));
+    // One pass into the buffer as allocated (no zeroing, no stream
+    // buffers) when the declared size holds everything; a header that
+    // declares less than there is (or more frames) falls through to the
+    // bounded stream below.
+    if declared.is_some()
+        && zstd::bulk::Decompressor::new()?
+            .decompress_to_buffer(data, &mut out)
+            .is_ok()
+    {
+        return Ok(out);
+    }
+    out.clear();
     zstd::stream::read::Decoder::new(data)?
         .take(max_len as u64 + 1)
         .read_to_end(&mut out)?;
@@ -272,6 +284,27 @@ mod tests {
         for bad in [&b""[..], b"user.", b"trusted.x", b"security.capability"] {
             let err = check_xattrs(b"f", &[(bad.to_vec(), Vec::new())]).unwrap_err();
             assert!(err.to_string().contains("not a user.* name"), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_zstd_stream_decodes_whole_when_its_header_undercounts_and_stays_bounded() {
+        let a = vec![7u8; 100_000];
+        let b: Vec<u8> = (0..50_000u32).map(|i| (i * 31 % 251) as u8).collect();
+        let one = zstd::bulk::compress(&a, 3).unwrap();
+        // One frame: the declared size holds it all (the one-pass path).
+        assert_eq!(zstd_stream(&one, a.len()).unwrap(), a);
+        // Two frames: the first header declares less than there is, so the
+        // one pass fails and the stream decodes both.
+        let mut two = one.clone();
+        two.extend_from_slice(&zstd::bulk::compress(&b, 3).unwrap());
+        let mut both = a.clone();
+        both.extend_from_slice(&b);
+        assert_eq!(zstd_stream(&two, both.len()).unwrap(), both);
+        // The bound holds on either path.
+        for (data, len) in [(&one, a.len()), (&two, both.len())] {
+            let err = zstd_stream(data, len - 1).unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::InvalidData);
         }
     }
 

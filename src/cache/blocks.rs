@@ -126,6 +126,15 @@ impl BlockCache {
         }
     }
 
+    /// Frees one block (a sequential reader is past it: see
+    /// [`super::prefetch`]'s drop-behind).
+    pub fn remove(&self, key: &BlockKey) {
+        let mut inner = self.inner.lock();
+        if let Some(c) = inner.lru.pop(key) {
+            inner.gone(&c);
+        }
+    }
+
     /// Frees every block of `version` (after the mount moved to a new
     /// version); returns how many there were.
     pub fn drop_version(&self, version: u64) -> u64 {

@@ -18,6 +18,11 @@ pub struct FetchConfig {
     pub neighbour_files: usize,
     /// The largest read-ahead window, in blocks.
     pub readahead_max_blocks: u32,
+    /// How far ahead of a sequential reader, in time at the rate it has been
+    /// reading, its window reaches (at most `readahead_max_blocks`): enough
+    /// to cover a GET and its decoding, without a slow reader holding the
+    /// global read-ahead budget with blocks it will read seconds later.
+    pub readahead_horizon: std::time::Duration,
     /// Read-ahead bytes in flight at once, over all files and mounts.
     pub readahead_memory: u64,
     /// Single-stream entries up to this size (compressed and not) are fetched
@@ -38,6 +43,7 @@ impl Default for FetchConfig {
             neighbour_bytes: 4 << 20,
             neighbour_files: 1024,
             readahead_max_blocks: 32,
+            readahead_horizon: std::time::Duration::from_millis(250),
             readahead_memory: 256 << 20,
             whole_max: 16 << 20,
             stream_chunk: 4 << 20,

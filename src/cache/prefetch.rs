@@ -4,11 +4,23 @@
 //! directory rather than one per file, and a walk in archive order gets the
 //! next batch while it is still in the previous one; sequential readers get
 //! a read-ahead window that doubles per sequential read
-//! (1 → [`FetchConfig::readahead_max_blocks`] blocks), fetched in batches of
-//! at least half the window. Read-ahead in flight is bounded globally, over
+//! (1 → [`FetchConfig::readahead_max_blocks`] blocks) but reaches no further
+//! than the reader's measured rate covers in
+//! [`FetchConfig::readahead_horizon`], fetched in batches of at least half
+//! the window. Read-ahead in flight is bounded globally, over
 //! all files and mounts, by a semaphore of bytes.
+//!
+//! Drop-behind: once a reader is a stream (sequential for
+//! [`STREAM_BLOCKS`] blocks), the frames it has passed are dropped from the block
+//! cache. The kernel's page cache holds what it read; keeping a second copy
+//! would only push out the cache's working set, and freeing them lets the
+//! next frames decode into the buffers just freed instead of into fresh
+//! memory that must fault in page by page (a quarter of the daemon's CPU on
+//! a cold `cat` of a large file). A single-stream entry keeps its blocks:
+//! decoding one again means decoding from the entry's start.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -28,7 +40,35 @@ struct Seq {
     /// End of the previous read.
     next: u64,
     window: u32,
+    /// The first block not dropped behind the reader.
+    behind: u32,
+    /// When and where the current sequential run began: its rate.
+    since: Option<(Instant, u64)>,
 }
+
+impl Seq {
+    /// The window the reader's rate so far fills in `horizon` (no limit
+    /// while the run is too young to tell).
+    fn paced(&self, now: Instant, horizon: Duration, block_size: u64) -> u32 {
+        let Some((began, from)) = self.since else {
+            return u32::MAX;
+        };
+        let elapsed = now.saturating_duration_since(began);
+        if elapsed < horizon / 8 {
+            return u32::MAX;
+        }
+        let ahead = (self.next.saturating_sub(from) as f64 * horizon.as_secs_f64()
+            / elapsed.as_secs_f64()) as u64;
+        (ahead.div_ceil(block_size.max(1)).min(u64::from(u32::MAX)) as u32).max(2)
+    }
+}
+
+/// A sequential run this many blocks long is a stream: the blocks it passed
+/// are dropped behind it.
+const STREAM_BLOCKS: u64 = 8;
+/// Blocks just behind a stream's read are kept: the kernel's read-ahead
+/// sends several reads at once, which may arrive out of order.
+const DROP_BEHIND_LAG: u32 = 2;
 
 /// A reader walking the archive in order (a tree walk reads files in path
 /// order, which is archive order): small-file batches follow each other
@@ -204,7 +244,7 @@ impl<S: ObjectStore> Fetcher<S> {
     ) {
         let (offset, end, last) = (span.offset, span.end, span.last);
         let e = v.entry(entry);
-        let window = {
+        let (window, passed) = {
             let mut seq = self.prefetch.sequential.lock();
             let st = seq.get_or_insert_mut((v.id, entry), Seq::default);
             let bs = span.block_size;
@@ -219,20 +259,42 @@ impl<S: ObjectStore> Fetcher<S> {
                     offset != last && offset + near >= st.next && offset <= st.next + near
                 }
             };
+            let now = Instant::now();
+            if st.last.is_none() || !sequential {
+                st.since = Some((now, offset));
+            }
+            st.last = Some(offset);
+            st.next = if sequential { st.next.max(end) } else { end };
             st.window = if sequential {
-                (st.window * 2).clamp(1, self.config.readahead_max_blocks)
+                (st.window * 2)
+                    .clamp(1, self.config.readahead_max_blocks)
+                    .min(st.paced(now, self.config.readahead_horizon, bs))
             } else {
                 0
             };
-            st.last = Some(offset);
-            st.next = if sequential { st.next.max(end) } else { end };
-            st.window
+            let passed = if !sequential {
+                st.behind = span.first;
+                0..0
+            } else if st
+                .since
+                .is_some_and(|(_, from)| st.next.saturating_sub(from) >= STREAM_BLOCKS * bs)
+            {
+                let to = span.first.saturating_sub(DROP_BEHIND_LAG).max(st.behind);
+                std::mem::replace(&mut st.behind, to)..to
+            } else {
+                0..0
+            };
+            (st.window, passed)
         };
         if window == 0 {
             return;
         }
         match layout {
-            Layout::Frames | Layout::Stored => {}
+            Layout::Frames | Layout::Stored => {
+                for block in passed {
+                    self.cache.remove(&Piece { entry, block }.key(v.id));
+                }
+            }
             Layout::Stream => {
                 let next = Piece {
                     entry,

@@ -223,6 +223,10 @@ pub struct TuningArgs {
     /// The largest read-ahead window, in blocks.
     #[arg(long, hide = true, env = "CACHEMOUNT_READAHEAD_BLOCKS", value_parser = NamingTheVariable(parse_count::<u32>))]
     readahead_blocks: Option<u32>,
+    /// How far ahead of a sequential reader its read-ahead reaches, in
+    /// milliseconds at the rate it reads.
+    #[arg(long, hide = true, env = "CACHEMOUNT_READAHEAD_HORIZON_MS", value_parser = NamingTheVariable(parse_count::<u64>))]
+    readahead_horizon_ms: Option<u64>,
     /// Compressed bytes of neighbours fetched along with a small file's miss.
     #[arg(long, hide = true, env = "CACHEMOUNT_NEIGHBOUR_BYTES", value_parser = NamingTheVariable(parse_count::<u64>))]
     neighbour_bytes: Option<u64>,
@@ -239,6 +243,9 @@ impl TuningArgs {
             readahead_max_blocks: self
                 .readahead_blocks
                 .unwrap_or(default.readahead_max_blocks),
+            readahead_horizon: self
+                .readahead_horizon_ms
+                .map_or(default.readahead_horizon, std::time::Duration::from_millis),
             neighbour_bytes: self.neighbour_bytes.unwrap_or(default.neighbour_bytes),
             ..default
         }

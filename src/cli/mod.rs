@@ -628,17 +628,21 @@ struct Opened {
     pointer: Option<String>,
     /// What the user asked for and what answered it.
     matched: Matched,
+    /// How long building the store client took (a mount's first start-up phase).
+    store_time: std::time::Duration,
 }
 
 /// Resolves `--key` (or a fallback) or the URL into the object to read.
 async fn open_source(global: &GlobalArgs, source: SourceArgs) -> anyhow::Result<Opened> {
     if let Some(url) = source.url {
         let (store_url, object) = split_object_url(&url)?;
+        let started = std::time::Instant::now();
         let store = open_store_at(global, &store_url)
             .await
             .with_context(|| format!("cannot open {url}"))?;
         return Ok(Opened {
             store,
+            store_time: started.elapsed(),
             object,
             digest: None,
             pointer: None,
@@ -650,7 +654,9 @@ async fn open_source(global: &GlobalArgs, source: SourceArgs) -> anyhow::Result<
         });
     }
     let key = source.key.expect("clap requires --key or a URL");
+    let started = std::time::Instant::now();
     let store = open_store(global).await?;
+    let store_time = started.elapsed();
     let resolved = layout::resolve(&store, &key, &source.fallbacks).await?;
     let hit = if resolved.key == key {
         Hit::Exact
@@ -662,6 +668,7 @@ async fn open_source(global: &GlobalArgs, source: SourceArgs) -> anyhow::Result<
         object: resolved.pointer.blob_key(),
         digest: Some(resolved.pointer.digest.clone()),
         store,
+        store_time,
         matched: Matched {
             key,
             matched_key: Some(resolved.key),
@@ -690,9 +697,10 @@ async fn mount_and_serve(
         digest,
         pointer,
         matched,
+        store_time,
     } = open_source(global, source).await?;
     let what = matched.describe();
-    phases.mark("store client, key pointer");
+    phases.mark_parts(&[("store client, credentials", store_time)], "key pointer");
     let store = std::sync::Arc::new(store);
     // A key mount learns: its profile loads while the archive opens.
     let learn_keys = asked_key

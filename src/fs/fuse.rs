@@ -36,7 +36,11 @@ use crate::store::ObjectStore;
 /// (a changed archive is handled by explicit invalidation).
 const TTL: Duration = Duration::from_secs(24 * 3600);
 /// Kernel read-ahead asked for at init (the kernel may lower it). Larger reads
-/// per request mean fewer round trips on sequential reads.
+/// per request mean fewer round trips on sequential reads. How large one read
+/// request may be is fuser's to ask: it sends `max_pages` for its 16 MiB
+/// `max_write`, which the kernel caps at `fs.fuse.max_pages_limit` (256 pages,
+/// 1 MiB, on Linux 6.18 by default), so sequential reads arrive as 1 MiB
+/// requests, a frame's worth each.
 pub const KERNEL_READAHEAD: u32 = 1 << 20;
 
 /// Sends a remap's invalidations to the kernel (best effort: the kernel

@@ -114,10 +114,14 @@ impl Tree {
                 .unwrap_or_default();
         }
         let synth = (root_node.uid, root_node.gid, root_node.mtime);
-        let mut tree = Tree {
-            nodes: vec![Some(root_node)],
-            live: 1,
-        };
+        // Sized once: regrowing a table of 50k nodes copies it several times
+        // over, into memory that must fault in each time.
+        let mut nodes = Vec::with_capacity(index.entries.len() + 1);
+        nodes.push(Some(root_node));
+        let mut tree = Tree { nodes, live: 1 };
+        // The parent of the previous entry: entries are in path order, so a
+        // directory's files follow each other and share it without a lookup.
+        let mut last_parent: Option<(&[u8], u64)> = None;
         // Keyed by slices of the index's own names: no copy of any path; a
         // fast hash (the keys are the archive's own, hashed once each).
         let mut by_path: PathMap =
@@ -141,7 +145,14 @@ impl Tree {
                 continue;
             }
             let (parent_path, name) = split_last(rel);
-            let parent = tree.ensure_dir(&mut by_path, parent_path, synth);
+            let parent = match last_parent {
+                Some((path, ino)) if path == parent_path => ino,
+                _ => {
+                    let ino = tree.ensure_dir(&mut by_path, parent_path, synth);
+                    last_parent = Some((parent_path, ino));
+                    ino
+                }
+            };
             if tree.node(parent).kind != EntryKind::Dir {
                 tracing::warn!(
                     "skipping archive entry {:?}: its parent is not a directory",

@@ -27,8 +27,10 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use aws_config::environment::EnvironmentVariableCredentialsProvider;
 use aws_config::{BehaviorVersion, Region};
 use aws_credential_types::provider::error::CredentialsError;
+use aws_credential_types::provider::ProvideCredentials;
 use aws_sdk_s3::config::{RequestChecksumCalculation, ResponseChecksumValidation};
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::operation::head_object::HeadObjectOutput;
@@ -146,6 +148,15 @@ impl S3Store {
         }
         if let Some(endpoint_url) = endpoint_url {
             loader = loader.endpoint_url(endpoint_url);
+        }
+        // The default chain's first link is the environment, and the one that
+        // answers wins: when the environment has credentials, the chain's
+        // other links (profiles, SSO, web identity, container and instance
+        // roles) would never be asked. Building them is most of what loading
+        // the configuration costs, on the path of every mount's start-up.
+        let env = EnvironmentVariableCredentialsProvider::new();
+        if env.provide_credentials().await.is_ok() {
+            loader = loader.credentials_provider(env);
         }
         let sdk = loader.load().await;
         // Integrity is checked end to end by the archive's own checksums; the SDK's
