@@ -82,6 +82,17 @@ with tempfile.TemporaryDirectory() as tmp:
         digest = json.load(open(os.path.join(store, "keys", key)))["digest"]
         slices("cachemount-" + key, open(os.path.join(store, "blobs", "sha256", digest), "rb").read())
 
+# An access profile (profiles/<key>), laid out as src/profile/format.rs says.
+def profile(builds, entries):
+    body = b"cachemount-profile\n" + struct.pack("<III", 1, builds, len(entries))
+    for name, seen, start, end in entries:
+        body += struct.pack("<H", len(name)) + name + struct.pack("<BII", seen, start, end)
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+add("profile", "two-entries", profile(2, [(b"_0/a.txt", 3, 0, 1), (b"_0/d/e/f", 1, 0, 16)]))
+add("profile", "empty", profile(0, []))
+
 # Foreign zips.
 manifest = b'{"version":2,"mappings":{"_0":".","_1":"~"}}'
 for name, method, z64 in (

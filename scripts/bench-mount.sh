@@ -67,6 +67,10 @@ eval "$(scripts/s3-server.sh env)"
 prefix="bench-mount-$$-$(date +%s)"
 export CACHEMOUNT_STORE="s3://$CACHEMOUNT_TEST_S3_BUCKET/$prefix" AWS_ENDPOINT_URL="$CACHEMOUNT_TEST_S3_ENDPOINT"
 
+# Each workload mounts its key several times: no access profile, so every
+# mount here is cold (scripts/bench-prefetch.sh measures the profile's replay).
+export CACHEMOUNT_NO_RECORD=true
+
 now() { date +%s.%N; }
 elapsed() { awk -v a="$(now)" -v b="$1" 'BEGIN { printf "%.3f", a - b }'; }
 timed() { local t0; t0=$(now); "$@" >/dev/null; elapsed "$t0"; }

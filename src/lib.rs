@@ -14,6 +14,8 @@
 //!   overlays, `umount`, private state files.
 //! - [`tree`]: walking local trees to save and extracting archives safely.
 //! - [`paths`]: user paths ↔ namespaced archive names.
+//! - [`profile`]: access profiles — what builds read, recorded, merged,
+//!   stored beside the key, and reported.
 //! - [`save`] and [`restore`]: the two whole-archive operations.
 //! - [`progress`]: the progress bar of long transfers.
 //! - [`cli`]: the command-line front end, where flags and environment are read.
@@ -24,6 +26,7 @@ pub mod cli;
 pub mod fs;
 pub mod mount;
 pub mod paths;
+pub mod profile;
 pub mod progress;
 pub mod restore;
 pub mod save;

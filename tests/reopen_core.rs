@@ -125,7 +125,7 @@ fn ino(core: &FsCore<LocalStore>, rel: &str) -> Result<u64, FsError> {
 }
 
 fn get(stats: &Stats, name: &str) -> u64 {
-    cachemount::cache::stats::parse(&stats.render(0, 0))
+    cachemount::cache::stats::parse(&stats.render(&cachemount::cache::BlockCache::new(0)))
         .into_iter()
         .find(|(k, _)| k == name)
         .unwrap()

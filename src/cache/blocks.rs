@@ -28,6 +28,21 @@ struct Cached {
 struct Inner {
     lru: LruCache<BlockKey, Cached>,
     bytes: u64,
+    /// Bytes of prefetched blocks not read yet: held, and evicted or dropped.
+    unread_held: u64,
+    unread_gone: u64,
+}
+
+impl Inner {
+    /// Accounts for a block leaving the cache.
+    fn gone(&mut self, c: &Cached) {
+        let len = c.data.len() as u64;
+        self.bytes -= len;
+        if c.prefetched {
+            self.unread_held -= len;
+            self.unread_gone += len;
+        }
+    }
 }
 
 /// What a lookup found.
@@ -50,6 +65,8 @@ impl BlockCache {
             inner: Mutex::new(Inner {
                 lru: LruCache::unbounded(),
                 bytes: 0,
+                unread_held: 0,
+                unread_gone: 0,
             }),
             capacity,
         }
@@ -64,14 +81,22 @@ impl BlockCache {
         self.inner.lock().bytes
     }
 
+    /// Bytes prefetched (read-ahead, neighbours, profile replay) that no read
+    /// has used: those still held and those evicted or dropped unread.
+    pub fn unread_prefetched_bytes(&self) -> u64 {
+        let inner = self.inner.lock();
+        inner.unread_held + inner.unread_gone
+    }
+
     pub fn get(&self, key: &BlockKey) -> Option<Hit> {
         let mut inner = self.inner.lock();
         let c = inner.lru.get_mut(key)?;
         let prefetched = std::mem::take(&mut c.prefetched);
-        Some(Hit {
-            data: c.data.clone(),
-            prefetched,
-        })
+        let data = c.data.clone();
+        if prefetched {
+            inner.unread_held -= data.len() as u64;
+        }
+        Some(Hit { data, prefetched })
     }
 
     /// Whether `key` is cached, without touching its recency.
@@ -87,12 +112,15 @@ impl BlockCache {
         }
         let mut inner = self.inner.lock();
         if let Some(old) = inner.lru.put(key, Cached { data, prefetched }) {
-            inner.bytes -= old.data.len() as u64;
+            inner.gone(&old);
         }
         inner.bytes += len;
+        if prefetched {
+            inner.unread_held += len;
+        }
         while inner.bytes > self.capacity {
             match inner.lru.pop_lru() {
-                Some((_, evicted)) => inner.bytes -= evicted.data.len() as u64,
+                Some((_, evicted)) => inner.gone(&evicted),
                 None => break,
             }
         }
@@ -103,7 +131,7 @@ impl BlockCache {
     pub fn remove(&self, key: &BlockKey) {
         let mut inner = self.inner.lock();
         if let Some(c) = inner.lru.pop(key) {
-            inner.bytes -= c.data.len() as u64;
+            inner.gone(&c);
         }
     }
 
@@ -131,7 +159,7 @@ impl BlockCache {
         let n = keys.len() as u64;
         for k in keys {
             if let Some(c) = inner.lru.pop(&k) {
-                inner.bytes -= c.data.len() as u64;
+                inner.gone(&c);
             }
         }
         n
@@ -167,8 +195,11 @@ mod tests {
     fn prefetched_flag_is_reported_once_and_versions_drop() {
         let cache = BlockCache::new(1000);
         cache.insert(key(0), Bytes::from_static(b"abc"), true);
+        cache.insert(key(1), Bytes::from_static(b"wxyz"), true);
+        assert_eq!(cache.unread_prefetched_bytes(), 7);
         assert!(cache.get(&key(0)).unwrap().prefetched);
         assert!(!cache.get(&key(0)).unwrap().prefetched);
+        assert_eq!(cache.unread_prefetched_bytes(), 4);
         cache.insert(
             BlockKey {
                 version: 2,
@@ -180,6 +211,8 @@ mod tests {
         );
         cache.drop_version(1);
         assert_eq!(cache.bytes(), 2);
+        // Dropped unread: still prefetched for nothing.
+        assert_eq!(cache.unread_prefetched_bytes(), 4);
         assert!(!cache.contains(&key(0)));
     }
 

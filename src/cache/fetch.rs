@@ -133,7 +133,7 @@ impl<S: ObjectStore> Fetcher<S> {
 
     /// The counters as `name value` lines.
     pub fn render_stats(&self) -> String {
-        let mut out = self.stats.render(self.cache.bytes(), self.cache.capacity());
+        let mut out = self.stats.render(&self.cache);
         if let Some(d) = &self.disk {
             out.push_str(&d.render());
         }

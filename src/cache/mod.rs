@@ -1,7 +1,7 @@
 //! Reading an archive lazily: the archive opened in a store and pinned to
 //! one version ([`version`]), the block cache ([`blocks`]), the fetcher that
 //! fills it from the store ([`fetch`], with its block plan, in-flight
-//! table, prefetching and stream decoding beside it), the verification state of entries
+//! table, prefetching, profile replay and stream decoding beside it), the verification state of entries
 //! that have one checksum for many blocks ([`verify`]) and the counters
 //! ([`stats`]), and the disk cache shared by every mount on the host
 //! ([`disk`]), which the fetcher consults before its block cache and fills
@@ -20,6 +20,7 @@ pub mod fetch;
 mod inflight;
 mod plan;
 mod prefetch;
+pub mod replay;
 pub mod stats;
 mod stream;
 pub mod verify;

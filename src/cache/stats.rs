@@ -79,10 +79,24 @@ pub struct Stats {
     pub hits: AtomicU64,
     /// Block reads that had to wait for a fetch (or joined one in flight).
     pub misses: AtomicU64,
-    /// Hits on blocks that read-ahead or a neighbour fetch brought in.
+    /// Hits on blocks that read-ahead, a neighbour fetch or the profile
+    /// replay brought in (first reads only).
     pub readahead_hits: AtomicU64,
-    /// Blocks fetched speculatively (read-ahead and small neighbours).
+    /// Blocks fetched speculatively (read-ahead, small neighbours, replay).
     pub prefetched_blocks: AtomicU64,
+    /// Entries of the access profile this mount replays (those the archive holds).
+    pub profile_entries: AtomicU64,
+    /// Blocks the profile replay asked for that were not cached yet.
+    pub replay_blocks: AtomicU64,
+    /// Compressed bytes of those blocks (what the replay's GETs carried).
+    pub replay_bytes: AtomicU64,
+    /// Files in the mounted archive, and distinct files read from it.
+    pub files_archived: AtomicU64,
+    pub files_read: AtomicU64,
+    /// The daemon's pid and how many mountpoints it serves (so `umount` can
+    /// wait for a daemon whose last mountpoint it took down).
+    pub daemon_pid: AtomicU64,
+    pub mountpoints: AtomicU64,
     /// Reads that failed because the object changed under the mount (412).
     pub precondition_failed: AtomicU64,
     /// Reads that failed for any reason (returned EIO).
@@ -133,19 +147,27 @@ impl Stats {
     }
 
     /// `name value` lines, stable names, for `cachemount stats` and scripts.
-    /// `cache_bytes` and `cache_capacity` come from the block cache.
-    pub fn render(&self, cache_bytes: u64, cache_capacity: u64) -> String {
+    /// The figures of the block cache come from it.
+    pub fn render(&self, cache: &super::BlockCache) -> String {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let mut out = String::new();
-        let rows: [(&str, u64); 21] = [
+        let rows: [(&str, u64); 29] = [
             ("requests", get(&self.requests)),
             ("bytes_fetched", get(&self.bytes_fetched)),
             ("cache_hits", get(&self.hits)),
             ("cache_misses", get(&self.misses)),
             ("readahead_hits", get(&self.readahead_hits)),
             ("prefetched_blocks", get(&self.prefetched_blocks)),
-            ("cache_bytes", cache_bytes),
-            ("cache_capacity", cache_capacity),
+            ("prefetch_unread_bytes", cache.unread_prefetched_bytes()),
+            ("profile_entries", get(&self.profile_entries)),
+            ("replay_blocks", get(&self.replay_blocks)),
+            ("replay_bytes", get(&self.replay_bytes)),
+            ("files_archived", get(&self.files_archived)),
+            ("files_read", get(&self.files_read)),
+            ("daemon_pid", get(&self.daemon_pid)),
+            ("mountpoints", get(&self.mountpoints)),
+            ("cache_bytes", cache.bytes()),
+            ("cache_capacity", cache.capacity()),
             ("precondition_failed", get(&self.precondition_failed)),
             ("read_errors", get(&self.read_errors)),
             ("corrupt_blocks", get(&self.corrupt_blocks)),

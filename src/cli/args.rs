@@ -180,6 +180,13 @@ pub enum Command {
         /// FUSE worker threads per mountpoint.
         #[arg(long, default_value_t = 4, hide = true)]
         fuse_threads: usize,
+        /// Do not record what the build reads: no access profile is written
+        /// when the mount ends.
+        #[arg(long, env = "CACHEMOUNT_NO_RECORD", value_parser = clap::builder::FalseyValueParser::new())]
+        no_record: bool,
+        /// Do not prefetch what the key's access profile says the last builds read.
+        #[arg(long, env = "CACHEMOUNT_NO_PREFETCH", value_parser = clap::builder::FalseyValueParser::new())]
+        no_prefetch: bool,
         /// Internal: this process is the daemon `mount` started.
         #[arg(long, hide = true)]
         daemon_child: bool,
@@ -217,6 +224,17 @@ pub enum Command {
     /// Check what works on this machine: FUSE, the overlay for --writable,
     /// FUSE passthrough, the store and its credentials. Exits 1 when a check fails.
     Doctor,
+    /// What builds use of a cache: files and bytes read against those
+    /// archived, the largest directories no recorded build read, and
+    /// suggested excludes. From the key's access profile (--key), or from
+    /// what a live mount has read so far (PATH).
+    Report {
+        /// The cache key whose access profile to report on.
+        #[arg(long, required_unless_present = "path", conflicts_with = "path")]
+        key: Option<String>,
+        /// A mounted path (the root of a live mount).
+        path: Option<PathBuf>,
+    },
     /// List the keys in the store: key, size, age, digest.
     Keys {
         /// Only keys starting with this.

@@ -255,9 +255,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             spawned_at,
             no_passthrough,
             tuning,
+            no_record,
+            no_prefetch,
             ..
         } => {
             let options = MountOptions {
+                recorder: (!no_record).then(Default::default),
+                prefetch: !no_prefetch,
                 force,
                 cache_size,
                 disk: cli.global.disk_cache(),
@@ -299,20 +303,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             // Every path is tried; the failures make one error (one `error:` line).
             let mut failed = Vec::new();
+            let mut daemons = Daemons::default();
             for p in &paths {
-                match umount(
-                    &cli.global.overlays(),
-                    std::path::Path::new(p),
-                    lazy,
-                    keep_changes,
-                ) {
-                    Ok(None) => println!("unmounted {p}"),
-                    Ok(Some(kept)) => {
-                        println!("unmounted {p}; its changes are kept in {}", kept.display())
+                let overlays = cli.global.overlays();
+                let counters = mount_counters(&overlays, std::path::Path::new(p));
+                match umount(&overlays, std::path::Path::new(p), lazy, keep_changes) {
+                    Ok(kept) => {
+                        match kept {
+                            None => println!("unmounted {p}"),
+                            Some(kept) => println!(
+                                "unmounted {p}; its changes are kept in {}",
+                                kept.display()
+                            ),
+                        }
+                        if let Some(c) = counters {
+                            println!("{}", report::umount_summary(&c));
+                            daemons.unmounted(&c);
+                        }
                     }
                     Err(e) => failed.push(e),
                 }
             }
+            daemons.wait();
             match failed.len() {
                 0 => {}
                 1 => return Err(failed.remove(0)),
@@ -359,6 +371,42 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             if report.failed() {
                 anyhow::bail!("some checks failed (see above)");
+            }
+        }
+        Command::Report { key, path } => {
+            let (subject, usage, builds) = match (key, path) {
+                (Some(key), _) => {
+                    let store = open_store(&cli.global).await?;
+                    let (usage, builds) = key_usage(&store, &key).await?;
+                    (report::Subject::Key(key), usage, Some(builds))
+                }
+                (None, Some(path)) => {
+                    let layer = cli
+                        .global
+                        .overlays()
+                        .find(&path)
+                        .map_or(path.clone(), |w| w.lower);
+                    let json = control::usage(&layer)?;
+                    let usage = serde_json::from_str(&json)
+                        .context("the mount's usage report is unreadable")?;
+                    (
+                        report::Subject::Path(preflight::absolute(&path)),
+                        usage,
+                        None,
+                    )
+                }
+                (None, None) => unreachable!("clap requires --key or PATH"),
+            };
+            let report = report::UsageReport {
+                command: "report",
+                subject,
+                builds,
+                usage,
+            };
+            if cli.global.json {
+                report::print_json(&report);
+            } else {
+                print!("{}", report.human());
             }
         }
         Command::Keys { prefix } => {
@@ -435,6 +483,85 @@ fn umount(
         }
         None => control::unmount(path, lazy).map(|()| None),
     }
+}
+
+/// The counters of the mount at `path` (its read-only layer for a writable
+/// one), if it answers: read before it is unmounted, for the summary.
+fn mount_counters(overlays: &Overlays, path: &std::path::Path) -> Option<Vec<(String, u64)>> {
+    let layer = overlays.find(path).map_or(path.to_path_buf(), |w| w.lower);
+    let text = control::stats(&layer).ok()?;
+    Some(crate::cache::stats::parse(&text))
+}
+
+/// The daemons `umount` took mountpoints from: one whose every mountpoint
+/// is gone is waited for, since it writes the access profile as it ends
+/// (a CI job that ends right after `umount` would otherwise kill it first).
+#[derive(Default)]
+struct Daemons(std::collections::HashMap<u64, (u64, u64)>);
+
+/// Longest `umount` waits for a daemon to write its profile and exit.
+const DAEMON_EXIT_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+impl Daemons {
+    fn unmounted(&mut self, counters: &[(String, u64)]) {
+        let get = |name: &str| counters.iter().find(|(k, _)| k == name).map(|(_, v)| *v);
+        if let (Some(pid), Some(mountpoints)) = (get("daemon_pid"), get("mountpoints")) {
+            let e = self.0.entry(pid).or_insert((mountpoints, 0));
+            e.1 += 1;
+        }
+    }
+
+    fn wait(self) {
+        let deadline = std::time::Instant::now() + DAEMON_EXIT_WAIT;
+        for (pid, (mountpoints, gone)) in self.0 {
+            if gone < mountpoints || pid == 0 {
+                continue;
+            }
+            while std::path::Path::new(&format!("/proc/{pid}")).exists()
+                && !is_zombie(pid)
+                && std::time::Instant::now() < deadline
+            {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        }
+    }
+}
+
+/// Whether `pid` has exited and waits to be reaped (its parent is gone or busy).
+fn is_zombie(pid: u64) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(true)
+}
+
+/// The usage of key `key`'s cache by the builds its access profile recorded,
+/// and how many builds that is.
+async fn key_usage(
+    store: &AnyStore,
+    key: &str,
+) -> anyhow::Result<(crate::profile::usage::Usage, u32)> {
+    let profile = crate::profile::load(store, key)
+        .await?
+        .with_context(|| format!("key {key:?} has no access profile yet: mount it (without --no-record), build, and unmount"))?;
+    let resolved = layout::resolve(store, key, &[]).await?;
+    let digest = resolved.pointer.digest.clone();
+    let version = open_version(
+        store,
+        &resolved.pointer.blob_key(),
+        Some(&digest),
+        Refresh::Never,
+        None,
+    )
+    .await?;
+    let names = profile.entries.iter().map(|e| &*e.name);
+    Ok((
+        crate::profile::usage::usage(&version.index, names),
+        profile.builds,
+    ))
 }
 
 fn exit_code_of(e: &anyhow::Error) -> u8 {
@@ -596,6 +723,7 @@ async fn mount_and_serve(
 ) -> anyhow::Result<()> {
     let specs = parse_specs(paths, anchors)?;
     let signals = daemon::Signals::register().context("cannot handle signals")?;
+    let asked_key = source.key.clone();
     let Opened {
         store,
         object: key,
@@ -606,9 +734,27 @@ async fn mount_and_serve(
     } = open_source(global, source).await?;
     let what = matched.describe();
     phases.mark_parts(&[("store client, credentials", store_time)], "key pointer");
+    let store = std::sync::Arc::new(store);
+    // A key mount learns: its profile loads while the archive opens.
+    let learn_keys = asked_key
+        .zip(matched.matched_key.clone())
+        .map(|(key, matched)| crate::mount::learn::LearnKeys { key, matched });
+    let loading = learn_keys
+        .as_ref()
+        .filter(|_| options.prefetch)
+        .map(|k| crate::mount::learn::load_profile(store.clone(), k));
+    let recorder = options.recorder.clone();
     let stats = std::sync::Arc::new(Stats::default());
     let refresh = Refresh::After(global.refresh_after());
-    let version = open_version(&store, &key, digest.as_deref(), refresh, Some(&stats)).await?;
+    let version = open_version(&*store, &key, digest.as_deref(), refresh, Some(&stats)).await?;
+    let files = version
+        .index
+        .entries
+        .iter()
+        .filter(|e| e.kind == crate::archive::EntryKind::File)
+        .count();
+    Stats::add(&stats.files_archived, files as u64);
+    Stats::add(&stats.daemon_pid, u64::from(std::process::id()));
     let (report_digest, archive_size) = (digest.clone(), version.size);
     let t = version.opened;
     phases.mark_parts(
@@ -631,8 +777,8 @@ async fn mount_and_serve(
     }
     phases.mark("plan targets");
     let runtime = tokio::runtime::Handle::current();
-    let store = std::sync::Arc::new(store);
     let daemon_store = store.clone();
+    let daemon_stats = stats.clone();
     let (d, mut phases) = tokio::task::spawn_blocking(move || {
         daemon::mount_all(
             daemon_store,
@@ -640,13 +786,17 @@ async fn mount_and_serve(
             digest,
             &targets,
             &options,
-            stats,
+            daemon_stats,
             runtime,
             &mut phases,
         )
         .map(|d| (d, phases))
     })
     .await??;
+    Stats::add(&stats.mountpoints, d.mounted.len() as u64);
+    if let Some(loading) = loading {
+        crate::mount::learn::spawn_replay(d.fetcher().clone(), d.current().clone(), loading);
+    }
     let report = MountReport {
         command: "mount".into(),
         matched,
@@ -701,7 +851,11 @@ async fn mount_and_serve(
         let (store, after) = (store.clone(), global.refresh_after());
         tokio::spawn(async move { refresh_lifetime(&*store, &pointer, after).await });
     }
-    d.serve(signals).await
+    d.serve(signals).await?;
+    if let (Some(keys), Some(recorder)) = (&learn_keys, &recorder) {
+        crate::mount::learn::write_profile(&*store, keys, recorder).await;
+    }
+    Ok(())
 }
 
 pub fn human_bytes(n: u64) -> String {

@@ -220,7 +220,14 @@ pub fn stats_json(path: &std::path::Path, counters: &[(String, u64)]) -> serde_j
 }
 
 /// Counters that are levels, not totals.
-const GAUGES: &[&str] = &["cache_bytes", "cache_capacity", "reopen_max_ms"];
+const GAUGES: &[&str] = &[
+    "cache_bytes",
+    "cache_capacity",
+    "reopen_max_ms",
+    "files_archived",
+    "daemon_pid",
+    "mountpoints",
+];
 
 /// `stats --format prometheus`: the text exposition format, one
 /// `cachemount_<counter>{mount="<path>"}` sample per counter, as
@@ -268,6 +275,108 @@ pub fn print_json(report: &impl Serialize) {
         "{}",
         serde_json::to_string(report).expect("reports serialise")
     );
+}
+
+/// What a usage report is about.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Subject {
+    /// A key's access profile.
+    Key(String),
+    /// A live mount's reads so far.
+    Path(PathBuf),
+}
+
+/// `report`: what builds use of a cache (see `profile::usage`).
+#[derive(Debug, Clone, Serialize)]
+pub struct UsageReport {
+    pub command: &'static str,
+    #[serde(flatten)]
+    pub subject: Subject,
+    /// Builds the key's profile merges (null for a live mount: this one).
+    pub builds: Option<u32>,
+    #[serde(flatten)]
+    pub usage: crate::profile::usage::Usage,
+}
+
+impl UsageReport {
+    pub fn human(&self) -> String {
+        let u = &self.usage;
+        let by = match self.builds {
+            Some(1) => "the last build".to_string(),
+            Some(n) => format!("the last {n} builds"),
+            None => "this mount".to_string(),
+        };
+        let mut out = format!(
+            "{by} read {} of {} files ({}), {} of {} ({})\n",
+            thousands(u.files_read),
+            thousands(u.files_archived),
+            percent(u.files_read, u.files_archived),
+            human_bytes(u.bytes_read),
+            human_bytes(u.bytes_archived),
+            percent(u.bytes_read, u.bytes_archived),
+        );
+        if !u.unread_dirs.is_empty() {
+            out += &format!("largest directories {by} never read:\n");
+            for d in &u.unread_dirs {
+                out += &format!(
+                    "  {}: 0 of {} files, {}\n",
+                    d.path,
+                    thousands(d.files),
+                    human_bytes(d.bytes)
+                );
+            }
+        }
+        if !u.suggested_excludes.is_empty() {
+            out += &format!(
+                "suggested excludes (save without them): {}\n",
+                u.suggested_excludes.join(" ")
+            );
+        }
+        out
+    }
+}
+
+/// The line `umount` prints for a mount, from its counters: read N of M
+/// files (X%), Y from the store, Z% prefetch hits (of the blocks first read,
+/// those a prefetch had brought in).
+pub fn umount_summary(counters: &[(String, u64)]) -> String {
+    let get = |name: &str| {
+        counters
+            .iter()
+            .find(|(k, _)| k == name)
+            .map_or(0, |(_, v)| *v)
+    };
+    let (read, files) = (get("files_read"), get("files_archived"));
+    let hits = get("readahead_hits");
+    format!(
+        "read {} of {} files ({}), {} from the store, {} prefetch hits",
+        thousands(read),
+        thousands(files),
+        percent(read, files),
+        human_bytes(get("bytes_fetched")),
+        percent(hits, hits + get("cache_misses")),
+    )
+}
+
+fn percent(part: u64, whole: u64) -> String {
+    if whole == 0 {
+        return "0%".into();
+    }
+    format!("{:.1}%", part as f64 * 100.0 / whole as f64)
+}
+
+/// `3961` → `3,961`.
+fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
 }
 
 #[cfg(test)]

@@ -18,10 +18,15 @@ use super::inodes::{Node, Tree, ROOT_INO};
 use super::reopen::{same_attrs, Follower, ReopenError, Reopener};
 use crate::archive::{EntryKind, Timestamp};
 use crate::cache::{Current, FetchError, Fetcher, Version};
+use crate::profile::usage::usage;
+use crate::profile::Recorder;
 use crate::store::ObjectStore;
 
 /// The root's extended attribute that `cachemount stats` reads (not listed).
 pub const STATS_XATTR: &[u8] = b"user.cachemount.stats";
+/// The root's extended attribute that `cachemount report PATH` reads: the
+/// usage of the archive by the reads recorded so far, as JSON (not listed).
+pub const USAGE_XATTR: &[u8] = b"user.cachemount.usage";
 
 /// Why an operation failed; [`super::fuse`] maps it to an errno in one place.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -173,6 +178,8 @@ pub struct FsCore<S> {
     handles: Mutex<HashMap<u64, Handle>>,
     next_fh: AtomicU64,
     notify: Mutex<Option<Arc<Notify>>>,
+    /// Where reads are recorded (the daemon's one recorder), if recording.
+    recorder: std::sync::OnceLock<Arc<Recorder>>,
 }
 
 impl<S: ObjectStore> FsCore<S> {
@@ -190,6 +197,7 @@ impl<S: ObjectStore> FsCore<S> {
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             notify: Mutex::new(None),
+            recorder: std::sync::OnceLock::new(),
         }
     }
 
@@ -212,6 +220,20 @@ impl<S: ObjectStore> FsCore<S> {
         let weak: std::sync::Weak<dyn Follower> = Arc::downgrade(&core) as _;
         reopener.follow(weak);
         core
+    }
+
+    /// Records every read from now on in `recorder`.
+    pub fn set_recorder(&self, recorder: Arc<Recorder>) {
+        let _ = self.recorder.set(recorder);
+    }
+
+    /// A read returned `len` bytes at `offset` of `entry`: recorded.
+    fn note_read(&self, v: &Version, entry: u32, offset: u64, len: usize) {
+        if let Some(r) = self.recorder.get() {
+            if r.record(v, entry, offset, len as u64) {
+                crate::cache::Stats::inc(&self.fetcher.stats().files_read);
+            }
+        }
     }
 
     /// Where remap invalidations go (the FUSE notifier).
@@ -421,6 +443,7 @@ impl<S: ObjectStore> FsCore<S> {
             match self.fetcher.read(&v, entry, offset, size).await {
                 Ok(b) => {
                     self.mark_read(fh);
+                    self.note_read(&v, entry, offset, b.len());
                     return Ok(b);
                 }
                 Err(e) if e.is_changed() => self.after_412(&v, e, &mut attempts).await?,
@@ -473,7 +496,10 @@ impl<S: ObjectStore> FsCore<S> {
         Some(
             self.fetcher
                 .read_cached(&v, entry, offset, size)?
-                .inspect(|_| self.mark_read(fh))
+                .inspect(|b| {
+                    self.mark_read(fh);
+                    self.note_read(&v, entry, offset, b.len());
+                })
                 .map_err(|e| {
                     self.log_failure(&v, entry, &e);
                     e.into()
@@ -510,6 +536,11 @@ impl<S: ObjectStore> FsCore<S> {
             return Ok(self.fetcher.render_stats().into_bytes());
         }
         let m = self.mapped();
+        if ino == ROOT_INO && name == USAGE_XATTR {
+            let names = self.recorder.get().map(|r| r.names()).unwrap_or_default();
+            let u = usage(&m.version.index, names.iter().map(|n| &**n));
+            return Ok(serde_json::to_vec(&u).expect("usage serialises"));
+        }
         let n = node(&m, ino)?;
         let Some(entry) = n.entry else {
             return Err(FsError::NoXattr);

@@ -7,7 +7,7 @@ pub mod fuse;
 pub mod inodes;
 pub mod reopen;
 
-pub use self::core::{Attr, FsCore, FsError, Invalidations, Mapped, STATS_XATTR};
+pub use self::core::{Attr, FsCore, FsError, Invalidations, Mapped, STATS_XATTR, USAGE_XATTR};
 pub use self::fuse::FuseFs;
 pub use self::inodes::{Tree, ROOT_INO};
 pub use self::reopen::Reopener;

@@ -20,7 +20,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 
 use super::{preflight, private};
-use crate::fs::STATS_XATTR;
+use crate::fs::{STATS_XATTR, USAGE_XATTR};
 
 /// What the daemon reported when it became ready.
 #[derive(Debug, Clone)]
@@ -271,7 +271,17 @@ fn fusermount_unmount(path: &Path, lazy: bool) -> anyhow::Result<()> {
 
 /// The counters of the mount at `path`.
 pub fn stats(path: &Path) -> anyhow::Result<String> {
-    match xattr::get(path, std::str::from_utf8(STATS_XATTR).expect("ASCII")) {
+    root_xattr(path, STATS_XATTR, "counters")
+}
+
+/// The usage report of the mount at `path` (JSON), from the reads recorded so far.
+pub fn usage(path: &Path) -> anyhow::Result<String> {
+    root_xattr(path, USAGE_XATTR, "usage report")
+}
+
+/// One of the extended attributes the root of a mount answers.
+fn root_xattr(path: &Path, name: &[u8], what: &str) -> anyhow::Result<String> {
+    match xattr::get(path, std::str::from_utf8(name).expect("ASCII")) {
         Ok(Some(v)) => Ok(String::from_utf8_lossy(&v).into_owned()),
         Ok(None) => bail!("{} is not the root of a cachemount mount", path.display()),
         Err(e) if preflight::is_disconnected(&e) => {
@@ -280,7 +290,7 @@ pub fn stats(path: &Path) -> anyhow::Result<String> {
         Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => {
             bail!("{} is not the root of a cachemount mount", path.display())
         }
-        Err(e) => Err(e).with_context(|| format!("cannot read the counters of {}", path.display())),
+        Err(e) => Err(e).with_context(|| format!("cannot read the {what} of {}", path.display())),
     }
 }
 

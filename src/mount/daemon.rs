@@ -50,6 +50,10 @@ pub struct MountOptions {
     pub disk: Option<DiskOptions>,
     /// Open files wholly in the disk cache with FUSE passthrough.
     pub passthrough: bool,
+    /// Where every mountpoint records its reads (`None`: `--no-record`).
+    pub recorder: Option<Arc<crate::profile::Recorder>>,
+    /// Replay the key's access profile once the mount answers (not `--no-prefetch`).
+    pub prefetch: bool,
 }
 
 /// The single-flight reopen of a mount: `open_version` again (checking the
@@ -150,6 +154,7 @@ pub struct Daemon<S> {
     pub mounted: Vec<Mounted>,
     sessions: Vec<fuser::BackgroundSession>,
     fetcher: Arc<Fetcher<S>>,
+    current: Arc<Current>,
 }
 
 impl<S: ObjectStore> Daemon<S> {
@@ -166,6 +171,11 @@ impl<S: ObjectStore> Daemon<S> {
 
     pub fn fetcher(&self) -> &Arc<Fetcher<S>> {
         &self.fetcher
+    }
+
+    /// The archive version the mount reads now (a reopen swaps it).
+    pub fn current(&self) -> &Arc<Current> {
+        &self.current
     }
 
     /// Serves until every mountpoint is gone (unmounted by `cachemount
@@ -298,6 +308,7 @@ pub fn mount_all<S: ObjectStore>(
         mounted: Vec::new(),
         sessions: Vec::new(),
         fetcher: fetcher.clone(),
+        current: current.clone(),
     };
     let result = (|| -> anyhow::Result<()> {
         for (t, tree) in targets.iter().zip(trees) {
@@ -323,6 +334,9 @@ pub fn mount_all<S: ObjectStore>(
                 fetcher.clone(),
                 !content_addressed,
             );
+            if let Some(r) = &options.recorder {
+                core.set_recorder(r.clone());
+            }
             let fs = FuseFs::new(core.clone(), runtime.clone());
             let fs = if options.passthrough {
                 fs

@@ -1,9 +1,10 @@
 //! The mount lifecycle (DESIGN §5): checking that FUSE is usable, preparing
 //! mountpoints, serving every path of one archive from one daemon (read-only,
-//! or writable through an overlay), unmounting and reading a mount's counters; the start-up clock.
+//! or writable through an overlay), learning from its reads (`learn`), unmounting and reading a mount's counters; the start-up clock.
 
 pub mod control;
 pub mod daemon;
+pub mod learn;
 pub mod overlay;
 pub mod preflight;
 pub mod private;

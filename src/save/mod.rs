@@ -1,9 +1,11 @@
 //! `save`: walk the paths, compress in parallel, write the archive to a
 //! temporary file, upload it under its content address unless the store has
 //! it already, and write the key pointer last (DESIGN §2). Paths that are
-//! writable mounts are saved incrementally ([`incremental`]).
+//! writable mounts are saved incrementally ([`incremental`]); a full save
+//! lays the key's access profile out first ([`order`]).
 
 pub mod incremental;
+pub mod order;
 
 use std::fs::File;
 use std::io::{self, BufWriter};
@@ -369,6 +371,9 @@ pub async fn save<S: ObjectStore>(
         spec.archive_name(&mut names);
     }
     let base = incremental::find_base(store, &options.overlays, specs, anchors, &names).await;
+    let profile = crate::profile::load_first(store, &[key])
+        .await
+        .map(|(_, p)| p);
     let options = options.archive;
     let specs_owned = specs.to_vec();
     let anchors_owned = anchors.clone();
@@ -379,7 +384,7 @@ pub async fn save<S: ObjectStore>(
     let (mut report, upload_as) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
         let mut manifest = Manifest::default();
         let Collected {
-            entries,
+            mut entries,
             reuse,
             skipped,
         } = collect(&specs_owned, &anchors_owned, &mut manifest, base.as_ref())?;
@@ -393,7 +398,13 @@ pub async fn save<S: ObjectStore>(
         let plan = base.as_ref().and_then(|b| b.plan(reuse, &manifest));
         let (reuse, reused_files, reused_bytes, unchanged) = match plan {
             Some(p) => (p.reuse, p.reused_files, p.reused_bytes, p.unchanged),
-            None => (Reuse::default(), 0, 0, false),
+            None => {
+                if let Some(p) = &profile {
+                    let moved = order::profile_first(&mut entries, p);
+                    tracing::info!("{moved} files of the access profile go first");
+                }
+                (Reuse::default(), 0, 0, false)
+            }
         };
         let mut report = SaveReport {
             digest: String::new(),

@@ -18,6 +18,8 @@ use super::{NameTooLong, ObjectStore, PutSource, StoreError};
 
 /// Key pointers live under this prefix.
 pub const KEYS_PREFIX: &str = "keys/";
+/// Access profiles live under this prefix, one per key (beside `keys/`).
+pub const PROFILES_PREFIX: &str = "profiles/";
 /// The longest cache key, in bytes (GitHub's cache has the same limit).
 pub const MAX_KEY_LEN: usize = 512;
 /// Escaped keys are cut into path segments of this many bytes, so no file name
@@ -106,6 +108,17 @@ pub fn pointer_key(key: &str) -> Result<String, KeyError> {
         return Err(KeyError::Empty);
     }
     Ok(format!("{KEYS_PREFIX}{}", escape_key(key)?))
+}
+
+/// The object key of the access profile of cache key `key`, checked against
+/// `store`'s limits on object names (`profiles/` is no longer than `keys/`,
+/// but a store may say otherwise).
+pub fn profile_key<S: ObjectStore>(store: &S, key: &str) -> Result<String, KeyError> {
+    if key.is_empty() {
+        return Err(KeyError::Empty);
+    }
+    let object = format!("{PROFILES_PREFIX}{}", escape_key(key)?);
+    fits(store, "cache key", key, object)
 }
 
 /// [`pointer_key`], checked against `store`'s limits on object names: what
