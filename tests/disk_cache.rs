@@ -157,7 +157,7 @@ fn a_second_mount_reads_from_the_disk_cache_with_passthrough() {
             let s = m.stats(&sb);
             assert!(s["disk_inserts"] >= 301, "{s:?}");
         }
-        let m = Mount::new(&sb, &["--key", "k"]);
+        let m = Mount::new(&sb, &["--passthrough", "--key", "k"]);
         let before = m.stats(&sb);
         assert_reads_right(&expected, m.path(), false);
         let s = m.stats(&sb);
@@ -205,7 +205,7 @@ fn writable_mounts_read_cached_files_through_both_overlays() {
         }
         for overlay in ["kernel", "fuse-overlayfs"] {
             sb.env.push(("CACHEMOUNT_OVERLAY".into(), overlay.into()));
-            let m = Mount::new(&sb, &["--key", "k", "--writable"]);
+            let m = Mount::new(&sb, &["--key", "k", "--writable", "--passthrough"]);
             assert_reads_right(&expected, m.path(), false);
             fs::write(m.path().join("big.bin"), b"changed").unwrap();
             assert_eq!(fs::read(m.path().join("big.bin")).unwrap(), b"changed");
@@ -347,7 +347,7 @@ fn a_read_only_cache_dir_serves_its_entries_and_fills_nothing() {
             assert_reads_right(&expected, m.path(), false);
         }
         tmpfs.remount_ro();
-        let m = Mount::new(&sb, &["--key", "k"]);
+        let m = Mount::new(&sb, &["--passthrough", "--key", "k"]);
         let before = m.stats(&sb);
         assert_reads_right(&expected, m.path(), false);
         let s = m.stats(&sb);

@@ -193,10 +193,12 @@ pub enum Command {
         /// Internal: when `mount` spawned this daemon (ns since the epoch).
         #[arg(long, hide = true)]
         spawned_at: Option<u64>,
-        /// Serve files wholly in the disk cache through FUSE reads instead
-        /// of FUSE passthrough (the kernel reading the cache file itself).
-        #[arg(long, env = "CACHEMOUNT_NO_PASSTHROUGH")]
-        no_passthrough: bool,
+        /// Open files wholly in the disk cache with FUSE passthrough (the
+        /// kernel reads the cache file itself). Off by default: answering
+        /// `open` costs small-file walks more than it saves, and concurrent
+        /// opens under passthrough still fail with EIO (see README).
+        #[arg(long, env = "CACHEMOUNT_PASSTHROUGH")]
+        passthrough: bool,
         #[command(flatten)]
         tuning: TuningArgs,
     },

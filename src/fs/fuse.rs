@@ -143,7 +143,7 @@ impl<S: ObjectStore> FuseFs<S> {
         }
     }
 
-    /// Turns passthrough off (`--no-passthrough`): files in the disk cache
+    /// Turns passthrough off (the default; `--passthrough` keeps it): files in the disk cache
     /// are then read from it through FUSE.
     pub fn without_passthrough(mut self) -> Self {
         self.want_passthrough = false;
