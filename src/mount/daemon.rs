@@ -275,9 +275,13 @@ pub fn mount_all<S: ObjectStore>(
     }
     let store_name = store.describe();
     let digest = expected_digest.clone();
+    // Only a key's blob never changes content: a raw URL's object may be
+    // rewritten with the same ETag granularity (a local file's mtime), so its
+    // mounts stay off the shared disk cache rather than risk two versions.
     let disk = options
         .disk
         .as_ref()
+        .filter(|_| content_addressed)
         .and_then(|o| match DiskCache::open(o) {
             Ok(c) => Some(MountDisk::new(Arc::new(c), store_name.clone())),
             Err(e) => {
