@@ -469,3 +469,61 @@ fn a_412_reopen_is_served_from_the_disk_cache_seaweedfs() {
         assert_eq!(after["read_errors"], 0, "{after:?}");
     });
 }
+
+#[test]
+#[ignore = "fuse: needs root and /dev/fuse (its own tier in scripts/test)"]
+fn a_file_filed_while_open_is_read_right_by_later_opens_under_passthrough() {
+    let test = "a_file_filed_while_open_is_read_right_by_later_opens_under_passthrough";
+    if !fuse_available(test) {
+        return;
+    }
+    bounded(Duration::from_secs(120), test, move || {
+        let sb = Sandbox::new();
+        let expected = saved(&sb, "k", 5, 10);
+        let want = fs::read(expected.join("big.bin")).unwrap();
+        let m = Mount::new(&sb, &["--passthrough", "--key", "k"]);
+        let big = m.path().join("big.bin");
+        let read_whole = |f: &mut fs::File| {
+            let mut got = Vec::new();
+            f.read_to_end(&mut got).unwrap();
+            assert!(got == want, "big.bin differs");
+        };
+        // The first handle reads big.bin through FUSE, which files it in
+        // the disk cache; it stays open.
+        let mut first = fs::File::open(&big).unwrap();
+        read_whole(&mut first);
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while m.stats(&sb)["disk_inserts"] == 0 {
+            assert!(std::time::Instant::now() < deadline, "big.bin never filed");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // Opens while it is open read the way it does (the kernel fails a
+        // passthrough open of a file open for FUSE reads with EIO).
+        let mut second =
+            fs::File::open(&big).unwrap_or_else(|e| panic!("open beside an open handle: {e}"));
+        read_whole(&mut second);
+        let released = m.stats(&sb)["op_release"];
+        drop((first, second));
+        while m.stats(&sb)["op_release"] < released + 2 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no release reached the daemon"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // Once every handle is closed, the next open is passthrough: with
+        // the page cache dropped, big.bin is read with no FUSE read.
+        fs::write("/proc/sys/vm/drop_caches", "1").unwrap();
+        let reads = m.stats(&sb)["op_read"];
+        let mut third = fs::File::open(&big).unwrap();
+        read_whole(&mut third);
+        let mut fourth = fs::File::open(&big).unwrap();
+        read_whole(&mut fourth);
+        drop((third, fourth));
+        assert_eq!(
+            m.stats(&sb)["op_read"],
+            reads,
+            "passthrough once the FUSE handles closed"
+        );
+    });
+}

@@ -114,8 +114,10 @@ fn a_mount_records_its_reads_and_the_next_mount_replays_them() {
     }
     let sb = saved_locally(1);
     let expected = expected_copy(&sb);
+    // The disk cache stays off: run 2 must replay from the store, not from
+    // the files run 1 left on disk.
     // Run 1: cold, recording.
-    let m = Mount::new(&sb, &["--key", "k", "--force"]);
+    let m = Mount::new(&sb, &["--key", "k", "--no-disk-cache", "--force"]);
     let root = m.path().to_path_buf();
     let exp = expected.clone();
     bounded(Duration::from_secs(60), "build 1", move || {
@@ -134,7 +136,7 @@ fn a_mount_records_its_reads_and_the_next_mount_replays_them() {
     assert_eq!((big.start, big.end), (0, 48), "the big file was read whole");
 
     // Run 2: replays, and every file of the build is already cached.
-    let m = Mount::new(&sb, &["--key", "k", "--force"]);
+    let m = Mount::new(&sb, &["--key", "k", "--no-disk-cache", "--force"]);
     let log = replay_done(&m);
     assert!(
         log.contains("replayed the access profile: 4 entries (0 skipped"),
@@ -177,7 +179,14 @@ fn a_mount_records_its_reads_and_the_next_mount_replays_them() {
     let before_bytes = fs::read(profile_file(&sb, "k")).unwrap();
     let m = Mount::new(
         &sb,
-        &["--key", "k", "--force", "--no-prefetch", "--no-record"],
+        &[
+            "--key",
+            "k",
+            "--force",
+            "--no-prefetch",
+            "--no-record",
+            "--no-disk-cache",
+        ],
     );
     let root = m.path().to_path_buf();
     let exp = expected.clone();
@@ -429,8 +438,9 @@ fn a_read_outside_the_profile_during_a_large_replay_answers_within_twice_its_tim
     let small: Vec<String> = (0..40).rev().map(|i| format!("s{i:02}/x.js")).collect();
     let (a, b) = small.split_at(20);
     let (a, b) = (a.to_vec(), b.to_vec());
+    // The disk cache stays off, so each mount's reads and replay go to the store.
     // Record a build that reads the large files.
-    let m = Mount::new(sb, &["--key", "k"]);
+    let m = Mount::new(sb, &["--key", "k", "--no-disk-cache"]);
     let root = m.path().to_path_buf();
     let l = large.clone();
     bounded(Duration::from_secs(120), "recording build", move || {
@@ -454,11 +464,20 @@ fn a_read_outside_the_profile_during_a_large_replay_answers_within_twice_its_tim
         })
     };
     // Without prefetch.
-    let m = Mount::new(sb, &["--key", "k", "--no-prefetch", "--no-record"]);
+    let m = Mount::new(
+        sb,
+        &[
+            "--key",
+            "k",
+            "--no-disk-cache",
+            "--no-prefetch",
+            "--no-record",
+        ],
+    );
     let alone = timed(m.path().to_path_buf(), a);
     umount(sb, &m);
     // During replay: only the reads that ended before the replay did count.
-    let m = Mount::new(sb, &["--key", "k", "--no-record"]);
+    let m = Mount::new(sb, &["--key", "k", "--no-disk-cache", "--no-record"]);
     let (root, log) = (m.path().to_path_buf(), m.log.clone());
     let mut during = bounded(Duration::from_secs(60), "reads during replay", move || {
         let mut t = Vec::new();

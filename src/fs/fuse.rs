@@ -13,12 +13,13 @@
 //! them, and keeps the page cache and caches directory listings: immutable
 //! content), `flush` answers `ENOSYS` once, readdirplus replaces lookups.
 //!
-//! With a disk cache and a kernel that offers FUSE passthrough, `open` is
-//! answered instead (no-open is all or nothing): a file whose whole content
+//! With `--passthrough`, a disk cache and a kernel that offers FUSE
+//! passthrough, `open` is answered instead (no-open is all or nothing): a file whose whole content
 //! is in the disk cache, and at least [`PASSTHROUGH_MIN`] bytes, is opened
 //! in passthrough mode on the cache file, so the kernel reads it with no
 //! round trip per read; smaller ones are read from the cache file through
-//! FUSE (one read serves them). Where registering a backing file fails (the
+//! FUSE (one read serves them). While any handle of a file is open, new
+//! opens read it the same way (the kernel refuses a mix). Where registering a backing file fails (the
 //! kernel asks for CAP_SYS_ADMIN) that is logged once and every open is
 //! answered plainly.
 
@@ -112,9 +113,28 @@ pub struct FuseFs<S> {
     want_passthrough: bool,
     /// Passthrough works: the kernel offered it and backing files register.
     passthrough: AtomicBool,
-    /// The backing file of each inode opened in passthrough mode, and how
-    /// many opens use it (the kernel wants one per inode while any is open).
-    backing: Mutex<HashMap<u64, (BackingId, u32)>>,
+    /// How the open handles of each inode read it, while passthrough is on.
+    opened: Mutex<HashMap<u64, Opened>>,
+}
+
+/// How the open handles of one inode read it. The kernel refuses (EIO) to
+/// mix passthrough and cached opens of one inode, and wants one backing
+/// file for all of its passthrough opens: so while any handle is open, a
+/// new open reads the way the first one does, even if the file has been
+/// filed in the disk cache since.
+enum Opened {
+    /// Passthrough on this backing file, by this many handles.
+    Passthrough(BackingId, u32),
+    /// Through FUSE reads (and the page cache), by this many handles.
+    Cached(u32),
+}
+
+impl Opened {
+    fn handles(&mut self) -> &mut u32 {
+        match self {
+            Opened::Passthrough(_, n) | Opened::Cached(n) => n,
+        }
+    }
 }
 
 /// Implements `Filesystem` methods that would change the tree as one line
@@ -139,7 +159,7 @@ impl<S: ObjectStore> FuseFs<S> {
             no_open: AtomicBool::new(false),
             want_passthrough,
             passthrough: AtomicBool::new(false),
-            backing: Mutex::new(HashMap::new()),
+            opened: Mutex::new(HashMap::new()),
         }
     }
 
@@ -150,34 +170,44 @@ impl<S: ObjectStore> FuseFs<S> {
         self
     }
 
-    /// Opens `ino` in passthrough mode if its whole content is in the disk
-    /// cache; gives the reply back when it is not (or passthrough failed).
-    fn open_passthrough(&self, ino: u64, fh: u64, reply: ReplyOpen) -> Option<ReplyOpen> {
-        let mut backing = self.backing.lock();
-        if let Some((id, opens)) = backing.get_mut(&ino) {
-            *opens += 1;
-            reply.opened_passthrough(FileHandle(fh), PASSTHROUGH_FLAGS, id);
-            return None;
-        }
-        let file = match self.core.passthrough_file(ino) {
-            Some(f) if f.metadata().is_ok_and(|m| m.len() >= PASSTHROUGH_MIN) => f,
-            _ => return Some(reply),
-        };
-        match reply.open_backing(&file) {
-            Ok(id) => {
-                reply.opened_passthrough(FileHandle(fh), PASSTHROUGH_FLAGS, &id);
-                backing.insert(ino, (id, 1));
-                None
+    /// Answers an open while passthrough is on: in passthrough mode if
+    /// the whole content of `ino` is in the disk cache and no handle of it
+    /// is open through FUSE reads; else the way its open handles read.
+    fn open_tracked(&self, ino: u64, fh: u64, reply: ReplyOpen) {
+        let mut opened = self.opened.lock();
+        match opened.get_mut(&ino) {
+            Some(Opened::Passthrough(id, n)) => {
+                *n += 1;
+                return reply.opened_passthrough(FileHandle(fh), PASSTHROUGH_FLAGS, id);
             }
-            Err(e) => {
-                if self.passthrough.swap(false, Ordering::Relaxed) {
-                    tracing::warn!(
-                    "FUSE passthrough is not available ({e}: registering a backing file needs CAP_SYS_ADMIN); files in the disk cache are read from it through FUSE"
-                    );
+            Some(Opened::Cached(n)) => {
+                *n += 1;
+                return reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
+            }
+            None => {}
+        }
+        let file = self
+            .core
+            .passthrough_file(ino)
+            .filter(|f| f.metadata().is_ok_and(|m| m.len() >= PASSTHROUGH_MIN));
+        if let Some(file) = file {
+            match reply.open_backing(&file) {
+                Ok(id) => {
+                    reply.opened_passthrough(FileHandle(fh), PASSTHROUGH_FLAGS, &id);
+                    opened.insert(ino, Opened::Passthrough(id, 1));
+                    return;
                 }
-                Some(reply)
+                Err(e) => {
+                    if self.passthrough.swap(false, Ordering::Relaxed) {
+                        tracing::warn!(
+                        "FUSE passthrough is not available ({e}: registering a backing file needs CAP_SYS_ADMIN); files in the disk cache are read from it through FUSE"
+                        );
+                    }
+                }
             }
         }
+        opened.insert(ino, Opened::Cached(1));
+        reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE)
     }
 
     fn count(&self, op: Op) {
@@ -316,17 +346,10 @@ impl<S: ObjectStore> Filesystem for FuseFs<S> {
             // The kernel then stops sending open and release, and keeps the
             // page cache (content that never changes: no handles needed).
             Ok(0) if self.no_open.load(Ordering::Relaxed) => reply.error(Errno::ENOSYS),
-            Ok(fh) => {
-                let reply = if self.passthrough.load(Ordering::Relaxed) {
-                    match self.open_passthrough(ino.0, fh, reply) {
-                        Some(reply) => reply,
-                        None => return,
-                    }
-                } else {
-                    reply
-                };
-                reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE)
+            Ok(fh) if self.passthrough.load(Ordering::Relaxed) => {
+                self.open_tracked(ino.0, fh, reply)
             }
+            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
         }
     }
 
@@ -382,11 +405,11 @@ impl<S: ObjectStore> Filesystem for FuseFs<S> {
     ) {
         self.count(Op::Release);
         self.core.release(ino.0, fh.0);
-        let mut backing = self.backing.lock();
-        if let Some((_, opens)) = backing.get_mut(&ino.0) {
-            *opens -= 1;
-            if *opens == 0 {
-                backing.remove(&ino.0);
+        let mut opened = self.opened.lock();
+        if let Some(handles) = opened.get_mut(&ino.0).map(Opened::handles) {
+            *handles -= 1;
+            if *handles == 0 {
+                opened.remove(&ino.0);
             }
         }
         reply.ok();

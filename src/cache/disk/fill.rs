@@ -4,14 +4,16 @@
 //! the content hash is checked (from the block sums, without reading the
 //! file again) and the file is committed like a whole one. Unfinished fills
 //! are removed when the process ends; a killed process's are swept by the
-//! next one ([`sweep_dead`]).
+//! next one ([`sweep_dead`]), told apart by the `flock` each filler holds.
 
 use std::collections::HashMap;
-use std::fs::File;
-use std::os::unix::fs::FileExt;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use parking_lot::Mutex;
+use rustix::fs::{flock, FlockOperation};
 use sha2::{Digest, Sha256};
 
 use super::entry::{self, EntryKey};
@@ -116,7 +118,16 @@ impl DiskCache {
     }
 }
 
-/// Removes temporary files (`<key>.<pid>.<n>`) whose process is gone.
+/// A temporary file this old is swept even when its PID names a running
+/// process (which is then a later process that reused the PID).
+const ORPHAN_AGE: Duration = Duration::from_secs(3600);
+
+/// Removes temporary files (`<key>.<pid>.<n>`) whose filler is gone.
+///
+/// A filler holds an `flock` on its file for as long as it lives, so a file
+/// whose lock can be taken has no filler. The PID (not running, or only a
+/// zombie) guards the instant between a filler's create and its lock; a
+/// file far older than any fill is swept whatever its PID says.
 pub fn sweep_dead(tmp: &Path) {
     let Ok(read) = std::fs::read_dir(tmp) else {
         return;
@@ -133,8 +144,85 @@ pub fn sweep_dead(tmp: &Path) {
         let Ok(pid) = pid.parse::<u32>() else {
             continue;
         };
-        if entry::is_entry_name(key) && !Path::new(&format!("/proc/{pid}")).exists() {
+        if !entry::is_entry_name(key) || pid == std::process::id() {
+            continue;
+        }
+        let Ok(file) = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(item.path())
+        else {
+            continue;
+        };
+        if flock(&file, FlockOperation::NonBlockingLockExclusive).is_err() {
+            continue;
+        }
+        let old = file
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > ORPHAN_AGE);
+        if old || !running(pid) {
             let _ = std::fs::remove_file(item.path());
         }
+    }
+}
+
+/// Whether `pid` names a process that has not exited (a zombie has).
+fn running(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // The state follows the command name, which is in parentheses and may
+    // itself hold spaces and parentheses.
+    let state = stat.rsplit_once(')').map(|(_, rest)| rest.trim_start());
+    !matches!(state.and_then(|s| s.chars().next()), Some('Z' | 'X') | None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::{Command, Stdio};
+
+    fn temp_name(pid: u32, n: u32) -> String {
+        format!("{}.{pid}.{n}", "ab".repeat(32))
+    }
+
+    /// A child that has exited but is not reaped yet: a zombie.
+    fn zombie() -> std::process::Child {
+        let child = Command::new("true").stdin(Stdio::null()).spawn().unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while running(child.id()) {
+            assert!(std::time::Instant::now() < deadline, "child did not exit");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        child
+    }
+
+    #[test]
+    fn sweep_removes_unlocked_files_of_exited_or_zombie_fillers_and_keeps_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut zombie = zombie();
+        let mut reaped = Command::new("true").spawn().unwrap();
+        reaped.wait().unwrap();
+        let names = [
+            temp_name(zombie.id(), 0), // unlocked, filler a zombie: swept
+            temp_name(reaped.id(), 1), // unlocked, filler gone: swept
+            temp_name(reaped.id(), 2), // locked (a filler lives): kept
+            temp_name(1, 3),           // unlocked, PID running, fresh: kept
+        ];
+        for n in &names {
+            File::create(dir.path().join(n)).unwrap();
+        }
+        let held = File::open(dir.path().join(&names[2])).unwrap();
+        flock(&held, FlockOperation::LockExclusive).unwrap();
+        sweep_dead(dir.path());
+        let left = |n: &str| dir.path().join(n).exists();
+        assert!(!left(&names[0]), "the zombie's file stayed");
+        assert!(!left(&names[1]), "the exited filler's file stayed");
+        assert!(left(&names[2]), "a locked file was swept");
+        assert!(left(&names[3]), "a running PID's fresh file was swept");
+        zombie.wait().unwrap();
     }
 }

@@ -283,7 +283,13 @@ impl DiskCache {
             .mode(0o600)
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(&tmp);
-        match created {
+        // The lock marks the file as being filled until this process ends
+        // (the kernel drops it then, zombie or not): see `fill::sweep_dead`.
+        let locked = created.and_then(|f| {
+            rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive)?;
+            Ok(f)
+        });
+        match locked {
             Ok(f) => Some((f, tmp)),
             Err(e) => {
                 self.write_failed(&e);
