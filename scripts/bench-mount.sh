@@ -66,6 +66,8 @@ scripts/s3-server.sh start >/dev/null
 eval "$(scripts/s3-server.sh env)"
 prefix="bench-mount-$$-$(date +%s)"
 export CACHEMOUNT_STORE="s3://$CACHEMOUNT_TEST_S3_BUCKET/$prefix" AWS_ENDPOINT_URL="$CACHEMOUNT_TEST_S3_ENDPOINT"
+# Cold figures: the host's disk cache would serve bytes an earlier run left.
+export CACHEMOUNT_NO_DISK_CACHE=true
 
 # Each workload mounts its key several times: no access profile, so every
 # mount here is cold (scripts/bench-prefetch.sh measures the profile's replay).

@@ -50,6 +50,8 @@ scripts/s3-server.sh start >/dev/null
 eval "$(scripts/s3-server.sh env)"
 prefix="bench-prefetch-$$-$(date +%s)"
 export CACHEMOUNT_STORE="s3://$CACHEMOUNT_TEST_S3_BUCKET/$prefix" AWS_ENDPOINT_URL="$CACHEMOUNT_TEST_S3_ENDPOINT"
+# Cold figures: the host's disk cache would serve bytes an earlier run left.
+export CACHEMOUNT_NO_DISK_CACHE=true
 
 now() { date +%s.%N; }
 elapsed() { awk -v a="$(now)" -v b="$1" 'BEGIN { printf "%.3f", a - b }'; }

@@ -42,6 +42,8 @@ scripts/s3-server.sh start >/dev/null
 eval "$(scripts/s3-server.sh env)"
 prefix="bench-reopen-$$-$(date +%s)"
 export CACHEMOUNT_STORE="s3://$CACHEMOUNT_TEST_S3_BUCKET/$prefix" AWS_ENDPOINT_URL="$CACHEMOUNT_TEST_S3_ENDPOINT"
+# Cold figures: the host's disk cache would serve bytes an earlier run left.
+export CACHEMOUNT_NO_DISK_CACHE=true
 
 echo "== generating $small small files (seed 42)" >&2
 python3 "$repo/scripts/lib/gen-tree.py" "$work/src/tree" --small "$small" --large 0
