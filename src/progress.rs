@@ -25,9 +25,16 @@ impl Progress {
         Progress { bar }
     }
 
+    /// No bar, whatever the terminal (a step too short to show).
+    pub fn hidden() -> Self {
+        Progress { bar: None }
+    }
+
+    /// A new stretch of `total` bytes (the bar starts again from zero).
     pub fn start(&self, total: u64) {
         if let Some(b) = &self.bar {
             b.set_length(total);
+            b.set_position(0);
         }
     }
 

@@ -367,6 +367,7 @@ fn planned<'a>(entry: &'a Entry, relative: &str) -> Planned<'a> {
     Planned {
         entry,
         relative: std::path::PathBuf::from(relative),
+        cached: None,
     }
 }
 

@@ -228,7 +228,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 pointer: opened.pointer.clone(),
                 refresh_after: cli.global.refresh_after(),
             };
-            let restored = restore::restore(src, &specs, &anchors, options, progress).await?;
+            let disk = cli.global.disk_cache();
+            let restored =
+                restore::restore(src, &specs, &anchors, options, disk.as_ref(), progress).await?;
             let report = report::RestoreReport {
                 command: "restore",
                 matched: opened.matched,
@@ -236,6 +238,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 archive_size: restored.archive_size,
                 restored: restored.restored,
                 bytes_downloaded: opened.store.transfer_counts().downloaded,
+                disk_cache_files: restored.from_disk_files,
+                disk_cache_bytes: restored.from_disk_bytes,
                 seconds: started.elapsed().as_secs_f64(),
             };
             if cli.global.json {

@@ -118,6 +118,9 @@ pub struct RestoreReport {
     pub archive_size: u64,
     pub restored: Vec<PathBuf>,
     pub bytes_downloaded: u64,
+    /// Files (and their bytes) copied from the host's disk cache.
+    pub disk_cache_files: u64,
+    pub disk_cache_bytes: u64,
     pub seconds: f64,
 }
 
@@ -128,8 +131,16 @@ impl RestoreReport {
             .iter()
             .map(|p| p.display().to_string())
             .collect();
+        let from_disk = match self.disk_cache_files {
+            0 => String::new(),
+            n => format!(
+                "; {n} files ({}) from the disk cache, {} downloaded",
+                human_bytes(self.disk_cache_bytes),
+                human_bytes(self.bytes_downloaded)
+            ),
+        };
         format!(
-            "restored {} ({}) into {}\n",
+            "restored {} ({}) into {}{from_disk}\n",
             self.matched.describe(),
             human_bytes(self.archive_size),
             paths.join(", ")

@@ -53,6 +53,9 @@ fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> ExtractError 
 pub struct Planned<'a> {
     pub entry: &'a Entry,
     pub relative: PathBuf,
+    /// The file's whole content, already checked (a disk cache entry): it is
+    /// copied instead of decoded from the archive.
+    pub cached: Option<&'a File>,
 }
 
 /// Checks `relative` names and the entries as a whole; see the module comment.
@@ -141,6 +144,22 @@ fn entry_data<'a>(archive: &'a File, entry: &Entry) -> Result<EntryData<'a>, Ext
         pos: start,
         end: start + entry.compressed_size,
     })
+}
+
+/// Copies `size` bytes of a cached entry into `to` (`copy_file_range`,
+/// which shares extents where the file system can). The entry was checked
+/// to have exactly that size; one that shrank since is an error, not a
+/// short file.
+fn copy_cached(mut from: &File, to: &File, size: u64) -> io::Result<()> {
+    io::Seek::seek(&mut from, io::SeekFrom::Start(0))?;
+    let copied = io::copy(&mut io::Read::take(from, size), &mut &*to)?;
+    if copied != size {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("the disk cache entry ended after {copied} of {size} bytes"),
+        ));
+    }
+    Ok(())
 }
 
 /// How extraction treats what the archive claims about ownership (DESIGN §7:
@@ -304,12 +323,18 @@ impl<'a> Extraction<'a> {
         let fd = rustix::fs::openat(&place.dir, place.name, flags, Mode::from_raw_mode(0o600))
             .map_err(|e| io_err(format!("cannot create {}", self.path(p).display()))(e.into()))?;
         let file = File::from(fd);
-        let buffer = p.entry.size.clamp(1, 1 << 20) as usize;
-        decode_entry_to(
-            p.entry,
-            entry_data(self.archive, p.entry)?,
-            BufWriter::with_capacity(buffer, &file),
-        )?;
+        match p.cached {
+            Some(cached) => copy_cached(cached, &file, p.entry.size)
+                .map_err(io_err(format!("cannot write {}", self.path(p).display())))?,
+            None => {
+                let buffer = p.entry.size.clamp(1, 1 << 20) as usize;
+                decode_entry_to(
+                    p.entry,
+                    entry_data(self.archive, p.entry)?,
+                    BufWriter::with_capacity(buffer, &file),
+                )?;
+            }
+        }
         self.apply_metadata(file.as_fd(), p)
     }
 

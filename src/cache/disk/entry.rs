@@ -17,6 +17,7 @@ use sha2::{Digest, Sha256};
 
 use crate::archive::Entry;
 use crate::cache::version::Version;
+use crate::store::ObjectVersion;
 
 /// The attribute holding an entry's checksum: CRC-32 then length (LE).
 const SUM_XATTR: &str = "user.cachemount.sum";
@@ -36,7 +37,19 @@ impl EntryKey {
     /// Both are scoped by `namespace` (the store), so an archive can name
     /// only bytes that an archive of the same store put there.
     pub fn of(namespace: &str, v: &Version, i: u32) -> EntryKey {
-        let e = v.entry(i);
+        EntryKey::of_entry(namespace, &v.key, &v.pin, v.size, i, v.entry(i))
+    }
+
+    /// [`EntryKey::of`] for entry `i` of the archive `key` pinned to `pin`
+    /// (`size` bytes), where no [`Version`] is open (restore).
+    pub fn of_entry(
+        namespace: &str,
+        key: &str,
+        pin: &ObjectVersion,
+        size: u64,
+        i: u32,
+        e: &Entry,
+    ) -> EntryKey {
         let mut h = Sha256::new();
         h.update(b"cachemount-disk-v1\0");
         h.update(namespace.as_bytes());
@@ -48,13 +61,13 @@ impl EntryKey {
             }
             None => {
                 h.update(b"version\0");
-                for part in [&v.key, &v.pin.etag] {
+                for part in [key, &pin.etag] {
                     h.update(part.as_bytes());
                     h.update(b"\0");
                 }
-                h.update(v.pin.version_id.as_deref().unwrap_or("").as_bytes());
+                h.update(pin.version_id.as_deref().unwrap_or("").as_bytes());
                 h.update(b"\0");
-                h.update(v.size.to_le_bytes());
+                h.update(size.to_le_bytes());
                 h.update(i.to_le_bytes());
             }
         }

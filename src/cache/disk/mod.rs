@@ -160,6 +160,12 @@ impl DiskCache {
         self.limit
     }
 
+    /// Whether an entry can be cached at all: a non-empty file no larger
+    /// than its share of the bound.
+    pub fn may_hold(&self, e: &Entry) -> bool {
+        e.kind == EntryKind::File && e.size > 0 && e.size <= self.limit / MAX_ENTRY_SHARE
+    }
+
     pub fn dir(&self) -> &Path {
         self.root.parent().unwrap_or(&self.root)
     }
@@ -455,10 +461,8 @@ impl MountDisk {
         &self.cache
     }
 
-    /// Whether an entry can be cached at all: a non-empty file no larger
-    /// than its share of the bound.
     fn cacheable(&self, e: &Entry) -> bool {
-        e.kind == EntryKind::File && e.size > 0 && e.size <= self.cache.limit / MAX_ENTRY_SHARE
+        self.cache.may_hold(e)
     }
 
     /// The entry's whole content, checked, if it is on disk.

@@ -1,8 +1,15 @@
 //! `restore`: resolve the key, download the archive with concurrent
-//! ETag-pinned range GETs, verify it, extract each saved path into a
-//! temporary sibling and swap it in — so a failed restore leaves the previous
-//! directory as it was.
+//! ETag-pinned range GETs ([`download`]), verify it, extract each saved path
+//! into a temporary sibling and swap it in — so a failed restore leaves the
+//! previous directory as it was.
+//!
+//! A key's cachemount archive is downloaded by parts: its index, then only
+//! the entries the restored paths hold and the host's disk cache does not
+//! (those are copied from it, checked).
 
+mod download;
+
+use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -13,22 +20,20 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, Context};
-use futures::stream::StreamExt;
+use rayon::prelude::*;
 
 use crate::archive::{self, ArchiveIndex, Entry};
+use crate::cache::disk::{DiskCache, DiskOptions, EntryKey};
 use crate::cache::version::refresh_lifetime;
 use crate::paths::{names, plan_targets, Anchors, PathSpec, Target};
 use crate::progress::Progress;
-use crate::store::{ObjectMeta, ObjectStore, StoreError};
+use crate::store::{ObjectMeta, ObjectStore};
 use crate::tree::beneath::{self};
 use crate::tree::extract::{check_safe, extract, ExtractOptions, Planned};
+use download::{entry_range, Download, DownloadError};
 
-/// Size of one range GET of a download.
-const DOWNLOAD_CHUNK: u64 = 8 << 20;
-/// Range GETs in flight at once.
-const DOWNLOAD_CONCURRENCY: usize = 8;
-/// How often a download starts over after the object changed before giving up.
-const MAX_VERSION_CHANGES: usize = 5;
+/// How often a restore starts over after the object changed under it.
+const MAX_RESTARTS: usize = 5;
 
 /// What is being restored: an object in a store and whether its content is
 /// fixed by its name (content-addressed blobs), in which case a changed ETag
@@ -46,93 +51,35 @@ pub struct Source<'a, S> {
     pub refresh_after: Duration,
 }
 
-/// Downloads the whole object into `dest`, pinned to one version at a time.
-pub async fn download<S: ObjectStore>(
-    source: &Source<'_, S>,
-    dest: &File,
-    progress: &Progress,
-) -> anyhow::Result<ObjectMeta> {
-    let store = source.store;
-    let mut meta = store
-        .head(&source.key)
-        .await
-        .with_context(|| format!("cannot read {}", source.key))?;
-    dest.set_len(meta.size)?;
-    progress.start(meta.size);
-    let chunks = meta.size.div_ceil(DOWNLOAD_CHUNK);
-    let mut done = vec![false; chunks as usize];
-    for _attempt in 0..=MAX_VERSION_CHANGES {
-        let pin = meta.version.clone();
-        let pending: Vec<u64> = (0..chunks).filter(|c| !done[*c as usize]).collect();
-        let results: Vec<(u64, Result<(), StoreError>)> = futures::stream::iter(pending)
-            .map(|c| {
-                let pin = &pin;
-                let size = meta.size;
-                async move {
-                    let range = c * DOWNLOAD_CHUNK..((c + 1) * DOWNLOAD_CHUNK).min(size);
-                    let res = match store.get_range(&source.key, range.clone(), Some(pin)).await {
-                        Ok(bytes) => dest
-                            .write_all_at(&bytes, range.start)
-                            .map(|_| progress.advance(bytes.len() as u64))
-                            .map_err(|e| StoreError::Io {
-                                context: "writing the download".into(),
-                                error: e,
-                            }),
-                        Err(e) => Err(e),
-                    };
-                    (c, res)
-                }
-            })
-            .buffer_unordered(DOWNLOAD_CONCURRENCY)
-            .collect()
-            .await;
-        let mut changed = false;
-        for (c, res) in results {
-            match res {
-                Ok(()) => done[c as usize] = true,
-                Err(StoreError::PreconditionFailed(_)) => changed = true,
-                Err(e) => return Err(e).with_context(|| format!("cannot download {}", source.key)),
-            }
-        }
-        if !changed {
-            return Ok(meta);
-        }
-        let new_meta = store
-            .head(&source.key)
-            .await
-            .with_context(|| format!("cannot read {}", source.key))?;
-        tracing::info!(key = %source.key, old = %meta.version.etag, new = %new_meta.version.etag, "object changed during download");
-        if !source.content_addressed || new_meta.size != meta.size {
-            done.iter_mut().for_each(|d| *d = false);
-            dest.set_len(0)?;
-            dest.set_len(new_meta.size)?;
-        }
-        meta = new_meta;
-    }
-    bail!(
-        "{} kept changing during the download ({} times); try again",
-        source.key,
-        MAX_VERSION_CHANGES + 1
-    )
-}
-
-/// The entries below `target.name`, with their paths relative to it.
-fn plan_entries<'a>(index: &'a ArchiveIndex, target: &Target) -> Vec<Planned<'a>> {
+/// The entries below `target.name`, with their paths relative to it and
+/// their content from the disk cache when `cached` has it (by entry index).
+fn plan_entries<'a>(
+    index: &'a ArchiveIndex,
+    target: &Target,
+    cached: &'a HashMap<usize, File>,
+) -> Vec<Planned<'a>> {
     index
         .entries
         .iter()
-        .filter_map(|e: &'a Entry| {
-            let rel: &[u8] = if target.name.is_empty() {
-                &e.name
-            } else {
-                names::strip_within(&e.name, &target.name)?
-            };
+        .enumerate()
+        .filter_map(|(i, e): (usize, &'a Entry)| {
+            let rel = within(e, target)?;
             Some(Planned {
                 entry: e,
                 relative: PathBuf::from(OsStr::from_bytes(rel)),
+                cached: cached.get(&i),
             })
         })
         .collect()
+}
+
+/// `e`'s name relative to `target`, if it is below it.
+fn within<'e>(e: &'e Entry, target: &Target) -> Option<&'e [u8]> {
+    if target.name.is_empty() {
+        Some(&e.name)
+    } else {
+        names::strip_within(&e.name, &target.name)
+    }
 }
 
 /// A target extracted next to where it goes, waiting to be swapped in.
@@ -157,12 +104,13 @@ pub fn extract_targets(
     archive: &File,
     index: &ArchiveIndex,
     targets: &[Target],
+    cached: &HashMap<usize, File>,
     options: ExtractOptions,
 ) -> anyhow::Result<()> {
     let mut staged: Vec<Staged<'_>> = Vec::new();
     let result = (|| -> anyhow::Result<()> {
         for t in targets {
-            let planned = plan_entries(index, t);
+            let planned = plan_entries(index, t, cached);
             check_safe(&planned)?;
             let parent = t
                 .open_parent()
@@ -276,32 +224,80 @@ fn rand_nonce() -> u32 {
 pub struct RestoreReport {
     pub restored: Vec<PathBuf>,
     pub archive_size: u64,
+    /// Files (and their bytes) copied from the disk cache, not downloaded.
+    pub from_disk_files: u64,
+    pub from_disk_bytes: u64,
 }
 
-/// Restores `source` into the paths `specs` name (all its paths when empty).
+/// An archive ready to extract: its bytes in a local file (all of them, or
+/// all that extracting `targets` reads besides `cached`), checked against
+/// its name.
+struct Prepared {
+    file: File,
+    meta: ObjectMeta,
+    index: ArchiveIndex,
+    targets: Vec<Target>,
+    /// Entries (by index) whose content comes from the disk cache.
+    cached: HashMap<usize, File>,
+}
+
+/// Restores `source` into the paths `specs` name (all its paths when
+/// empty), taking files from the disk cache at `disk` where it holds them.
 pub async fn restore<S: ObjectStore>(
     source: Source<'_, S>,
     specs: &[PathSpec],
     anchors: &Anchors,
     options: ExtractOptions,
+    disk: Option<&DiskOptions>,
     progress: Progress,
 ) -> anyhow::Result<RestoreReport> {
-    let mut downloads = 0;
-    let (targets, meta) = loop {
-        let (file, meta) = match source.store.open_local(&source.key) {
+    // Only a key's blob never changes content (see the mount's disk cache).
+    let disk = disk
+        .filter(|_| source.content_addressed)
+        .and_then(|o| match DiskCache::open(o) {
+            Ok(c) => Some(Arc::new(c)),
+            Err(e) => {
+                tracing::warn!("{e}; downloading every file");
+                None
+            }
+        });
+    let (mut restarts, mut downloads) = (0, 0);
+    let (targets, meta, from_disk) = loop {
+        let prepared = match source.store.open_local(&source.key) {
             // A local store: read the archive in place (the open file pins its version).
-            Some(opened) => opened.with_context(|| format!("cannot read {}", source.key))?,
+            Some(opened) => {
+                let (file, meta) = opened.with_context(|| format!("cannot read {}", source.key))?;
+                prepare_local(&source, file, meta, specs, anchors)
+            }
             None => {
-                let tmp = tempfile::tempfile()
-                    .context("cannot create a temporary file for the download")?;
-                let meta = download(&source, &tmp, &progress).await?;
                 downloads += 1;
-                (tmp, meta)
+                prepare_download(&source, specs, anchors, disk.as_ref(), &progress).await
             }
         };
         progress.finish();
-        match verify_and_extract(&source, file, &meta, specs, anchors, options).await {
-            Ok(targets) => break (targets, meta),
+        let outcome = match prepared {
+            Ok(p) => {
+                let from_disk = (
+                    p.cached.len() as u64,
+                    p.cached.keys().map(|&i| p.index.entries[i].size).sum(),
+                );
+                extract_prepared(p, options)
+                    .await
+                    .map(|(targets, meta)| (targets, meta, from_disk))
+            }
+            Err(e) => Err(e),
+        };
+        match outcome {
+            Ok(done) => break done,
+            Err(e) if is_changed(&e) => {
+                if restarts == MAX_RESTARTS {
+                    return Err(
+                        DownloadError::KeptChanging(source.key.clone(), restarts + 1).into(),
+                    );
+                }
+                restarts += 1;
+                tracing::info!(key = %source.key, "the archive changed during the restore; starting over");
+            }
             // Damage may have happened in transit: download once more before
             // blaming the stored bytes. The previous targets are untouched.
             Err(e) if downloads == 1 && is_corruption(&e) => {
@@ -317,31 +313,157 @@ pub async fn restore<S: ObjectStore>(
     Ok(RestoreReport {
         restored: targets.into_iter().map(|t| t.local).collect(),
         archive_size: meta.size,
+        from_disk_files: from_disk.0,
+        from_disk_bytes: from_disk.1,
     })
 }
 
-/// Opens the archive in `file`, checks it against its name, and extracts it.
-async fn verify_and_extract<S: ObjectStore>(
+/// An archive of a local store, read in place.
+fn prepare_local<S>(
     source: &Source<'_, S>,
     file: File,
-    meta: &ObjectMeta,
+    meta: ObjectMeta,
     specs: &[PathSpec],
     anchors: &Anchors,
-    options: ExtractOptions,
-) -> anyhow::Result<Vec<Target>> {
-    let archive = Arc::new(file);
-    let index = archive::open_file(&archive).map_err(|e| {
-        anyhow::Error::new(e).context(format!("{} is not a readable cache archive", source.key))
-    })?;
+) -> anyhow::Result<Prepared> {
+    let index = archive::open_file(&file).map_err(|e| unreadable(source, e))?;
     if let Some(expected) = &source.expected_digest {
-        verify_digest(&archive, meta, expected)
+        verify_digest(&file, &meta, expected)
             .with_context(|| format!("{} does not match its name", source.key))?;
     }
     let targets = plan_targets(&index, specs, anchors)?;
+    Ok(Prepared {
+        file,
+        meta,
+        index,
+        targets,
+        cached: HashMap::new(),
+    })
+}
+
+/// Downloads what the restore needs. A key's cachemount archive (its tail
+/// names its index digest, so the index alone proves every entry's
+/// content) is fetched by parts: only the entries of the restored paths
+/// that `disk` does not hold. Anything else is fetched whole.
+async fn prepare_download<S: ObjectStore>(
+    source: &Source<'_, S>,
+    specs: &[PathSpec],
+    anchors: &Anchors,
+    disk: Option<&Arc<DiskCache>>,
+    progress: &Progress,
+) -> anyhow::Result<Prepared> {
+    let download = Download::start(source).await?;
+    let index = download.open_index().await?;
+    let by_parts = source.content_addressed && download.tail_digest()?.is_some();
+    if !by_parts {
+        download.fetch_all(progress).await?;
+    }
+    let meta = download.meta();
+    if let Some(expected) = &source.expected_digest {
+        verify_digest(download.file(), &meta, expected)
+            .with_context(|| format!("{} does not match its name", source.key))?;
+    }
+    let targets = plan_targets(&index, specs, anchors)?;
+    let mut cached = HashMap::new();
+    if by_parts {
+        let wanted = wanted_entries(&index, &targets);
+        if let Some(disk) = disk {
+            cached = cached_entries(disk, source, &meta, &index, &wanted).await?;
+        }
+        let ranges: Vec<_> = wanted
+            .iter()
+            .filter(|i| !cached.contains_key(i))
+            .map(|&i| entry_range(&index.entries[i], meta.size))
+            .collect();
+        download.fetch(&ranges, progress).await?;
+    }
+    let meta = download.meta();
+    Ok(Prepared {
+        file: download.into_file(),
+        meta,
+        index,
+        targets,
+        cached,
+    })
+}
+
+/// The entries (by index) below any of `targets` whose data extraction reads.
+fn wanted_entries(index: &ArchiveIndex, targets: &[Target]) -> Vec<usize> {
+    index
+        .entries
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| match e.kind {
+            archive::EntryKind::File => e.compressed_size > 0,
+            archive::EntryKind::Symlink => e.link_target.is_none(),
+            archive::EntryKind::Dir => false,
+        })
+        .filter(|(_, e)| targets.iter().any(|t| within(e, t).is_some()))
+        .map(|(i, _)| i)
+        .collect()
+}
+
+/// The disk cache's checked copies of the `wanted` entries it holds.
+async fn cached_entries<S: ObjectStore>(
+    disk: &Arc<DiskCache>,
+    source: &Source<'_, S>,
+    meta: &ObjectMeta,
+    index: &ArchiveIndex,
+    wanted: &[usize],
+) -> anyhow::Result<HashMap<usize, File>> {
+    let namespace = source.store.describe();
+    let keys: Vec<(usize, EntryKey, u64)> = wanted
+        .iter()
+        .map(|&i| (i, &index.entries[i]))
+        .filter(|(_, e)| disk.may_hold(e))
+        .map(|(i, e)| {
+            let key = EntryKey::of_entry(
+                &namespace,
+                &source.key,
+                &meta.version,
+                meta.size,
+                i as u32,
+                e,
+            );
+            (i, key, e.size)
+        })
+        .collect();
+    let disk = disk.clone();
+    // Each hit is read whole to check it: off the async threads, in parallel.
+    let found = tokio::task::spawn_blocking(move || {
+        keys.into_par_iter()
+            .filter_map(|(i, key, size)| Some((i, disk.open_entry(&key, size)?)))
+            .collect::<HashMap<usize, File>>()
+    })
+    .await?;
+    Ok(found)
+}
+
+/// Extracts a prepared archive (off the async threads).
+async fn extract_prepared(
+    p: Prepared,
+    options: ExtractOptions,
+) -> anyhow::Result<(Vec<Target>, ObjectMeta)> {
+    let Prepared {
+        file,
+        meta,
+        index,
+        targets,
+        cached,
+    } = p;
     let planned = targets.clone();
-    tokio::task::spawn_blocking(move || extract_targets(&archive, &index, &planned, options))
+    tokio::task::spawn_blocking(move || extract_targets(&file, &index, &planned, &cached, options))
         .await??;
-    Ok(targets)
+    Ok((targets, meta))
+}
+
+fn unreadable<S>(source: &Source<'_, S>, e: archive::OpenError<std::io::Error>) -> anyhow::Error {
+    anyhow::Error::new(e).context(format!("{} is not a readable cache archive", source.key))
+}
+
+/// Whether `e` says the object holds other content than when the restore began.
+fn is_changed(e: &anyhow::Error) -> bool {
+    matches!(e.downcast_ref(), Some(DownloadError::Changed(_)))
 }
 
 /// Whether `e` says the archive's bytes are damaged (rather than, say, the disk being full).
