@@ -108,6 +108,52 @@ const BUILD: [&str; 4] = ["d03/f07.js", "big/data.bin", "d00/f01.js", "d06/f09.j
 
 #[test]
 #[ignore = "fuse: needs root and /dev/fuse (its own tier in scripts/test)"]
+fn a_replay_fetches_nothing_the_disk_cache_holds_and_files_what_it_fetches() {
+    let test = "a_replay_fetches_nothing_the_disk_cache_holds_and_files_what_it_fetches";
+    if !fuse_available(test) {
+        return;
+    }
+    let sb = saved_locally(9);
+    let expected = expected_copy(&sb);
+    // Run 1 records the build; its reads fill the disk cache.
+    let m = Mount::new(&sb, &["--key", "k", "--force"]);
+    let (root, exp) = (m.path().to_path_buf(), expected.clone());
+    bounded(Duration::from_secs(60), "build 1", move || {
+        read_all(&root, &exp, &BUILD)
+    });
+    umount(&sb, &m);
+    // Run 2: every profile entry is on disk, so replay fetches nothing.
+    let m = Mount::new(&sb, &["--key", "k", "--force"]);
+    let log = replay_done(&m);
+    assert!(log.contains("4 already in the disk cache"), "{log}");
+    let s = m.stats(&sb);
+    assert_eq!(s["replay_blocks"], 0, "{s:?}");
+    umount(&sb, &m);
+    // Run 3 with an empty disk cache replays from the store, and what it
+    // fetched is in the disk cache when the build reads it.
+    sb.ok(&["cache", "clear"]);
+    let m = Mount::new(&sb, &["--key", "k", "--force"]);
+    replay_done(&m);
+    let before = m.stats(&sb);
+    assert_eq!(before["replay_blocks"], 6, "{before:?}");
+    assert!(
+        before["disk_inserts"] >= 4,
+        "replayed files are filed: {before:?}"
+    );
+    let (root, exp) = (m.path().to_path_buf(), expected.clone());
+    bounded(Duration::from_secs(60), "build 3", move || {
+        read_all(&root, &exp, &BUILD)
+    });
+    let after = m.stats(&sb);
+    assert_eq!(
+        after["requests"], before["requests"],
+        "no GET for the build: {after:?}"
+    );
+    umount(&sb, &m);
+}
+
+#[test]
+#[ignore = "fuse: needs root and /dev/fuse (its own tier in scripts/test)"]
 fn a_mount_records_its_reads_and_the_next_mount_replays_them() {
     if !fuse_available("a_mount_records_its_reads_and_the_next_mount_replays_them") {
         return;

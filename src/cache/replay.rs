@@ -26,7 +26,10 @@
 //!
 //! Entries the archive does not hold (the profile is untrusted and may be
 //! older than the archive), directories, empty files and foreign entries
-//! that need a whole verify pass first are skipped. A reopen (412) ends
+//! that need a whole verify pass first are skipped, and so are entries the
+//! host's disk cache holds whole (reads of them cost no GET already, and
+//! they do not count against the memory bound). What replay fetches is
+//! filed in the disk cache like any fetched block. A reopen (412) ends
 //! replay: its pieces named the old version's entries.
 
 use std::sync::Arc;
@@ -66,6 +69,8 @@ pub struct Replayed {
     pub entries: u64,
     /// Profile entries skipped: not in the archive, or not a fetchable file.
     pub skipped: u64,
+    /// Profile entries the host's disk cache holds whole (nothing to fetch).
+    pub on_disk: u64,
     /// Pieces fetched (not cached or in flight when their batch started).
     pub pieces: u64,
     /// The replay stopped early: the archive changed, or the cache bound.
@@ -190,6 +195,10 @@ impl<S: ObjectStore> Fetcher<S> {
             };
             let entry = entry as u32;
             out.entries += 1;
+            if self.on_disk(v, Piece { entry, block: 0 }) {
+                out.on_disk += 1;
+                continue;
+            }
             let e = v.entry(entry);
             let layout = Layout::of(e, &self.config);
             if layout == Layout::Whole {

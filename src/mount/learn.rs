@@ -61,9 +61,10 @@ pub fn spawn_replay<S: ObjectStore>(
         let started = std::time::Instant::now();
         let done = fetcher.replay(&current, &profile).await;
         tracing::info!(
-            "replayed the access profile: {} entries ({} skipped: not in this archive or not fetchable), {} blocks fetched in {} ms{}",
+            "replayed the access profile: {} entries ({} skipped: not in this archive or not fetchable; {} already in the disk cache), {} blocks fetched in {} ms{}",
             done.entries,
             done.skipped,
+            done.on_disk,
             done.pieces,
             started.elapsed().as_millis(),
             done.stopped.map(|why| format!("; stopped early: {why}")).unwrap_or_default()
