@@ -17,6 +17,8 @@
 #   against no passthrough (no-open: the kernel sends no open);
 # - key B: 2% of A's files changed; read-all of B: bytes fetched after mount
 #   against the changed files' compressed bytes (goal <= 1.2x, + the index);
+# - restore of key B with the disk cache (A's files in it) against
+#   --no-disk-cache: seconds and bytes downloaded;
 # - the largest file read sequentially from the disk cache (passthrough)
 #   against native (goal >= 90%);
 # - the peak RSS (VmHWM) of the daemon whose reads were all disk hits.
@@ -123,6 +125,17 @@ for f in $changed; do
   changed_count=$((changed_count + 1))
   changed_bytes=$((changed_bytes + $(zstd -3 -q -c "$work/$f" | wc -c)))
 done
+echo "== restore of B: from the disk cache (A's files) against --no-disk-cache" >&2
+# Prints "seconds bytes_downloaded disk_cache_files" of a restore of B into a fresh dir.
+restore_b() {
+  rm -rf "$work/rB" && mkdir -p "$work/rB"
+  drop_caches
+  (cd "$work/rB" && "$bin" --json "$@" restore --key B tree) |
+    python3 -c 'import json,sys; r=json.load(sys.stdin); print(r["seconds"], r["bytes_downloaded"], r["disk_cache_files"])'
+}
+read -r rd_t rd_bytes rd_files < <(restore_b)
+read -r rn_t rn_bytes _ < <(restore_b --no-disk-cache)
+rm -rf "$work/rB"
 mount_at B "$work/m4"
 b_after_mount=$(counter "$work/m4/tree" bytes_fetched)
 readall "$work/m4"
@@ -139,4 +152,5 @@ printf '%-44s %10s %10s %8s %s\n' "largest file, sequential (native/mount)" "$n_
 echo "GETs after mount (2nd mount of A): $gets (goal 0)"
 echo "peak RSS of the all-disk-hit daemon: $((rss / 1024)) MiB"
 echo "open cost, small files (< 1 MiB) read-all: passthrough on (open answered) $m_small s, no passthrough (no-open) $np_small s, ratio $(ratio "$m_small" "$np_small"); find: $m_find s vs $np_find s; native $n_small s"
+echo "restore of B: with the disk cache $rd_t s, $rd_bytes bytes downloaded ($rd_files files from the cache); without $rn_t s, $rn_bytes bytes: time ratio $(ratio "$rd_t" "$rn_t"), bytes ratio $(ratio "$rd_bytes" "$rn_bytes")"
 echo "key B: $changed_count changed files, $changed_bytes compressed bytes; fetched after mount $b_fetched bytes: ratio $(ratio "$b_fetched" "$changed_bytes") (goal <= 1.2)"
