@@ -172,3 +172,54 @@ fn restoring_one_saved_path_downloads_only_its_entries() {
         n(&r, "archive_size")
     );
 }
+
+#[test]
+#[ignore = "fuse: needs root and /dev/fuse (its own tier in scripts/test)"]
+fn a_restore_of_more_cached_files_than_it_may_open_at_once_succeeds() {
+    let test = "a_restore_of_more_cached_files_than_it_may_open_at_once_succeeds";
+    if !fuse_available(test) {
+        return;
+    }
+    let Some(s3) = TestS3::from_env(test) else {
+        return;
+    };
+    let sb = s3.sandbox();
+    let expected = saved(&sb, "a", 6);
+    let mut every: Vec<String> = Vec::new();
+    let mut stack = vec![expected.clone()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                every.push(p.strip_prefix(&expected).unwrap().display().to_string());
+            }
+        }
+    }
+    let names: Vec<&str> = every.iter().map(String::as_str).collect();
+    read_through_a_mount(&sb, "a", &names);
+    // 201 cached files, at most 64 descriptors: the restore opens each
+    // cached file only while it copies it.
+    let mut cmd = sb.command(&["--json", "restore", "--key", "a"]);
+    use std::os::unix::process::CommandExt;
+    // SAFETY: setrlimit is async-signal-safe; nothing else runs in the child.
+    unsafe {
+        cmd.pre_exec(|| {
+            let limit = libc::rlimit {
+                rlim_cur: 64,
+                rlim_max: 64,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = common::cli::run_bounded(cmd, Duration::from_secs(60));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "restore failed: {stderr}");
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_same_tree(&expected, &sb.work().join("cache"));
+    assert_eq!(n(&r, "disk_cache_files"), 201, "{r}");
+}

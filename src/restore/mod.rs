@@ -29,7 +29,7 @@ use crate::paths::{names, plan_targets, Anchors, PathSpec, Target};
 use crate::progress::Progress;
 use crate::store::{ObjectMeta, ObjectStore};
 use crate::tree::beneath::{self};
-use crate::tree::extract::{check_safe, extract, ExtractOptions, Planned};
+use crate::tree::extract::{check_safe, extract, CachedContent, ExtractOptions, Planned};
 use download::{entry_range, Download, DownloadError};
 
 /// How often a restore starts over after the object changed under it.
@@ -56,7 +56,7 @@ pub struct Source<'a, S> {
 fn plan_entries<'a>(
     index: &'a ArchiveIndex,
     target: &Target,
-    cached: &'a HashMap<usize, File>,
+    cached: &'a HashMap<usize, CachedEntry>,
 ) -> Vec<Planned<'a>> {
     index
         .entries
@@ -67,7 +67,7 @@ fn plan_entries<'a>(
             Some(Planned {
                 entry: e,
                 relative: PathBuf::from(OsStr::from_bytes(rel)),
-                cached: cached.get(&i),
+                cached: cached.get(&i).map(|c| c as &dyn CachedContent),
             })
         })
         .collect()
@@ -104,7 +104,7 @@ pub fn extract_targets(
     archive: &File,
     index: &ArchiveIndex,
     targets: &[Target],
-    cached: &HashMap<usize, File>,
+    cached: &HashMap<usize, CachedEntry>,
     options: ExtractOptions,
 ) -> anyhow::Result<()> {
     let mut staged: Vec<Staged<'_>> = Vec::new();
@@ -238,7 +238,7 @@ struct Prepared {
     index: ArchiveIndex,
     targets: Vec<Target>,
     /// Entries (by index) whose content comes from the disk cache.
-    cached: HashMap<usize, File>,
+    cached: HashMap<usize, CachedEntry>,
 }
 
 /// Restores `source` into the paths `specs` name (all its paths when
@@ -289,14 +289,14 @@ pub async fn restore<S: ObjectStore>(
         };
         match outcome {
             Ok(done) => break done,
-            Err(e) if is_changed(&e) => {
+            Err(e) if is_changed(&e) || is_entry_gone(&e) => {
                 if restarts == MAX_RESTARTS {
                     return Err(
                         DownloadError::KeptChanging(source.key.clone(), restarts + 1).into(),
                     );
                 }
                 restarts += 1;
-                tracing::info!(key = %source.key, "the archive changed during the restore; starting over");
+                tracing::info!(key = %source.key, error = %format!("{e:#}"), "starting the restore over");
             }
             // Damage may have happened in transit: download once more before
             // blaming the stored bytes. The previous targets are untouched.
@@ -403,14 +403,47 @@ fn wanted_entries(index: &ArchiveIndex, targets: &[Target]) -> Vec<usize> {
         .collect()
 }
 
-/// The disk cache's checked copies of the `wanted` entries it holds.
+/// A file the disk cache was found to hold (checked) when the restore
+/// planned its downloads.
+pub struct CachedEntry {
+    disk: Arc<DiskCache>,
+    key: EntryKey,
+    size: u64,
+}
+
+/// The disk cache entry went away (evicted by another process) between
+/// planning and extraction: its bytes were not downloaded, so the restore
+/// starts over.
+#[derive(Debug, thiserror::Error)]
+#[error("a disk cache entry went away during the restore")]
+struct EntryGone;
+
+impl CachedContent for CachedEntry {
+    fn open(&self) -> std::io::Result<File> {
+        self.disk
+            .reopen_entry(&self.key, self.size)
+            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, EntryGone))
+    }
+}
+
+/// Whether `e` says a disk cache entry the restore counted on went away.
+fn is_entry_gone(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .is_some_and(|inner| inner.is::<EntryGone>())
+    })
+}
+
+/// The `wanted` entries the disk cache holds (each checked once now).
 async fn cached_entries<S: ObjectStore>(
     disk: &Arc<DiskCache>,
     source: &Source<'_, S>,
     meta: &ObjectMeta,
     index: &ArchiveIndex,
     wanted: &[usize],
-) -> anyhow::Result<HashMap<usize, File>> {
+) -> anyhow::Result<HashMap<usize, CachedEntry>> {
     let namespace = source.store.describe();
     let keys: Vec<(usize, EntryKey, u64)> = wanted
         .iter()
@@ -432,8 +465,12 @@ async fn cached_entries<S: ObjectStore>(
     // Each hit is read whole to check it: off the async threads, in parallel.
     let found = tokio::task::spawn_blocking(move || {
         keys.into_par_iter()
-            .filter_map(|(i, key, size)| Some((i, disk.open_entry(&key, size)?)))
-            .collect::<HashMap<usize, File>>()
+            .filter(|(_, key, size)| disk.open_entry(key, *size).is_some())
+            .map(|(i, key, size)| {
+                let disk = disk.clone();
+                (i, CachedEntry { disk, key, size })
+            })
+            .collect::<HashMap<usize, CachedEntry>>()
     })
     .await?;
     Ok(found)

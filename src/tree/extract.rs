@@ -53,9 +53,16 @@ fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> ExtractError 
 pub struct Planned<'a> {
     pub entry: &'a Entry,
     pub relative: PathBuf,
-    /// The file's whole content, already checked (a disk cache entry): it is
-    /// copied instead of decoded from the archive.
-    pub cached: Option<&'a File>,
+    /// Where the file's whole content is outside the archive (a disk cache
+    /// entry): it is copied instead of decoded.
+    pub cached: Option<&'a dyn CachedContent>,
+}
+
+/// A file's content kept outside the archive, opened only when the file is
+/// written (a restore of many files must not hold them all open).
+pub trait CachedContent: Sync {
+    /// The content, checked, at offset 0.
+    fn open(&self) -> io::Result<File>;
 }
 
 /// Checks `relative` names and the entries as a whole; see the module comment.
@@ -150,8 +157,7 @@ fn entry_data<'a>(archive: &'a File, entry: &Entry) -> Result<EntryData<'a>, Ext
 /// which shares extents where the file system can). The entry was checked
 /// to have exactly that size; one that shrank since is an error, not a
 /// short file.
-fn copy_cached(mut from: &File, to: &File, size: u64) -> io::Result<()> {
-    io::Seek::seek(&mut from, io::SeekFrom::Start(0))?;
+fn copy_cached(from: &File, to: &File, size: u64) -> io::Result<()> {
     let copied = io::copy(&mut io::Read::take(from, size), &mut &*to)?;
     if copied != size {
         return Err(io::Error::new(
@@ -324,7 +330,9 @@ impl<'a> Extraction<'a> {
             .map_err(|e| io_err(format!("cannot create {}", self.path(p).display()))(e.into()))?;
         let file = File::from(fd);
         match p.cached {
-            Some(cached) => copy_cached(cached, &file, p.entry.size)
+            Some(cached) => cached
+                .open()
+                .and_then(|from| copy_cached(&from, &file, p.entry.size))
                 .map_err(io_err(format!("cannot write {}", self.path(p).display())))?,
             None => {
                 let buffer = p.entry.size.clamp(1, 1 << 20) as usize;

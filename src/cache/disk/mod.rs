@@ -209,6 +209,18 @@ impl DiskCache {
     /// Opens the entry `key` of `size` bytes after checking it, or `None`
     /// (a miss; a damaged entry is deleted and counted).
     pub fn open_entry(&self, key: &EntryKey, size: u64) -> Option<File> {
+        let file = self.open_checked(key, size)?;
+        self.count(Fig::Hit);
+        Some(file)
+    }
+
+    /// [`DiskCache::open_entry`] for an entry this process already found
+    /// (its hit counted then): checked again only if it was replaced since.
+    pub fn reopen_entry(&self, key: &EntryKey, size: u64) -> Option<File> {
+        self.open_checked(key, size)
+    }
+
+    fn open_checked(&self, key: &EntryKey, size: u64) -> Option<File> {
         let path = key.path(&self.root);
         let opened = OpenOptions::new()
             .read(true)
@@ -245,7 +257,6 @@ impl DiskCache {
         if ledger::now_secs() - meta.atime() > TOUCH_AFTER_SECS {
             touch(&file);
         }
-        self.count(Fig::Hit);
         Some(file)
     }
 
