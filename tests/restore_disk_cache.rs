@@ -14,7 +14,7 @@ use std::time::Duration;
 use common::cli::Sandbox;
 use common::mount::{bounded, fuse_available, Mount};
 use common::s3::TestS3;
-use common::tree::{assert_same_tree, small_files_tree, Rng};
+use common::tree::{assert_same_tree, observe, small_files_tree, Rng};
 
 /// Size of `big.bin`, the file the tests' mounts read into the disk cache.
 const BIG: usize = 4 << 20;
@@ -66,6 +66,15 @@ fn n(report: &serde_json::Value, field: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {field} in {report}"))
 }
 
+/// A sandbox on the test's S3 prefix, or None (a printed skip) without
+/// FUSE or the S3 server.
+fn fuse_and_s3(test: &str) -> Option<Sandbox> {
+    if !fuse_available(test) {
+        return None;
+    }
+    Some(TestS3::from_env(test)?.sandbox())
+}
+
 /// The entry files of a disk cache dir.
 fn entries(cache_dir: &Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
@@ -81,13 +90,9 @@ fn entries(cache_dir: &Path) -> Vec<std::path::PathBuf> {
 #[ignore = "fuse: needs root and /dev/fuse (its own tier in scripts/test)"]
 fn a_restore_copies_cached_files_and_downloads_only_the_rest() {
     let test = "a_restore_copies_cached_files_and_downloads_only_the_rest";
-    if !fuse_available(test) {
-        return;
-    }
-    let Some(s3) = TestS3::from_env(test) else {
+    let Some(sb) = fuse_and_s3(test) else {
         return;
     };
-    let sb = s3.sandbox();
     let expected = saved(&sb, "a", 1);
     read_through_a_mount(&sb, "a", &["big.bin"]);
     let r = restore(&sb, "a", &[]);
@@ -119,13 +124,9 @@ fn a_restore_copies_cached_files_and_downloads_only_the_rest() {
 #[ignore = "fuse: needs root and /dev/fuse (its own tier in scripts/test)"]
 fn a_damaged_disk_cache_entry_is_downloaded_never_restored() {
     let test = "a_damaged_disk_cache_entry_is_downloaded_never_restored";
-    if !fuse_available(test) {
-        return;
-    }
-    let Some(s3) = TestS3::from_env(test) else {
+    let Some(sb) = fuse_and_s3(test) else {
         return;
     };
-    let sb = s3.sandbox();
     let expected = saved(&sb, "a", 3);
     read_through_a_mount(&sb, "a", &["big.bin", "deps/pkg-0000/lib/sub-0/file-0.js"]);
     // Read-ahead may file a few neighbours too.
@@ -177,26 +178,20 @@ fn restoring_one_saved_path_downloads_only_its_entries() {
 #[ignore = "fuse: needs root and /dev/fuse (its own tier in scripts/test)"]
 fn a_restore_of_more_cached_files_than_it_may_open_at_once_succeeds() {
     let test = "a_restore_of_more_cached_files_than_it_may_open_at_once_succeeds";
-    if !fuse_available(test) {
-        return;
-    }
-    let Some(s3) = TestS3::from_env(test) else {
+    let Some(sb) = fuse_and_s3(test) else {
         return;
     };
-    let sb = s3.sandbox();
     let expected = saved(&sb, "a", 6);
-    let mut every: Vec<String> = Vec::new();
-    let mut stack = vec![expected.clone()];
-    while let Some(d) = stack.pop() {
-        for e in fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                every.push(p.strip_prefix(&expected).unwrap().display().to_string());
-            }
-        }
-    }
+    let every: Vec<String> = observe(&expected)
+        .into_iter()
+        .filter(|(_, o)| o.kind == "file")
+        .map(|(p, _)| {
+            p.strip_prefix(&expected)
+                .unwrap_or(&p)
+                .display()
+                .to_string()
+        })
+        .collect();
     let names: Vec<&str> = every.iter().map(String::as_str).collect();
     read_through_a_mount(&sb, "a", &names);
     // 201 cached files, at most 64 descriptors: the restore opens each

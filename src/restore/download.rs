@@ -1,6 +1,6 @@
 //! Bringing an archive from a store into a temporary file, range by range,
-//! every GET pinned to one version of the object: the index first (what
-//! [`Opener`] asks for), then only the byte ranges a restore needs — for a
+//! every GET pinned to one version of the object: the index first (the
+//! ranges [`open_archive`] asks for), then only the byte ranges a restore needs — for a
 //! restore from the disk cache, the entries that are not on disk.
 //!
 //! A changed object (412) keeps every finished range when its content is
@@ -16,8 +16,8 @@ use futures::stream::StreamExt;
 use parking_lot::Mutex;
 
 use super::Source;
-use crate::archive::reader::{OpenStep, Opener};
-use crate::archive::{self, ArchiveIndex, DataOffset, Entry};
+use crate::archive::reader::open_archive;
+use crate::archive::{self, ArchiveIndex, DataOffset, Entry, OpenError};
 use crate::progress::Progress;
 use crate::store::{ObjectMeta, ObjectStore, StoreError};
 
@@ -94,26 +94,22 @@ impl<'s, 'a, S: ObjectStore> Download<'s, 'a, S> {
 
     /// Opens the archive's index, downloading the ranges it is read from.
     pub async fn open_index(&self) -> anyhow::Result<ArchiveIndex> {
-        let size = self.meta().size;
-        let mut opener = Opener::new(size);
-        // A well-formed archive needs at most: tail, zip64 record, index or CD, manifest.
-        let unreadable = || format!("{} is not a readable cache archive", self.source.key);
-        for _ in 0..5 {
-            match opener.step().with_context(unreadable)? {
-                OpenStep::Done(index) => return Ok(index),
-                OpenStep::Need(range) => {
-                    self.fetch(std::slice::from_ref(&range), &Progress::hidden())
-                        .await?;
-                    let mut buf = vec![0u8; (range.end - range.start) as usize];
-                    self.file.read_exact_at(&mut buf, range.start)?;
-                    opener.add(range.start, buf.into());
-                }
-            }
-        }
-        Err(archive::FormatError::Invalid(
-            "archive structure needs too many reads",
-        ))
-        .with_context(unreadable)
+        let fetch = |range: Range<u64>| async move {
+            self.fetch(std::slice::from_ref(&range), &Progress::hidden())
+                .await?;
+            let mut buf = vec![0u8; (range.end - range.start) as usize];
+            self.file.read_exact_at(&mut buf, range.start)?;
+            anyhow::Ok(bytes::Bytes::from(buf))
+        };
+        open_archive(self.meta().size, fetch)
+            .await
+            .map_err(|e| match e {
+                OpenError::Source(e) => e,
+                OpenError::Format(f) => anyhow::Error::new(f).context(format!(
+                    "{} is not a readable cache archive",
+                    self.source.key
+                )),
+            })
     }
 
     /// The index digest the archive's tail names (None for a foreign zip);
