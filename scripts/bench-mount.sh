@@ -16,7 +16,9 @@
 # of medians printed. Goal: cat >= 0.9x zstd -d.
 # start: --start-files (50000) small files: `mount` returning, mount -> first
 # `ls` answering, and restore, --repeat times each, medians; and the daemon's
-# start-up phases (its log's "start-up phases" line) of the last mount.
+# start-up phases (its log's "start-up phases" line) of the last mount;
+# each once cold (page cache dropped first) and once warm (a host running
+# job after job).
 # Goal: restore / (mount -> ls) >= 15, `mount` < 0.1 s.
 #
 # Every mount measurement runs on a fresh mount (so the kernel and the block
@@ -197,27 +199,32 @@ run_start() {
   R[start.files]=$(find "$w/src/tree" | wc -l)
   (cd "$w/src" && "$bin" --quiet save --key "$key" tree >/dev/null)
   rm -rf "$w/src"
-  local mount_t=() ls_t=() restore_t=()
+  local -A t=()
+  # One cold (page cache dropped: the binary and the store's files come
+  # from disk) and one warm (a host running job after job) of each.
   for i in $(seq "$repeat"); do
-    rm -rf "$w/m$i" && mkdir -p "$w/m$i" && cd "$w/m$i"
-    drop_caches
-    t0=$(now)
-    log=$("$bin" mount --key "$key" tree | awk '$1 == "daemon" { print $NF }')
-    mount_t+=("$(elapsed "$t0")")
-    ls tree >/dev/null
-    ls_t+=("$(elapsed "$t0")")
-    mounts+=("$w/m$i/tree")
-    unmount "$w/m$i/tree"
-    R[start.phases]=$(grep -o 'start-up phases.*' "$log" | tail -1)
-    rm -rf "$w/r" && mkdir -p "$w/r" && cd "$w/r"
-    drop_caches
-    restore_t+=("$(timed "$bin" --quiet restore --key "$key")")
-    cd "$w" && rm -rf "$w/r"
+    for state in cold warm; do
+      rm -rf "$w/m$i" && mkdir -p "$w/m$i" && cd "$w/m$i"
+      [ "$state" = cold ] && drop_caches
+      t0=$(now)
+      log=$("$bin" mount --key "$key" tree | awk '$1 == "daemon" { print $NF }')
+      t[$state.mount]+="$(elapsed "$t0") "
+      ls tree >/dev/null
+      t[$state.ls]+="$(elapsed "$t0") "
+      mounts+=("$w/m$i/tree")
+      unmount "$w/m$i/tree"
+      R[start.$state.phases]=$(grep -o 'start-up phases.*' "$log" | tail -1)
+      rm -rf "$w/r" && mkdir -p "$w/r" && cd "$w/r"
+      [ "$state" = cold ] && drop_caches
+      t[$state.restore]+="$(timed "$bin" --quiet restore --key "$key") "
+      cd "$w" && rm -rf "$w/r"
+    done
   done
-  R[start.mount]=$(printf '%s\n' "${mount_t[@]}" | median)
-  R[start.ls]=$(printf '%s\n' "${ls_t[@]}" | median)
-  R[start.restore]=$(printf '%s\n' "${restore_t[@]}" | median)
-  R[start.runs]="mount ${mount_t[*]}; mount->ls ${ls_t[*]}; restore ${restore_t[*]}"
+  local k
+  for k in "${!t[@]}"; do
+    R[start.$k]=$(printf '%s\n' ${t[$k]} | median)
+  done
+  R[start.runs]="cold: mount ${t[cold.mount]}; mount->ls ${t[cold.ls]}; restore ${t[cold.restore]}; warm: mount ${t[warm.mount]}; mount->ls ${t[warm.ls]}; restore ${t[warm.restore]}"
 }
 
 if wanted a; then run_workload a "--small $small --large 0"; fi
@@ -261,10 +268,13 @@ if wanted seq; then
 fi
 if wanted start; then
   printf '\nstart: %s entries, medians of %s runs\n' "${R[start.files]}" "$repeat"
-  printf '  %-44s %9s s   (goal < 0.1)\n' "mount returning" "${R[start.mount]}"
-  printf '  %-44s %9s s\n' "mount -> first ls answering" "${R[start.ls]}"
-  printf '  %-44s %9s s\n' "restore" "${R[start.restore]}"
-  printf '  %-44s %9s   (goal >= 15)\n' "restore / (mount -> ls)" "$(ratio "${R[start.restore]}" "${R[start.ls]}")"
-  printf '  %s\n' "${R[start.phases]:-no start-up phases in the daemon log}"
+  for state in cold warm; do
+    printf ' %s:\n' "$state"
+    printf '  %-44s %9s s   (goal < 0.1)\n' "mount returning" "${R[start.$state.mount]}"
+    printf '  %-44s %9s s\n' "mount -> first ls answering" "${R[start.$state.ls]}"
+    printf '  %-44s %9s s\n' "restore" "${R[start.$state.restore]}"
+    printf '  %-44s %9s   (goal >= 15)\n' "restore / (mount -> ls)" "$(ratio "${R[start.$state.restore]}" "${R[start.$state.ls]}")"
+    printf '  %s\n' "${R[start.$state.phases]:-no start-up phases in the daemon log}"
+  done
   printf '  runs (s): %s\n' "${R[start.runs]}"
 fi

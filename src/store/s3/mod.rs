@@ -173,6 +173,14 @@ impl S3Store {
         let endpoint = match sdk.endpoint_url() {
             Some(url) => {
                 config = config.force_path_style(true);
+                // A plain-HTTP endpoint (an S3 server on the host or the
+                // network) needs no TLS: the default client would load the
+                // system's CA bundle at the first request, on the path of
+                // every mount's start-up.
+                if url.starts_with("http://") {
+                    config =
+                        config.http_client(aws_smithy_http_client::Builder::new().build_http());
+                }
                 url.to_string()
             }
             None => format!("AWS S3 ({region})"),
