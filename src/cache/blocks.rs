@@ -18,11 +18,28 @@ pub struct BlockKey {
     pub block: u32,
 }
 
+/// Why a block was fetched: a read waited for it, or it was fetched ahead of
+/// any read (so the first read of it is a hit the prefetch earned).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// A read asked for it.
+    Demand,
+    /// Read-ahead of a sequential reader, small neighbours, a verify pass.
+    ReadAhead,
+    /// The access profile's replay.
+    Replay,
+}
+
+impl Origin {
+    pub fn is_speculative(self) -> bool {
+        self != Origin::Demand
+    }
+}
+
 struct Cached {
     data: Bytes,
-    /// Brought in by read-ahead or a neighbour fetch and not read yet: the
-    /// first read of it counts as a read-ahead hit.
-    prefetched: bool,
+    /// Why it was fetched, until its first read (then `Demand`).
+    origin: Origin,
 }
 
 struct Inner {
@@ -38,7 +55,7 @@ impl Inner {
     fn gone(&mut self, c: &Cached) {
         let len = c.data.len() as u64;
         self.bytes -= len;
-        if c.prefetched {
+        if c.origin.is_speculative() {
             self.unread_held -= len;
             self.unread_gone += len;
         }
@@ -48,8 +65,8 @@ impl Inner {
 /// What a lookup found.
 pub struct Hit {
     pub data: Bytes,
-    /// This was the first read of a prefetched block.
-    pub prefetched: bool,
+    /// The block's origin if this was its first read (`Demand` otherwise).
+    pub origin: Origin,
 }
 
 pub struct BlockCache {
@@ -91,12 +108,12 @@ impl BlockCache {
     pub fn get(&self, key: &BlockKey) -> Option<Hit> {
         let mut inner = self.inner.lock();
         let c = inner.lru.get_mut(key)?;
-        let prefetched = std::mem::take(&mut c.prefetched);
+        let origin = std::mem::replace(&mut c.origin, Origin::Demand);
         let data = c.data.clone();
-        if prefetched {
+        if origin.is_speculative() {
             inner.unread_held -= data.len() as u64;
         }
-        Some(Hit { data, prefetched })
+        Some(Hit { data, origin })
     }
 
     /// Whether `key` is cached, without touching its recency.
@@ -105,17 +122,17 @@ impl BlockCache {
     }
 
     /// Adds a block, evicting the least recently used ones to stay in bounds.
-    pub fn insert(&self, key: BlockKey, data: Bytes, prefetched: bool) {
+    pub fn insert(&self, key: BlockKey, data: Bytes, origin: Origin) {
         let len = data.len() as u64;
         if len > self.capacity {
             return;
         }
         let mut inner = self.inner.lock();
-        if let Some(old) = inner.lru.put(key, Cached { data, prefetched }) {
+        if let Some(old) = inner.lru.put(key, Cached { data, origin }) {
             inner.gone(&old);
         }
         inner.bytes += len;
-        if prefetched {
+        if origin.is_speculative() {
             inner.unread_held += len;
         }
         while inner.bytes > self.capacity {
@@ -181,24 +198,24 @@ mod tests {
     #[test]
     fn stays_within_its_byte_bound_and_evicts_lru() {
         let cache = BlockCache::new(100);
-        cache.insert(key(0), Bytes::from(vec![0; 40]), false);
-        cache.insert(key(1), Bytes::from(vec![1; 40]), false);
+        cache.insert(key(0), Bytes::from(vec![0; 40]), Origin::Demand);
+        cache.insert(key(1), Bytes::from(vec![1; 40]), Origin::Demand);
         assert!(cache.get(&key(0)).is_some()); // 0 is now most recent
-        cache.insert(key(2), Bytes::from(vec![2; 40]), false);
+        cache.insert(key(2), Bytes::from(vec![2; 40]), Origin::Demand);
         assert!(cache.bytes() <= 100);
         assert!(cache.contains(&key(0)) && cache.contains(&key(2)) && !cache.contains(&key(1)));
-        cache.insert(key(3), Bytes::from(vec![3; 101]), false);
+        cache.insert(key(3), Bytes::from(vec![3; 101]), Origin::Demand);
         assert!(!cache.contains(&key(3)));
     }
 
     #[test]
-    fn prefetched_flag_is_reported_once_and_versions_drop() {
+    fn a_prefetched_origin_is_reported_once_and_versions_drop() {
         let cache = BlockCache::new(1000);
-        cache.insert(key(0), Bytes::from_static(b"abc"), true);
-        cache.insert(key(1), Bytes::from_static(b"wxyz"), true);
+        cache.insert(key(0), Bytes::from_static(b"abc"), Origin::ReadAhead);
+        cache.insert(key(1), Bytes::from_static(b"wxyz"), Origin::Replay);
         assert_eq!(cache.unread_prefetched_bytes(), 7);
-        assert!(cache.get(&key(0)).unwrap().prefetched);
-        assert!(!cache.get(&key(0)).unwrap().prefetched);
+        assert_eq!(cache.get(&key(0)).unwrap().origin, Origin::ReadAhead);
+        assert_eq!(cache.get(&key(0)).unwrap().origin, Origin::Demand);
         assert_eq!(cache.unread_prefetched_bytes(), 4);
         cache.insert(
             BlockKey {
@@ -207,7 +224,7 @@ mod tests {
                 block: 0,
             },
             Bytes::from_static(b"de"),
-            false,
+            Origin::Demand,
         );
         cache.drop_version(1);
         assert_eq!(cache.bytes(), 2);
@@ -224,9 +241,9 @@ mod tests {
             entry: 1,
             block: 0,
         };
-        cache.insert(key(0), Bytes::from_static(b"abc"), false);
-        cache.insert(key(1), Bytes::from_static(b"def"), false);
-        cache.insert(other, Bytes::from_static(b"gh"), false);
+        cache.insert(key(0), Bytes::from_static(b"abc"), Origin::Demand);
+        cache.insert(key(1), Bytes::from_static(b"def"), Origin::Demand);
+        cache.insert(other, Bytes::from_static(b"gh"), Origin::Demand);
         assert_eq!(cache.drop_entry(1, 0), 2);
         assert_eq!(cache.bytes(), 2);
         assert!(cache.contains(&other));

@@ -40,7 +40,7 @@ use futures::future::FutureExt;
 use parking_lot::Mutex;
 use tokio::sync::Semaphore;
 
-use super::blocks::{BlockCache, BlockKey};
+use super::blocks::{BlockCache, BlockKey, Hit, Origin};
 use super::config::FetchConfig;
 use super::disk::MountDisk;
 use super::error::FetchError;
@@ -72,7 +72,7 @@ pub struct Fetcher<S> {
     /// a decoder's window, and decoding is CPU-bound anyway.
     passes: Semaphore,
     /// The host's disk cache, if used.
-    pub(super) disk: Option<MountDisk>,
+    pub(super) disk: Option<Arc<MountDisk>>,
 }
 
 /// Most verify passes running at once.
@@ -106,7 +106,7 @@ impl<S: ObjectStore> Fetcher<S> {
             streams: Mutex::new(HashMap::new()),
             verify: Verifier::default(),
             passes: Semaphore::new(MAX_PASSES),
-            disk,
+            disk: disk.map(Arc::new),
         })
     }
 
@@ -152,7 +152,7 @@ impl<S: ObjectStore> Fetcher<S> {
     }
 
     /// The entry's whole content in the disk cache, checked, if it is there.
-    pub fn disk_file(&self, v: &Version, entry: u32) -> Option<std::fs::File> {
+    pub fn disk_file(&self, v: &Version, entry: u32) -> Option<Arc<std::fs::File>> {
         self.disk.as_ref()?.file(v, entry)
     }
 
@@ -160,17 +160,6 @@ impl<S: ObjectStore> Fetcher<S> {
     /// speculatively would be waste).
     pub(super) fn on_disk(&self, v: &Version, piece: Piece) -> bool {
         self.disk.as_ref().is_some_and(|d| d.has(v, piece.entry))
-    }
-
-    /// The read answered from the disk cache: the entry is there whole.
-    fn read_disk(&self, v: &Version, entry: u32, offset: u64, len: u32) -> Option<Bytes> {
-        use std::os::unix::fs::FileExt;
-        let file = self.disk_file(v, entry)?;
-        let size = v.entry(entry).size;
-        let end = offset.saturating_add(u64::from(len)).min(size);
-        let mut buf = vec![0u8; end.saturating_sub(offset) as usize];
-        file.read_exact_at(&mut buf, offset).ok()?;
-        Some(Bytes::from(buf))
     }
 
     /// Verified blocks of `piece` were decoded (all of the entry's when
@@ -210,12 +199,7 @@ impl<S: ObjectStore> Fetcher<S> {
         for b in span.blocks() {
             match self.cache.get(&Piece { entry, block: b }.key(v.id)) {
                 Some(hit) => {
-                    Stats::inc(&self.stats.hits);
-                    if hit.prefetched {
-                        Stats::inc(&self.stats.readahead_hits);
-                        self.continue_walk(v, entry);
-                    }
-                    blocks[(b - first) as usize] = Some(hit.data);
+                    blocks[(b - first) as usize] = Some(self.count_hit(v, entry, hit));
                 }
                 None => {
                     Stats::inc(&self.stats.misses);
@@ -243,7 +227,7 @@ impl<S: ObjectStore> Fetcher<S> {
                 } else {
                     Vec::new()
                 };
-                let pending = self.start(v, &required, &optional, None);
+                let pending = self.start(v, &required, &optional, Origin::ReadAhead, None);
                 for (piece, fut) in required.iter().zip(pending) {
                     let out = fut.await?;
                     if layout == Layout::Whole {
@@ -258,6 +242,17 @@ impl<S: ObjectStore> Fetcher<S> {
         }
         self.read_ahead(v, entry, layout, &span);
         span.assemble(v, entry, blocks)
+    }
+
+    /// Counts a block read from the block cache (and a prefetch's hit, which
+    /// also lets a small-file walk go on); returns its bytes.
+    fn count_hit(self: &Arc<Self>, v: &Arc<Version>, entry: u32, hit: Hit) -> Bytes {
+        Stats::inc(&self.stats.hits);
+        if hit.origin.is_speculative() {
+            self.stats.prefetch_hit(hit.origin);
+            self.continue_walk(v, entry);
+        }
+        hit.data
     }
 
     /// What must hold before any byte of a foreign entry is served: one with
@@ -347,7 +342,7 @@ impl<S: ObjectStore> Fetcher<S> {
                     entry,
                     block,
                 };
-                this.cache.insert(key, data, true);
+                this.cache.insert(key, data, Origin::ReadAhead);
             });
             decode_entry_to(v2.entry(entry), reader, &mut sink).map(|()| sink.finish())
         })
@@ -380,6 +375,7 @@ impl<S: ObjectStore> Fetcher<S> {
             })
         })
     }
+
     /// The read answered from the disk cache or the block cache alone, or
     /// `None` if any block is missing (no network, no waiting on other
     /// tasks: callable on a FUSE thread inside the runtime's context).
@@ -396,7 +392,11 @@ impl<S: ObjectStore> Fetcher<S> {
             return Some(Ok(Bytes::new()));
         };
         // A FUSE thread may wait on the local disk (not on the network).
-        if let Some(data) = self.read_disk(v, entry, offset, len) {
+        if let Some(data) = self
+            .disk
+            .as_ref()
+            .and_then(|d| d.read(v, entry, offset, len))
+        {
             return Some(Ok(data));
         }
         if layout != Layout::Frames {
@@ -413,12 +413,7 @@ impl<S: ObjectStore> Fetcher<S> {
         let mut blocks = Vec::with_capacity(span.block_count());
         for b in span.blocks() {
             let hit = self.cache.get(&key(b))?;
-            Stats::inc(&self.stats.hits);
-            if hit.prefetched {
-                Stats::inc(&self.stats.readahead_hits);
-                self.continue_walk(v, entry);
-            }
-            blocks.push(Some(hit.data));
+            blocks.push(Some(self.count_hit(v, entry, hit)));
         }
         self.read_ahead(v, entry, layout, &span);
         Some(span.assemble(v, entry, blocks))

@@ -13,7 +13,7 @@ use futures::future::{BoxFuture, FutureExt, Shared};
 use parking_lot::Mutex;
 use tokio::sync::{oneshot, OwnedSemaphorePermit};
 
-use super::blocks::BlockKey;
+use super::blocks::{BlockKey, Origin};
 use super::error::FetchError;
 use super::fetch::Fetcher;
 use super::plan::{Layout, Piece, BLOCK_SIZE};
@@ -28,22 +28,23 @@ use crate::store::ObjectStore;
 pub type Outcome = Result<Arc<Vec<Bytes>>, FetchError>;
 /// The answer of a piece in flight, awaited by every reader that joined it.
 pub type Pending = Shared<BoxFuture<'static, Outcome>>;
-/// Pieces being fetched, and whether speculatively (read-ahead, neighbours).
-pub type InFlight = Mutex<HashMap<BlockKey, (Pending, bool)>>;
+/// Pieces being fetched, and why (a read, read-ahead or neighbours, replay).
+pub type InFlight = Mutex<HashMap<BlockKey, (Pending, Origin)>>;
 
 /// One piece to fetch, and where its outcome goes.
 struct Job {
     piece: Piece,
     tx: oneshot::Sender<Outcome>,
-    speculative: bool,
+    origin: Origin,
 }
 
 /// Decoded bytes per blocking decode task.
 const DECODE_CHUNK: u64 = 2 << 20;
 
 impl<S: ObjectStore> Fetcher<S> {
-    /// Registers `required` (awaited by the caller) and `optional` (speculative,
-    /// skipped when already cached or in flight) pieces and starts one task
+    /// Registers `required` (awaited by the caller) and `optional` (fetched
+    /// ahead for `ahead`'s sake, skipped when already cached, in flight or on
+    /// disk) pieces and starts one task
     /// fetching every piece nobody is fetching yet. Returns, for each required
     /// piece, the future of its blocks.
     pub(super) fn start(
@@ -51,6 +52,7 @@ impl<S: ObjectStore> Fetcher<S> {
         v: &Arc<Version>,
         required: &[Piece],
         optional: &[Piece],
+        ahead: Origin,
         permit: Option<OwnedSemaphorePermit>,
     ) -> Vec<Pending> {
         let mut jobs = Vec::new();
@@ -59,22 +61,20 @@ impl<S: ObjectStore> Fetcher<S> {
             let mut inflight = self.inflight.lock();
             for &piece in required {
                 let key = piece.key(v.id);
-                if let Some((f, speculative)) = inflight.get(&key) {
-                    // Joining a read-ahead in flight is a read-ahead hit too.
-                    if *speculative {
-                        Stats::inc(&self.stats.readahead_hits);
-                    }
+                if let Some((f, origin)) = inflight.get(&key) {
+                    // Joining a prefetch in flight is a hit it earned too.
+                    self.stats.prefetch_hit(*origin);
                     waits.push(f.clone());
                     continue;
                 }
                 let (tx, rx) = oneshot::channel();
                 let fut = pending(rx);
-                inflight.insert(key, (fut.clone(), false));
+                inflight.insert(key, (fut.clone(), Origin::Demand));
                 waits.push(fut);
                 jobs.push(Job {
                     piece,
                     tx,
-                    speculative: false,
+                    origin: Origin::Demand,
                 });
             }
             for &piece in optional {
@@ -86,11 +86,11 @@ impl<S: ObjectStore> Fetcher<S> {
                     continue;
                 }
                 let (tx, rx) = oneshot::channel();
-                inflight.insert(key, (pending(rx), true));
+                inflight.insert(key, (pending(rx), ahead));
                 jobs.push(Job {
                     piece,
                     tx,
-                    speculative: true,
+                    origin: ahead,
                 });
             }
         }
@@ -163,7 +163,7 @@ impl<S: ObjectStore> Fetcher<S> {
         // Readers waiting first; then cut into chunks of about DECODE_CHUNK
         // output bytes, each decoded on one blocking thread (many small files
         // would drown in per-task overhead; large frames decode in parallel).
-        sliced.sort_by_key(|(job, _)| job.speculative);
+        sliced.sort_by_key(|(job, _)| job.origin.is_speculative());
         let mut chunks: Vec<Vec<(Job, Result<Bytes, FetchError>)>> = Vec::new();
         let mut chunk_bytes = u64::MAX;
         for item in sliced {
@@ -319,9 +319,9 @@ impl<S: ObjectStore> Fetcher<S> {
                         block,
                     },
                     b.clone(),
-                    job.speculative,
+                    job.origin,
                 );
-                if job.speculative {
+                if job.origin.is_speculative() {
                     Stats::inc(&self.stats.prefetched_blocks);
                 }
             }

@@ -26,7 +26,7 @@ mod stream;
 pub mod verify;
 pub mod version;
 
-pub use blocks::{BlockCache, BlockKey};
+pub use blocks::{BlockCache, BlockKey, Origin};
 pub use config::FetchConfig;
 pub use error::FetchError;
 pub use fetch::Fetcher;

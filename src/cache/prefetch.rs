@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use super::blocks::Origin;
 use super::config::FetchConfig;
 use super::fetch::Fetcher;
 use super::plan::{is_small, Layout, Piece, Span};
@@ -187,7 +188,7 @@ impl<S: ObjectStore> Fetcher<S> {
         }
         let bytes: u64 = batch.iter().map(|p| v.entry(p.entry).compressed_size).sum();
         if let Some(permit) = self.prefetch.permit(bytes) {
-            self.start(v, &[], &batch, Some(permit));
+            self.start(v, &[], &batch, Origin::ReadAhead, Some(permit));
         }
     }
 
@@ -342,6 +343,6 @@ impl<S: ObjectStore> Fetcher<S> {
             );
             return;
         };
-        self.start(v, &[], &pieces, Some(permit));
+        self.start(v, &[], &pieces, Origin::ReadAhead, Some(permit));
     }
 }

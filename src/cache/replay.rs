@@ -37,6 +37,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Semaphore;
 
+use super::blocks::Origin;
 use super::config::FetchConfig;
 use super::fetch::Fetcher;
 use super::plan::{Layout, Piece, Span};
@@ -227,7 +228,7 @@ impl<S: ObjectStore> Fetcher<S> {
         self.inflight
             .lock()
             .values()
-            .any(|(_, speculative)| !speculative)
+            .any(|(_, origin)| !origin.is_speculative())
     }
 
     /// Starts one batch; returns how many of its pieces it fetches.
@@ -251,7 +252,7 @@ impl<S: ObjectStore> Fetcher<S> {
         let bytes: u64 = new.iter().map(|p| p.range_len(v, &self.config)).sum();
         Stats::add(&self.stats.replay_blocks, new.len() as u64);
         Stats::add(&self.stats.replay_bytes, bytes);
-        self.start(v, &[], &new, Some(permit));
+        self.start(v, &[], &new, Origin::Replay, Some(permit));
         new.len() as u64
     }
 }

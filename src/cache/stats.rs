@@ -79,9 +79,10 @@ pub struct Stats {
     pub hits: AtomicU64,
     /// Block reads that had to wait for a fetch (or joined one in flight).
     pub misses: AtomicU64,
-    /// Hits on blocks that read-ahead, a neighbour fetch or the profile
-    /// replay brought in (first reads only).
+    /// First reads of blocks that read-ahead or a neighbour fetch brought in.
     pub readahead_hits: AtomicU64,
+    /// First reads of blocks that the profile replay brought in.
+    pub replay_hits: AtomicU64,
     /// Blocks fetched speculatively (read-ahead, small neighbours, replay).
     pub prefetched_blocks: AtomicU64,
     /// Entries of the access profile this mount replays (those the archive holds).
@@ -137,6 +138,16 @@ impl Stats {
         counter.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Counts a first read of a block fetched for `origin`'s sake (nothing
+    /// for a demand fetch).
+    pub fn prefetch_hit(&self, origin: super::Origin) {
+        match origin {
+            super::Origin::Demand => {}
+            super::Origin::ReadAhead => Stats::inc(&self.readahead_hits),
+            super::Origin::Replay => Stats::inc(&self.replay_hits),
+        }
+    }
+
     pub fn max(counter: &AtomicU64, n: u64) {
         counter.fetch_max(n, Ordering::Relaxed);
     }
@@ -151,7 +162,7 @@ impl Stats {
     pub fn render(&self, cache: &super::BlockCache) -> String {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let mut out = String::new();
-        let rows: [(&str, u64); 29] = [
+        let rows: [(&str, u64); 30] = [
             ("requests", get(&self.requests)),
             ("bytes_fetched", get(&self.bytes_fetched)),
             ("cache_hits", get(&self.hits)),
@@ -162,6 +173,7 @@ impl Stats {
             ("profile_entries", get(&self.profile_entries)),
             ("replay_blocks", get(&self.replay_blocks)),
             ("replay_bytes", get(&self.replay_bytes)),
+            ("replay_hits", get(&self.replay_hits)),
             ("files_archived", get(&self.files_archived)),
             ("files_read", get(&self.files_read)),
             ("daemon_pid", get(&self.daemon_pid)),

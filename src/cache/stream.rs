@@ -13,7 +13,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use parking_lot::Mutex;
 
-use super::blocks::BlockKey;
+use super::blocks::{BlockKey, Origin};
 use super::error::FetchError;
 use super::fetch::Fetcher;
 use super::plan::{Layout, BLOCK_SIZE};
@@ -238,7 +238,11 @@ impl<S: ObjectStore> Fetcher<S> {
                     block: b,
                 },
                 data.clone(),
-                !is_wanted,
+                if is_wanted {
+                    Origin::Demand
+                } else {
+                    Origin::ReadAhead
+                },
             );
             if is_wanted {
                 got.push((b, data));

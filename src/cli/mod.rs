@@ -276,6 +276,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 overlays: cli.global.overlays(),
                 read_ahead_kb: tuning.read_ahead_kb.unwrap_or(daemon::BDI_READ_AHEAD_KB),
                 dev_fuse: cli.global.dev_fuse.clone(),
+                mounted_key: None,
             };
             let phases = Phases::begin(spawned_at);
             let result = mount_and_serve(
@@ -721,7 +722,7 @@ async fn mount_and_serve(
     source: SourceArgs,
     paths: &[String],
     anchors: &Anchors,
-    options: MountOptions,
+    mut options: MountOptions,
     daemon_child: bool,
     mut phases: Phases,
 ) -> anyhow::Result<()> {
@@ -739,9 +740,11 @@ async fn mount_and_serve(
     let what = matched.describe();
     phases.mark_parts(&[("store client, credentials", store_time)], "key pointer");
     let store = std::sync::Arc::new(store);
+    // The key the archive was found under (a URL mount has none).
+    options.mounted_key = asked_key.as_ref().and(matched.matched_key.clone());
     // A key mount learns: its profile loads while the archive opens.
     let learn_keys = asked_key
-        .zip(matched.matched_key.clone())
+        .zip(options.mounted_key.clone())
         .map(|(key, matched)| crate::mount::learn::LearnKeys { key, matched });
     let loading = learn_keys
         .as_ref()

@@ -359,7 +359,7 @@ pub fn umount_summary(counters: &[(String, u64)]) -> String {
             .map_or(0, |(_, v)| *v)
     };
     let (read, files) = (get("files_read"), get("files_archived"));
-    let hits = get("readahead_hits");
+    let hits = get("readahead_hits") + get("replay_hits");
     format!(
         "read {} of {} files ({}), {} from the store, {} prefetch hits",
         thousands(read),

@@ -422,7 +422,7 @@ impl<S: ObjectStore> FsCore<S> {
     /// object may change to other content under the mount (handles are
     /// tracked): the kernel keeps one backing file per inode while it is
     /// open, so a new open could not be given the new content.
-    pub fn passthrough_file(&self, ino: u64) -> Option<std::fs::File> {
+    pub fn passthrough_file(&self, ino: u64) -> Option<std::sync::Arc<std::fs::File>> {
         if self.track_handles {
             return None;
         }

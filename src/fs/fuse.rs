@@ -107,8 +107,11 @@ const PASSTHROUGH_FLAGS: FopenFlags = FopenFlags::empty();
 pub struct FuseFs<S> {
     core: Arc<FsCore<S>>,
     runtime: tokio::runtime::Handle,
-    /// The kernel supports no-open: answer open/opendir with ENOSYS.
+    /// The kernel supports no-open: answer open with ENOSYS.
     no_open: AtomicBool,
+    /// The kernel supports no-opendir: answer opendir with ENOSYS (even
+    /// under passthrough, which needs only files' opens).
+    no_opendir: AtomicBool,
     /// Passthrough asked for (and a disk cache to pass through to).
     want_passthrough: bool,
     /// Passthrough works: the kernel offered it and backing files register.
@@ -157,6 +160,7 @@ impl<S: ObjectStore> FuseFs<S> {
             core,
             runtime,
             no_open: AtomicBool::new(false),
+            no_opendir: AtomicBool::new(false),
             want_passthrough,
             passthrough: AtomicBool::new(false),
             opened: Mutex::new(HashMap::new()),
@@ -297,6 +301,10 @@ impl<S: ObjectStore> Filesystem for FuseFs<S> {
                 && !self.passthrough.load(Ordering::Relaxed),
             Ordering::Relaxed,
         );
+        self.no_opendir.store(
+            caps.contains(InitFlags::FUSE_NO_OPENDIR_SUPPORT),
+            Ordering::Relaxed,
+        );
         let _ = config
             .set_max_readahead(KERNEL_READAHEAD)
             .or_else(|max| config.set_max_readahead(max));
@@ -357,7 +365,7 @@ impl<S: ObjectStore> Filesystem for FuseFs<S> {
         self.count(Op::Opendir);
         match self.core.getattr(ino.0) {
             Err(e) => reply.error(errno(&e)),
-            Ok(_) if self.no_open.load(Ordering::Relaxed) => reply.error(Errno::ENOSYS),
+            Ok(_) if self.no_opendir.load(Ordering::Relaxed) => reply.error(Errno::ENOSYS),
             Ok(_) => reply.opened(
                 FileHandle(0),
                 FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,

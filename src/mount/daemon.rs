@@ -54,6 +54,10 @@ pub struct MountOptions {
     pub recorder: Option<Arc<crate::profile::Recorder>>,
     /// Replay the key's access profile once the mount answers (not `--no-prefetch`).
     pub prefetch: bool,
+    /// The key the archive was found under (the one asked for or the
+    /// fallback that matched); `None` for a URL. Kept in a writable mount's
+    /// state, so a save of it can lay out by that key's access profile.
+    pub mounted_key: Option<String>,
 }
 
 /// The single-flight reopen of a mount: `open_version` again (checking the
@@ -324,6 +328,7 @@ pub fn mount_all<S: ObjectStore>(
                     store_name.clone(),
                     object.clone(),
                     digest.clone(),
+                    options.mounted_key.clone(),
                 )?)
             } else {
                 None

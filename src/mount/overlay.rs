@@ -46,6 +46,10 @@ pub struct WritableMount {
     pub object: String,
     /// The blob's name when the object is a content-addressed cachemount blob.
     pub digest: Option<String>,
+    /// The key it was found under (asked for, or the fallback that matched):
+    /// a save of the mount without a profile of its own uses that key's.
+    #[serde(default)]
+    pub key: Option<String>,
     /// Whether the overlay is fuse-overlayfs (unmounted with fusermount3).
     pub fuse_overlay: bool,
 }
@@ -130,6 +134,7 @@ impl Overlays {
         store: String,
         object: String,
         digest: Option<String>,
+        key: Option<String>,
     ) -> anyhow::Result<WritableMount> {
         let dir = state_dir(self.state_root()?, target);
         if dir.exists() {
@@ -147,6 +152,7 @@ impl Overlays {
             store,
             object,
             digest,
+            key,
             fuse_overlay: self.kind == OverlayKind::FuseOverlayfs,
         };
         for d in [&state.lower, &state.upper, &state.work] {

@@ -40,6 +40,9 @@ pub struct Base {
     pub version: ObjectVersion,
     pub size: u64,
     pub index: ArchiveIndex,
+    /// The key the mounts found it under (its access profile is the
+    /// fallback of the saved key's).
+    pub mounted_key: Option<String>,
     /// The saved paths that are writable mounts of this archive.
     layers: Vec<Layer>,
 }
@@ -127,6 +130,7 @@ pub async fn find_base<S: ObjectStore>(
         return None;
     }
     Some(Base {
+        mounted_key: mount.key,
         key: mount.object,
         digest,
         version: pin,

@@ -371,7 +371,12 @@ pub async fn save<S: ObjectStore>(
         spec.archive_name(&mut names);
     }
     let base = incremental::find_base(store, &options.overlays, specs, anchors, &names).await;
-    let profile = crate::profile::load_first(store, &[key])
+    // The saved key's own profile, else that of the key its mounts came from.
+    let mounted_key = base.as_ref().and_then(|b| b.mounted_key.as_deref());
+    let profile_keys: Vec<&str> = std::iter::once(key)
+        .chain(mounted_key.filter(|k| *k != key))
+        .collect();
+    let profile = crate::profile::load_first(store, &profile_keys)
         .await
         .map(|(_, p)| p);
     let options = options.archive;

@@ -21,11 +21,13 @@
 //!   in-memory cache (and serves what the dir holds, when it can be read).
 //!
 //! [`DiskCache`] is the host-wide cache; [`MountDisk`] is one fetcher's view
-//! of it (the store it is scoped to, and which entries it has found).
+//! of it ([`mount`]).
 
+mod ahead;
 mod entry;
 mod fill;
 mod ledger;
+mod mount;
 
 use std::collections::HashMap;
 use std::fs::{DirBuilder, File, OpenOptions};
@@ -33,7 +35,6 @@ use std::io;
 use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 
 use bytes::Bytes;
 use parking_lot::Mutex;
@@ -44,9 +45,9 @@ use entry::{Bad, Checked};
 use fill::Fills;
 pub use ledger::Figures;
 use ledger::Ledger;
+pub use mount::MountDisk;
 
 use crate::archive::{Entry, EntryKind};
-use crate::cache::version::Version;
 
 /// Name of the layout version directory below the cache dir: a future
 /// layout uses another name and never misreads this one.
@@ -218,6 +219,22 @@ impl DiskCache {
     /// (its hit counted then): checked again only if it was replaced since.
     pub fn reopen_entry(&self, key: &EntryKey, size: u64) -> Option<File> {
         self.open_checked(key, size)
+    }
+
+    /// Opens (and, the first time, checks) the entry `key` before anyone
+    /// asks for it and has the kernel read it into the page cache, counting
+    /// no hit: whether it is there.
+    fn warm_entry(&self, key: &EntryKey, size: u64) -> bool {
+        let Some(file) = self.open_checked(key, size) else {
+            return false;
+        };
+        let _ = rustix::fs::fadvise(
+            &file,
+            0,
+            std::num::NonZeroU64::new(size),
+            rustix::fs::Advice::WillNeed,
+        );
+        true
     }
 
     fn open_checked(&self, key: &EntryKey, size: u64) -> Option<File> {
@@ -447,113 +464,4 @@ fn touch(file: &File) {
             },
         },
     );
-}
-
-/// One fetcher's view of the disk cache: the store it is scoped to, and
-/// which entries of its versions it already looked up (so a read of an
-/// entry that is not on disk costs no system call after the first).
-pub struct MountDisk {
-    cache: Arc<DiskCache>,
-    namespace: String,
-    /// (version id, entry) → found on disk.
-    known: Mutex<HashMap<(u64, u32), bool>>,
-}
-
-impl MountDisk {
-    pub fn new(cache: Arc<DiskCache>, namespace: String) -> MountDisk {
-        MountDisk {
-            cache,
-            namespace,
-            known: Mutex::new(HashMap::new()),
-        }
-    }
-
-    pub fn cache(&self) -> &Arc<DiskCache> {
-        &self.cache
-    }
-
-    fn cacheable(&self, e: &Entry) -> bool {
-        self.cache.may_hold(e)
-    }
-
-    /// The entry's whole content, checked, if it is on disk.
-    pub fn file(&self, v: &Version, entry: u32) -> Option<File> {
-        let e = v.entry(entry);
-        if !self.cacheable(e) || self.known.lock().get(&(v.id, entry)) == Some(&false) {
-            return None;
-        }
-        let found = self
-            .cache
-            .open_entry(&EntryKey::of(&self.namespace, v, entry), e.size);
-        self.known.lock().insert((v.id, entry), found.is_some());
-        found
-    }
-
-    /// Whether the entry is on disk (not checked: enough to skip fetching
-    /// it speculatively; a read checks it).
-    pub fn has(&self, v: &Version, entry: u32) -> bool {
-        let e = v.entry(entry);
-        if !self.cacheable(e) {
-            return false;
-        }
-        if let Some(&known) = self.known.lock().get(&(v.id, entry)) {
-            return known;
-        }
-        EntryKey::of(&self.namespace, v, entry)
-            .path(&self.cache.root)
-            .exists()
-    }
-
-    /// Verified blocks of `entry` were decoded: `blocks` starting at block
-    /// `first`, of `block_size` bytes each (the last may be shorter), out of
-    /// `count`. The whole content is filed at once; parts are assembled
-    /// until the entry is complete.
-    pub fn offer(
-        &self,
-        v: &Version,
-        entry: u32,
-        first: u32,
-        blocks: &[Bytes],
-        block_size: u64,
-        count: u32,
-    ) {
-        let e = v.entry(entry);
-        if !self.cacheable(e) || self.known.lock().get(&(v.id, entry)) == Some(&true) {
-            return;
-        }
-        let key = EntryKey::of(&self.namespace, v, entry);
-        let filed = if first == 0 && blocks.len() as u32 == count {
-            self.cache.insert_whole(key, e, blocks)
-        } else {
-            blocks.iter().enumerate().fold(false, |done, (i, b)| {
-                done || self
-                    .cache
-                    .fill_block(key, e, first + i as u32, b, block_size, count)
-            })
-        };
-        if filed {
-            self.known.lock().insert((v.id, entry), true);
-        }
-    }
-
-    /// Forgets what it found for version `id` (the mount moved on).
-    pub fn drop_version(&self, id: u64) {
-        self.known.lock().retain(|(v, _), _| *v != id);
-    }
-
-    /// `disk_*` lines for the mount's `stats`.
-    pub fn render(&self) -> String {
-        let t = |f: Fig| self.cache.totals[f as usize].load(Ordering::Relaxed);
-        let s = Figures {
-            hits: t(Fig::Hit),
-            misses: t(Fig::Miss),
-            inserts: t(Fig::Insert),
-            evicted: t(Fig::Evicted),
-            damaged: t(Fig::Damaged),
-        };
-        format!(
-            "disk_hits {}\ndisk_misses {}\ndisk_inserts {}\ndisk_evicted {}\ndisk_damaged {}\n",
-            s.hits, s.misses, s.inserts, s.evicted, s.damaged
-        )
-    }
 }
