@@ -205,7 +205,7 @@ run_start() {
   for i in $(seq "$repeat"); do
     for state in cold warm; do
       rm -rf "$w/m$i" && mkdir -p "$w/m$i" && cd "$w/m$i"
-      [ "$state" = cold ] && drop_caches
+      if [ "$state" = cold ]; then drop_caches; else sync; fi
       t0=$(now)
       log=$("$bin" mount --key "$key" tree | awk '$1 == "daemon" { print $NF }')
       t[$state.mount]+="$(elapsed "$t0") "
@@ -215,7 +215,7 @@ run_start() {
       unmount "$w/m$i/tree"
       R[start.$state.phases]=$(grep -o 'start-up phases.*' "$log" | tail -1)
       rm -rf "$w/r" && mkdir -p "$w/r" && cd "$w/r"
-      [ "$state" = cold ] && drop_caches
+      if [ "$state" = cold ]; then drop_caches; else sync; fi
       t[$state.restore]+="$(timed "$bin" --quiet restore --key "$key") "
       cd "$w" && rm -rf "$w/r"
     done
