@@ -43,6 +43,7 @@ on_both_stores!(
     put_from_a_file,
     fallback_resolution_takes_the_newest,
     concurrent_pointer_writes_leave_a_readable_pointer,
+    a_tail_read_tells_what_a_head_tells,
 );
 
 fn bytes(s: &'static str) -> PutSource {
@@ -94,6 +95,33 @@ async fn pinned_reads_fail_after_an_overwrite<S: ObjectStore>(store: &S) {
             .unwrap(),
         &b"WORLD"[..]
     );
+}
+
+/// `get_tail` answers, in one call, what a HEAD and a read of the last bytes
+/// answer: for an object longer than asked, shorter, and empty; and a
+/// missing object is not found.
+async fn a_tail_read_tells_what_a_head_tells<S: ObjectStore>(store: &S) {
+    store.put("t", bytes("0123456789")).await.unwrap();
+    let head = store.head("t").await.unwrap();
+    let (meta, last) = store.get_tail("t", 4).await.unwrap();
+    assert_eq!(&last[..], b"6789");
+    assert_eq!((meta.size, &meta.version), (10, &head.version));
+    assert_eq!(meta.last_modified, head.last_modified);
+    // The version it tells pins later reads.
+    let pinned = store
+        .get_range("t", 0..2, Some(&meta.version))
+        .await
+        .unwrap();
+    assert_eq!(&pinned[..], b"01");
+    let (meta, all) = store.get_tail("t", 1 << 20).await.unwrap();
+    assert_eq!((&all[..], meta.size), (&b"0123456789"[..], 10));
+    store.put("empty", bytes("")).await.unwrap();
+    let (meta, none) = store.get_tail("empty", 64).await.unwrap();
+    assert_eq!((none.len(), meta.size), (0, 0));
+    assert!(matches!(
+        store.get_tail("nope", 64).await,
+        Err(StoreError::NotFound(_))
+    ));
 }
 
 async fn missing_objects_are_not_found<S: ObjectStore>(store: &S) {

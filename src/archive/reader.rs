@@ -86,7 +86,6 @@ impl Opener {
         // Checked for both kinds of archive before anything is sized by it.
         limits::check_central_directory(&eocd)?;
         let cd_range = eocd.cd_offset..eocd.cd_offset + eocd.cd_size;
-        limits::check_central_directory(&eocd)?;
         if let Some(pointer) = IndexPointer::parse(&eocd.comment)? {
             let range = pointer.offset
                 ..pointer

@@ -16,7 +16,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::bail;
-use bytes::Bytes;
 use parking_lot::RwLock;
 
 use super::Stats;
@@ -46,11 +45,12 @@ pub struct Version {
 /// How long [`open_version`] took, by part (the rest is decoding the index).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct OpenTimes {
-    /// The HEAD (and a lifetime refresh when one was due).
-    pub head: Duration,
-    /// The range GETs of the tail, index or central directory.
+    /// The read of the tail, which also gives the size and version (and a
+    /// lifetime refresh when one was due).
+    pub tail: Duration,
+    /// The range GETs after it: the index or central directory.
     pub gets: Duration,
-    /// How many of them.
+    /// How many GETs in all, the tail's included.
     pub requests: u32,
     /// Decoding (and checking) the index or central directory.
     pub decode: Duration,
@@ -143,9 +143,10 @@ pub enum Refresh {
     Never,
 }
 
-/// HEADs `key`, pins its version and reads its index. With `expected_digest`
-/// (a content-addressed cachemount blob), checks the index is the one the
-/// name commits to. `stats`, when given, counts the requests.
+/// Reads `key`'s tail (which tells its size and version, and pins the
+/// version), then its index. With `expected_digest` (a content-addressed
+/// cachemount blob), checks the index is the one the name commits to.
+/// `stats`, when given, counts the requests.
 pub async fn open_version<S: ObjectStore>(
     store: &S,
     key: &str,
@@ -153,37 +154,49 @@ pub async fn open_version<S: ObjectStore>(
     refresh: Refresh,
     stats: Option<&Stats>,
 ) -> anyhow::Result<Version> {
-    let head = || async {
-        store.head(key).await.map_err(|e| match e {
-            StoreError::NotFound(_) => {
-                anyhow::anyhow!("{key} does not exist in {}", store.describe())
-            }
-            other => anyhow::Error::from(other)
-                .context(format!("cannot read {key} from {}", store.describe())),
-        })
+    let read_tail = || async {
+        let got = store
+            .get_tail(key, archive::reader::TAIL_LEN)
+            .await
+            .map_err(|e| match e {
+                StoreError::NotFound(_) => {
+                    anyhow::anyhow!("{key} does not exist in {}", store.describe())
+                }
+                other => anyhow::Error::from(other)
+                    .context(format!("cannot read {key} from {}", store.describe())),
+            })?;
+        if let Some(stats) = stats {
+            Stats::inc(&stats.requests);
+            Stats::add(&stats.bytes_fetched, got.1.len() as u64);
+        }
+        anyhow::Ok(got)
     };
     let started = Instant::now();
-    let mut meta = head().await?;
+    let (mut meta, mut tail) = read_tail().await?;
     // Refresh the lifetime *before* pinning: the rewrite may change the ETag,
     // which would otherwise fail this mount's own reads. Young objects (the
     // common case) cost nothing here.
     if let Refresh::After(after) = refresh {
         if meta.last_modified < SystemTime::now() - after {
             refresh_lifetime(store, key, after).await;
-            meta = head().await?;
+            (meta, tail) = read_tail().await?;
         }
     }
-    let head_time = started.elapsed();
-    // The first range read is the tail: kept to check the index against the name.
-    let tail: parking_lot::Mutex<Option<(u64, Bytes)>> = parking_lot::Mutex::new(None);
+    let tail_time = started.elapsed();
+    let tail_start = meta.size - tail.len() as u64;
     let gets = parking_lot::Mutex::new((Duration::ZERO, 0u32));
     let (tail_ref, gets_ref) = (&tail, &gets);
     let pin = &meta.version;
+    // The opener asks for the tail first: it is here already.
     let fetch = |range: Range<u64>| async move {
+        if range.start >= tail_start {
+            let at = (range.start - tail_start) as usize;
+            let end = (range.end.min(meta.size) - tail_start) as usize;
+            return Ok(tail_ref.slice(at..end.max(at)));
+        }
         if let Some(stats) = stats {
             Stats::inc(&stats.requests);
         }
-        let start = range.start;
         let t0 = Instant::now();
         let r = store.get_range(key, range, Some(pin)).await;
         {
@@ -191,11 +204,8 @@ pub async fn open_version<S: ObjectStore>(
             g.0 += t0.elapsed();
             g.1 += 1;
         }
-        if let Ok(b) = &r {
-            if let Some(stats) = stats {
-                Stats::add(&stats.bytes_fetched, b.len() as u64);
-            }
-            tail_ref.lock().get_or_insert_with(|| (start, b.clone()));
+        if let (Ok(b), Some(stats)) = (&r, stats) {
+            Stats::add(&stats.bytes_fetched, b.len() as u64);
         }
         r
     };
@@ -210,22 +220,19 @@ pub async fn open_version<S: ObjectStore>(
                     anyhow::Error::from(s).context(format!("cannot read {key}"))
                 }
             })?;
-    let tail = tail.into_inner();
-    if let (Some(expected), Some((start, bytes))) = (expected_digest, &tail) {
-        if *start + bytes.len() as u64 == meta.size {
-            let digest = archive::reader::tail_index_digest(bytes, meta.size)?;
-            if digest.is_some_and(|d| d != expected) {
-                bail!("{key} does not match its name: its index digest is not {expected}");
-            }
+    if let Some(expected) = expected_digest {
+        let digest = archive::reader::tail_index_digest(&tail, meta.size)?;
+        if digest.is_some_and(|d| d != expected) {
+            bail!("{key} does not match its name: its index digest is not {expected}");
         }
     }
     let (gets, requests) = gets.into_inner();
     let mut version = Version::new(key.to_string(), meta.version, meta.size, index);
     version.opened = OpenTimes {
-        head: head_time,
+        tail: tail_time,
         gets,
-        requests,
-        decode: started.elapsed().saturating_sub(head_time + gets),
+        requests: requests + 1,
+        decode: started.elapsed().saturating_sub(tail_time + gets),
     };
     Ok(version)
 }

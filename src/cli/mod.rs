@@ -766,8 +766,8 @@ async fn mount_and_serve(
     let t = version.opened;
     phases.mark_parts(
         &[
-            ("HEAD", t.head),
-            ("tail/index GETs", t.gets),
+            ("tail GET", t.tail),
+            ("index GETs", t.gets),
             ("index decode", t.decode),
         ],
         "open (other)",

@@ -131,7 +131,7 @@ impl Tree {
             let Some(rel) = names::strip_within(&e.name, root) else {
                 continue;
             };
-            if rel.is_empty() || by_path.contains_key(rel) {
+            if rel.is_empty() {
                 continue;
             }
             if rel
@@ -160,7 +160,13 @@ impl Tree {
                 );
                 continue;
             }
-            let ino = tree.push(Node {
+            // One hash lookup per entry: a path seen before (a duplicate
+            // name) keeps its first node.
+            let std::collections::hash_map::Entry::Vacant(slot) = by_path.entry(rel) else {
+                continue;
+            };
+            slot.insert(tree.nodes.len() as u64 + 1);
+            tree.push(Node {
                 name: name.into(),
                 parent,
                 kind: e.kind,
@@ -173,7 +179,6 @@ impl Tree {
                 nlink: if e.kind == EntryKind::Dir { 2 } else { 1 },
                 children: Vec::new(),
             });
-            by_path.insert(rel, ino);
         }
         tree.finish();
         Ok(tree)

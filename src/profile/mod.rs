@@ -35,14 +35,23 @@ pub enum ProfileError {
     },
 }
 
-/// The profile of `key`, `None` when it has none. Its length is checked
-/// (HEAD) before a byte is read.
+/// A profile up to this long is read in one request, which also tells its
+/// size; a longer one takes a second, and one over
+/// [`format::MAX_PROFILE_LEN`] is refused having read no more than this.
+const FIRST_READ: u64 = 1 << 20;
+
+/// The profile of `key`, `None` when it has none.
 pub async fn load<S: ObjectStore>(store: &S, key: &str) -> Result<Option<Profile>, ProfileError> {
     let object = layout::profile_key(store, key)?;
-    let meta = match store.head(&object).await {
-        Ok(m) => m,
-        Err(StoreError::NotFound(_)) => return Ok(None),
-        Err(e) => return Err(e.into()),
+    // Missing, or replaced or removed while being read: another build's
+    // profile; skip it.
+    let gone = |e: StoreError| match e {
+        StoreError::NotFound(_) | StoreError::PreconditionFailed(_) => Ok(None),
+        e => Err(ProfileError::from(e)),
+    };
+    let (meta, last) = match store.get_tail(&object, FIRST_READ).await {
+        Ok(got) => got,
+        Err(e) => return gone(e),
     };
     let bad = |error| ProfileError::Format {
         object: object.clone(),
@@ -51,14 +60,14 @@ pub async fn load<S: ObjectStore>(store: &S, key: &str) -> Result<Option<Profile
     if meta.size > format::MAX_PROFILE_LEN {
         return Err(bad(format::FormatError::TooLong(meta.size)));
     }
-    let bytes = match store
-        .get_range(&object, 0..meta.size, Some(&meta.version))
-        .await
-    {
-        Ok(b) => b,
-        // Replaced or removed since the HEAD: another build's profile; skip it.
-        Err(StoreError::NotFound(_) | StoreError::PreconditionFailed(_)) => return Ok(None),
-        Err(e) => return Err(e.into()),
+    let rest = meta.size - last.len() as u64;
+    let bytes = if rest == 0 {
+        last
+    } else {
+        match store.get_range(&object, 0..rest, Some(&meta.version)).await {
+            Ok(first) => [first, last].concat().into(),
+            Err(e) => return gone(e),
+        }
     };
     Profile::parse(&bytes).map(Some).map_err(bad)
 }
@@ -88,4 +97,46 @@ pub async fn store<S: ObjectStore>(
         .put(&object, PutSource::Bytes(profile.encode().into()))
         .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::local::LocalStore;
+    use sha2::{Digest, Sha256};
+
+    /// A profile longer than the first read comes whole from two reads;
+    /// a short one from one.
+    #[tokio::test]
+    async fn profiles_round_trip_through_a_store_short_and_long() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = LocalStore::new(dir.path().to_path_buf());
+        let named = |n: usize| Profile {
+            builds: 2,
+            entries: (0..n)
+                .map(|i| ProfileEntry {
+                    // Names that do not compress, so the profile is long.
+                    name: format!("_0/{}", hex::encode(Sha256::digest(i.to_le_bytes())))
+                        .into_bytes()
+                        .into(),
+                    seen: 1,
+                    start: 0,
+                    end: 1,
+                })
+                .collect(),
+        };
+        for n in [3, 40_000] {
+            let p = named(n);
+            store(&s, "k", &p).await.unwrap();
+            let long = p.encode().len() as u64 > FIRST_READ;
+            assert_eq!(
+                long,
+                n > 3,
+                "{n} entries encode to {} bytes",
+                p.encode().len()
+            );
+            assert_eq!(load(&s, "k").await.unwrap(), Some(p));
+        }
+        assert_eq!(load(&s, "none").await.unwrap(), None);
+    }
 }

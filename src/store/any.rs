@@ -76,6 +76,13 @@ impl ObjectStore for AnyStore {
         }
     }
 
+    async fn get_tail(&self, key: &str, max_len: u64) -> StoreResult<(ObjectMeta, Bytes)> {
+        match self {
+            AnyStore::Local(s) => s.get_tail(key, max_len).await,
+            AnyStore::S3(s) => s.get_tail(key, max_len).await,
+        }
+    }
+
     async fn put(&self, key: &str, source: PutSource) -> StoreResult<ObjectMeta> {
         match self {
             AnyStore::Local(s) => s.put(key, source).await,

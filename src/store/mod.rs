@@ -233,6 +233,27 @@ pub trait ObjectStore: Send + Sync + 'static {
         pin: Option<&ObjectVersion>,
     ) -> impl Future<Output = StoreResult<Bytes>> + Send;
 
+    /// The last `max_len` bytes of `key` (all of it when it is shorter),
+    /// with the size, version and modification time of the version they are
+    /// of: what a HEAD and a read of the tail give, as one request where
+    /// the store can (S3: a suffix-range GET). An archive's tail and a small
+    /// object (a key pointer, a profile) are read this way, so a mount's
+    /// start-up waits on one round trip for each, not two.
+    fn get_tail(
+        &self,
+        key: &str,
+        max_len: u64,
+    ) -> impl Future<Output = StoreResult<(ObjectMeta, Bytes)>> + Send {
+        async move {
+            let meta = self.head(key).await?;
+            let start = meta.size.saturating_sub(max_len);
+            let bytes = self
+                .get_range(key, start..meta.size, Some(&meta.version))
+                .await?;
+            Ok((meta, bytes))
+        }
+    }
+
     /// Writes `key` atomically: readers see the old object or the whole new one.
     fn put(
         &self,

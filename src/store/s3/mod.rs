@@ -471,6 +471,10 @@ impl ObjectStore for S3Store {
         self.read_range(key, range, pin).await
     }
 
+    async fn get_tail(&self, key: &str, max_len: u64) -> StoreResult<(ObjectMeta, Bytes)> {
+        self.read_tail(key, max_len).await
+    }
+
     async fn put(&self, key: &str, source: PutSource) -> StoreResult<ObjectMeta> {
         match source {
             PutSource::Bytes(bytes) => {

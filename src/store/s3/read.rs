@@ -1,5 +1,7 @@
 //! Resumable pinned range reads: [`S3Store::read_range`] behind
-//! [`ObjectStore::get_range`](super::ObjectStore::get_range).
+//! [`ObjectStore::get_range`](super::ObjectStore::get_range), and
+//! [`S3Store::read_tail`] behind [`ObjectStore::get_tail`](super::ObjectStore::get_tail)
+//! (one suffix-range GET instead of a HEAD and a GET).
 //!
 //! Every GET carries `If-Match` (and `versionId` when the bucket has versions).
 //! The SDK retries a request until a response starts; a body that then breaks,
@@ -11,15 +13,15 @@
 use std::future::Future;
 use std::ops::Range;
 use std::pin::Pin;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use aws_sdk_s3::primitives::ByteStream;
 use bytes::{Bytes, BytesMut};
 use futures::{Stream, StreamExt};
 use tokio::time::Instant;
 
-use super::{error_chain, normalize_etag, quote_etag, RetryPolicy, S3Store};
-use crate::store::{ObjectStore, ObjectVersion, StoreError, StoreResult};
+use super::{error_chain, normalize_etag, quote_etag, to_system_time, RetryPolicy, S3Store};
+use crate::store::{ObjectMeta, ObjectStore, ObjectVersion, StoreError, StoreResult};
 
 impl S3Store {
     /// [`ObjectStore::get_range`]: the bytes in `range` of `key`, pinned to
@@ -51,7 +53,7 @@ impl S3Store {
             location: &location,
         };
         let got = read_resuming(target, range, pin, &self.retry, |want, version| {
-            self.get_attempt(key, want, version)
+            self.get_attempt(key, Wanted::Span(want), version)
         })
         .await;
         match got {
@@ -64,12 +66,92 @@ impl S3Store {
         }
     }
 
+    /// [`ObjectStore::get_tail`]: one GET of the last `max_len` bytes
+    /// (`Range: bytes=-N`), whose answer also tells the object's size,
+    /// version and modification time. A body that breaks is resumed by a
+    /// read of the rest pinned to the version that answered; a server that
+    /// ignores suffix ranges gets a HEAD and a read of the range instead.
+    pub(super) async fn read_tail(
+        &self,
+        key: &str,
+        max_len: u64,
+    ) -> StoreResult<(ObjectMeta, Bytes)> {
+        let head_then_read = || async {
+            let meta = self.head(key).await?;
+            let start = meta.size.saturating_sub(max_len);
+            let bytes = self
+                .read_range(key, start..meta.size, Some(&meta.version))
+                .await?;
+            Ok((meta, bytes))
+        };
+        if max_len == 0 {
+            return head_then_read().await;
+        }
+        let first = tokio::time::timeout(
+            self.retry.read_deadline,
+            self.get_attempt(key, Wanted::Last(max_len), None),
+        )
+        .await;
+        let answer = match first {
+            Err(_) => {
+                return Err(StoreError::Unreachable {
+                    endpoint: self.endpoint.clone(),
+                    message: format!(
+                        "reading the last {max_len} bytes of {}: no answer within the read \
+                         deadline ({:?})",
+                        self.location(key),
+                        self.retry.read_deadline
+                    ),
+                })
+            }
+            // An empty object has no last bytes to send (416).
+            Ok(Err(StoreError::InvalidRange { size: 0, .. })) => return head_then_read().await,
+            Ok(answer) => answer?,
+        };
+        let (Some(version), Some(total)) = (answer.version.clone(), answer.total) else {
+            return head_then_read().await;
+        };
+        if answer.start != total.saturating_sub(max_len) {
+            // Not the suffix asked for (a 200 with the whole object).
+            return head_then_read().await;
+        }
+        let len = total - answer.start;
+        let mut buf = BytesMut::with_capacity(len as usize);
+        match read_body(answer.body, &mut buf, len, self.retry.body_stall_timeout).await {
+            Ok(()) => {}
+            Err(BodyError::TooLong) => {
+                return Err(StoreError::other(
+                    self.location(key),
+                    format!("the server sent more than the {len} bytes asked for"),
+                ))
+            }
+            Err(BodyError::Interrupted(problem)) => {
+                tracing::info!(
+                    what = %self.location(key),
+                    received = buf.len(),
+                    %problem,
+                    "resuming an interrupted read of an object's tail"
+                );
+                let rest = self
+                    .read_range(key, answer.start + buf.len() as u64..total, Some(&version))
+                    .await?;
+                buf.extend_from_slice(&rest);
+            }
+        }
+        let meta = ObjectMeta {
+            size: total,
+            version,
+            last_modified: answer.last_modified.unwrap_or(SystemTime::UNIX_EPOCH),
+        };
+        Ok((meta, buf.freeze()))
+    }
+
     /// One GET of `want`, pinned to `version` when given (the SDK retries it
     /// until a response starts). The body is left to the caller.
     async fn get_attempt(
         &self,
         key: &str,
-        want: Range<u64>,
+        want: Wanted,
         version: Option<ObjectVersion>,
     ) -> StoreResult<Answer<Body>> {
         let request = self
@@ -77,7 +159,7 @@ impl S3Store {
             .get_object()
             .bucket(&self.bucket)
             .key(self.full_key(key))
-            .range(format!("bytes={}-{}", want.start, want.end - 1))
+            .range(want.header())
             .set_if_match(version.as_ref().map(|p| quote_etag(&p.etag)))
             .set_version_id(version.and_then(|p| p.version_id));
         let out = match request.send().await {
@@ -86,7 +168,7 @@ impl S3Store {
                 let size = self.head(key).await?.size;
                 return Err(StoreError::InvalidRange {
                     key: self.location(key),
-                    range: want,
+                    range: want.within(size),
                     size,
                 });
             }
@@ -108,10 +190,9 @@ impl S3Store {
                     StoreError::Unreachable { endpoint, message } => StoreError::Unreachable {
                         endpoint,
                         message: format!(
-                            "reading bytes {}-{} of {}: {message} (after up to {} attempts, \
+                            "reading {} of {}: {message} (after up to {} attempts, \
                              each waiting up to {:?} for an answer)",
-                            want.start,
-                            want.end - 1,
+                            want.describe(),
                             self.location(key),
                             self.retry.max_attempts,
                             self.retry.read_attempt_timeout
@@ -131,6 +212,7 @@ impl S3Store {
                 etag: normalize_etag(etag),
                 version_id: out.version_id().map(str::to_string),
             }),
+            last_modified: out.last_modified().and_then(to_system_time),
             start,
             total,
             body: {
@@ -145,10 +227,44 @@ impl S3Store {
     }
 }
 
+/// What one GET asks for: a span of bytes, or the object's last bytes.
+enum Wanted {
+    Span(Range<u64>),
+    Last(u64),
+}
+
+impl Wanted {
+    /// The `Range` header (HTTP cannot ask for zero bytes: callers never do).
+    fn header(&self) -> String {
+        match self {
+            Wanted::Span(r) => format!("bytes={}-{}", r.start, r.end - 1),
+            Wanted::Last(n) => format!("bytes=-{n}"),
+        }
+    }
+
+    /// `bytes 10-19`, `the last 512 bytes`: for messages.
+    fn describe(&self) -> String {
+        match self {
+            Wanted::Span(r) => format!("bytes {}-{}", r.start, r.end - 1),
+            Wanted::Last(n) => format!("the last {n} bytes"),
+        }
+    }
+
+    /// The span asked for, in an object of `size` bytes.
+    fn within(self, size: u64) -> Range<u64> {
+        match self {
+            Wanted::Span(r) => r,
+            Wanted::Last(n) => size.saturating_sub(n)..size,
+        }
+    }
+}
+
 /// One GET answer, as [`read_resuming`] sees it.
 struct Answer<B> {
     /// The version that answered; `None` when the server sent no ETag.
     version: Option<ObjectVersion>,
+    /// When that version was written, when the server said.
+    last_modified: Option<SystemTime>,
     /// Offset in the object of the body's first byte.
     start: u64,
     /// The object's size, when the server said.
@@ -443,6 +559,7 @@ mod tests {
                 let chunks = vec![Ok(Bytes::copy_from_slice(a)), Ok(Bytes::copy_from_slice(b))];
                 Ok(Answer {
                     version: Some(v),
+                    last_modified: None,
                     start: want.start,
                     total: Some(data.len() as u64),
                     body: Box::pin(futures::stream::iter(chunks).chain(tail)) as Body,
