@@ -191,7 +191,7 @@ pub async fn open_version<S: ObjectStore>(
     let fetch = |range: Range<u64>| async move {
         if range.start >= tail_start {
             let at = (range.start - tail_start) as usize;
-            let end = (range.end.min(meta.size) - tail_start) as usize;
+            let end = range.end.min(meta.size).saturating_sub(tail_start) as usize;
             return Ok(tail_ref.slice(at..end.max(at)));
         }
         if let Some(stats) = stats {

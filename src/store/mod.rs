@@ -208,6 +208,22 @@ pub struct NameTooLong {
     pub max: usize,
 }
 
+/// [`ObjectStore::get_tail`] as two requests, a HEAD and a read pinned to
+/// the version it names: the default, and S3's way when a suffix range
+/// does not do.
+pub async fn head_then_read_tail<S: ObjectStore + ?Sized>(
+    store: &S,
+    key: &str,
+    max_len: u64,
+) -> StoreResult<(ObjectMeta, Bytes)> {
+    let meta = store.head(key).await?;
+    let start = meta.size.saturating_sub(max_len);
+    let bytes = store
+        .get_range(key, start..meta.size, Some(&meta.version))
+        .await?;
+    Ok((meta, bytes))
+}
+
 /// The operations cachemount needs from a place that holds archives.
 ///
 /// Implementations must be cheap to share (`Send + Sync`); callers hold them in
@@ -244,14 +260,7 @@ pub trait ObjectStore: Send + Sync + 'static {
         key: &str,
         max_len: u64,
     ) -> impl Future<Output = StoreResult<(ObjectMeta, Bytes)>> + Send {
-        async move {
-            let meta = self.head(key).await?;
-            let start = meta.size.saturating_sub(max_len);
-            let bytes = self
-                .get_range(key, start..meta.size, Some(&meta.version))
-                .await?;
-            Ok((meta, bytes))
-        }
+        head_then_read_tail(self, key, max_len)
     }
 
     /// Writes `key` atomically: readers see the old object or the whole new one.

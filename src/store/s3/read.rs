@@ -21,7 +21,9 @@ use futures::{Stream, StreamExt};
 use tokio::time::Instant;
 
 use super::{error_chain, normalize_etag, quote_etag, to_system_time, RetryPolicy, S3Store};
-use crate::store::{ObjectMeta, ObjectStore, ObjectVersion, StoreError, StoreResult};
+use crate::store::{
+    head_then_read_tail, ObjectMeta, ObjectStore, ObjectVersion, StoreError, StoreResult,
+};
 
 impl S3Store {
     /// [`ObjectStore::get_range`]: the bytes in `range` of `key`, pinned to
@@ -76,14 +78,7 @@ impl S3Store {
         key: &str,
         max_len: u64,
     ) -> StoreResult<(ObjectMeta, Bytes)> {
-        let head_then_read = || async {
-            let meta = self.head(key).await?;
-            let start = meta.size.saturating_sub(max_len);
-            let bytes = self
-                .read_range(key, start..meta.size, Some(&meta.version))
-                .await?;
-            Ok((meta, bytes))
-        };
+        let head_then_read = || head_then_read_tail(self, key, max_len);
         if max_len == 0 {
             return head_then_read().await;
         }
