@@ -84,6 +84,12 @@ fn a_malformed_tuning_variable_is_refused_naming_it() {
             &["mount", "--key", "k", "cache"][..],
         ),
         (
+            "CACHEMOUNT_CACHE_SIZE",
+            "2X",
+            "unknown size suffix",
+            &["mount", "--key", "k", "cache"][..],
+        ),
+        (
             "CACHEMOUNT_MAX_GET",
             "-5",
             "whole number",

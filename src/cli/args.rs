@@ -172,7 +172,7 @@ pub enum Command {
         #[arg(long)]
         foreground: bool,
         /// Bound of the decompressed block cache, in bytes (K, M, G suffixes: powers of 1024).
-        #[arg(long, default_value = "1G", value_parser = parse_size)]
+        #[arg(long, env = "CACHEMOUNT_CACHE_SIZE", default_value = "1G", value_parser = NamingTheVariable(parse_size))]
         cache_size: u64,
         /// The daemon's log file (default: under the user's cache dir; printed).
         #[arg(long)]
