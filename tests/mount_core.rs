@@ -1,7 +1,8 @@
 //! The filesystem core and fetcher without a kernel: a real archive in a
 //! local store, operations called directly, results compared with the source;
 //! GET counting for merged fetches, in-flight de-duplication, neighbour
-//! fetches, read-ahead, a tiny cache, and a corrupt frame.
+//! fetches, read-ahead, a tiny cache, a corrupt frame, and a second key
+//! over the disk cache fetching its changed files, not the cached ones between.
 
 mod common;
 
@@ -335,5 +336,128 @@ async fn a_corrupt_frame_fails_that_read_only() {
     assert!(
         matches!(stale, Err(FsError::Changed(_))),
         "a read pinned to the old version must fail with Changed, got {stale:?}"
+    );
+}
+
+/// Reads a whole file as the FUSE adapter does (no-open mode): answered from
+/// the caches where they can, else fetched.
+async fn read_all_as_fuse(core: &FsCore<LocalStore>, ino: u64) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let offset = out.len() as u64;
+        let b = match core.read_cached(ino, 0, offset, 1 << 20) {
+            Some(got) => got.unwrap(),
+            None => core.read(ino, offset, 1 << 20).await.unwrap(),
+        };
+        if b.is_empty() {
+            return out;
+        }
+        out.extend_from_slice(&b);
+    }
+}
+
+/// A core over the fixture's archive saved as `key`, with the host's disk
+/// cache at `disk_dir`.
+async fn core_with_disk(fx: &Fixture, key: &str, disk_dir: &Path) -> Arc<FsCore<LocalStore>> {
+    use cachemount::cache::disk::{DiskCache, DiskOptions, MountDisk};
+    use cachemount::store::ObjectStore;
+    let resolved = layout::resolve(&*fx.store, key, &[]).await.unwrap();
+    let stats = Arc::new(Stats::default());
+    let version = open_version(
+        &*fx.store,
+        &resolved.pointer.blob_key(),
+        None,
+        Refresh::Never,
+        Some(&stats),
+    )
+    .await
+    .unwrap();
+    let tree = Tree::build(&version.index, b"_0/cache").unwrap();
+    let disk = DiskCache::open(&DiskOptions {
+        dir: disk_dir.to_path_buf(),
+        max_bytes: 1 << 30,
+    })
+    .unwrap();
+    let disk = MountDisk::new(Arc::new(disk), fx.store.describe());
+    let fetcher = Fetcher::with_disk(
+        fx.store.clone(),
+        64 << 20,
+        stats,
+        FetchConfig::default(),
+        Some(disk),
+    );
+    Arc::new(FsCore::new(tree, Current::new(version), fetcher))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_second_key_fetches_its_changed_files_not_the_cached_ones_between_them() {
+    // 60 files of 3,000 random bytes in one directory; key A is read whole
+    // into the disk cache, then key B changes every third file. Between two
+    // changed files lie two cached ones (6 KB): fetching through them would
+    // download bytes the disk already holds.
+    let fx = fixture(|p| {
+        let mut rng = Rng::new(11);
+        fs::create_dir_all(p.join("pkg")).unwrap();
+        for i in 0..60 {
+            fs::write(p.join(format!("pkg/f{i:02}.js")), rng.noise(3000)).unwrap();
+        }
+    })
+    .await;
+    let disk_dir = fx._dir.path().join("disk");
+    let files: Vec<String> = (0..60).map(|i| format!("pkg/f{i:02}.js")).collect();
+    let a = core_with_disk(&fx, "k", &disk_dir).await;
+    for f in &files {
+        read_all_as_fuse(&a, ino_of(&a, f)).await;
+    }
+    drop(a);
+    let mut rng = Rng::new(12);
+    for f in files.iter().step_by(3) {
+        fs::write(fx.src.join(f), rng.noise(3000)).unwrap();
+    }
+    let anchors = Anchors {
+        cwd: fx.src.parent().unwrap().to_path_buf(),
+        home: fx._dir.path().join("home"),
+    };
+    cachemount::save::save(
+        &*fx.store,
+        "k2",
+        &[PathSpec::parse("cache", &anchors).unwrap()],
+        &anchors,
+        Default::default(),
+        Progress::new("", true),
+    )
+    .await
+    .unwrap();
+    let b = core_with_disk(&fx, "k2", &disk_dir).await;
+    let blob = layout::resolve(&*fx.store, "k2", &[]).await.unwrap();
+    let blob = fx.store.root().join(blob.pointer.blob_key());
+    let index = cachemount::archive::open_file(&fs::File::open(blob).unwrap()).unwrap();
+    let changed: u64 = files
+        .iter()
+        .step_by(3)
+        .map(|f| {
+            let name = format!("_0/cache/{f}");
+            let e = index.entries.iter().find(|e| e.name == name.as_bytes());
+            e.unwrap().compressed_size
+        })
+        .sum();
+    let fetched = || {
+        b.fetcher()
+            .stats()
+            .bytes_fetched
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let opened = fetched();
+    for f in &files {
+        assert_eq!(
+            read_all_as_fuse(&b, ino_of(&b, f)).await,
+            fs::read(fx.src.join(f)).unwrap(),
+            "{f}"
+        );
+    }
+    let fetched = fetched() - opened;
+    assert!(
+        fetched as f64 <= 1.2 * changed as f64,
+        "key B fetched {fetched} bytes for {changed} bytes of changed files"
     );
 }

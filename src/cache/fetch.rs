@@ -56,6 +56,13 @@ use crate::archive::zip::{local_header_data_start, LOCAL_HEADER_LEN};
 use crate::archive::DataOffset;
 use crate::store::{ObjectStore, StoreError};
 
+/// The merge gap of a fetcher with a disk cache: a zip local header and a
+/// long name fit (the hole between two adjacent entries), a neighbouring
+/// file does not. A node_modules file compresses to 1-4 KiB: at 8 KiB, a
+/// second key with 2% of its files changed fetched 1.87x their bytes, the
+/// holes being files the disk cache held (1.05x at 1 KiB, 11% more GETs).
+const DISK_MERGE_GAP: u64 = 1 << 10;
+
 /// The fetcher of one mount daemon, shared by all its mountpoints. Its parts
 /// are `pub(super)` for the files of this module that hold its other jobs.
 pub struct Fetcher<S> {
@@ -88,14 +95,19 @@ impl<S: ObjectStore> Fetcher<S> {
         Self::with_disk(store, cache_bytes, stats, config, None)
     }
 
-    /// A fetcher that also reads and fills the host's disk cache.
+    /// A fetcher that also reads and fills the host's disk cache. Its holes
+    /// between wanted pieces are mostly files the disk already holds, so it
+    /// fetches through holes of at most `DISK_MERGE_GAP`.
     pub fn with_disk(
         store: Arc<S>,
         cache_bytes: u64,
         stats: Arc<Stats>,
-        config: FetchConfig,
+        mut config: FetchConfig,
         disk: Option<MountDisk>,
     ) -> Arc<Self> {
+        if disk.is_some() {
+            config.merge_gap = config.merge_gap.min(DISK_MERGE_GAP);
+        }
         Arc::new(Fetcher {
             store,
             cache: BlockCache::new(cache_bytes),

@@ -27,10 +27,6 @@ const READY_TIMEOUT: Duration = Duration::from_secs(20);
 /// default of 128 KiB; sysfs can).
 pub const BDI_READ_AHEAD_KB: u32 = 1024;
 
-/// The merge gap of a mount with a disk cache: a zip local header and a long
-/// name fit, a neighbouring file does not.
-const DISK_MERGE_GAP: u64 = 8 << 10;
-
 #[derive(Debug, Clone)]
 pub struct MountOptions {
     pub force: bool,
@@ -293,17 +289,11 @@ pub fn mount_all<S: ObjectStore>(
                 None
             }
         });
-    let mut fetch = options.fetch.clone();
-    if disk.is_some() {
-        // Holes between wanted pieces are mostly files already on disk:
-        // fetch through local headers and names, not through whole files.
-        fetch.merge_gap = fetch.merge_gap.min(DISK_MERGE_GAP);
-    }
     let fetcher = Fetcher::with_disk(
         store.clone(),
         options.cache_size,
         stats.clone(),
-        fetch,
+        options.fetch.clone(),
         disk,
     );
     let reopener = reopener(store, current.clone(), expected_digest, &fetcher, stats);
