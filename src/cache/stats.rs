@@ -94,6 +94,8 @@ pub struct Stats {
     /// Files in the mounted archive, and distinct files read from it.
     pub files_archived: AtomicU64,
     pub files_read: AtomicU64,
+    /// 1 when the mount records its reads: `files_read` counts only then.
+    pub recording: AtomicU64,
     /// The daemon's pid and how many mountpoints it serves (so `umount` can
     /// wait for a daemon whose last mountpoint it took down).
     pub daemon_pid: AtomicU64,
@@ -162,7 +164,7 @@ impl Stats {
     pub fn render(&self, cache: &super::BlockCache) -> String {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let mut out = String::new();
-        let rows: [(&str, u64); 30] = [
+        let rows: [(&str, u64); 31] = [
             ("requests", get(&self.requests)),
             ("bytes_fetched", get(&self.bytes_fetched)),
             ("cache_hits", get(&self.hits)),
@@ -176,6 +178,7 @@ impl Stats {
             ("replay_hits", get(&self.replay_hits)),
             ("files_archived", get(&self.files_archived)),
             ("files_read", get(&self.files_read)),
+            ("recording", get(&self.recording)),
             ("daemon_pid", get(&self.daemon_pid)),
             ("mountpoints", get(&self.mountpoints)),
             ("cache_bytes", cache.bytes()),

@@ -236,6 +236,7 @@ const GAUGES: &[&str] = &[
     "cache_capacity",
     "reopen_max_ms",
     "files_archived",
+    "recording",
     "daemon_pid",
     "mountpoints",
 ];
@@ -360,11 +361,22 @@ pub fn umount_summary(counters: &[(String, u64)]) -> String {
     };
     let (read, files) = (get("files_read"), get("files_archived"));
     let hits = get("readahead_hits") + get("replay_hits");
+    // Files read are counted by the recorder: without it, say so rather than 0.
+    let files_read = if get("recording") == 1 {
+        format!(
+            "read {} of {} files ({})",
+            thousands(read),
+            thousands(files),
+            percent(read, files)
+        )
+    } else {
+        format!(
+            "{} files (reads not recorded: --no-record)",
+            thousands(files)
+        )
+    };
     format!(
-        "read {} of {} files ({}), {} from the store, {} prefetch hits",
-        thousands(read),
-        thousands(files),
-        percent(read, files),
+        "{files_read}, {} from the store, {} prefetch hits",
         human_bytes(get("bytes_fetched")),
         percent(hits, hits + get("cache_misses")),
     )
@@ -417,6 +429,29 @@ mod tests {
         .unwrap();
         assert_eq!(miss["hit"], "miss");
         assert!(miss["matched_key"].is_null());
+    }
+
+    #[test]
+    fn the_umount_line_counts_files_read_only_when_they_were_recorded() {
+        let counters = |recording: u64| -> Vec<(String, u64)> {
+            [
+                ("files_archived", 40_000),
+                ("files_read", 0),
+                ("recording", recording),
+                ("bytes_fetched", 3 << 20),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect()
+        };
+        assert_eq!(
+            umount_summary(&counters(1)),
+            "read 0 of 40,000 files (0.0%), 3.0 MiB from the store, 0% prefetch hits"
+        );
+        assert_eq!(
+            umount_summary(&counters(0)),
+            "40,000 files (reads not recorded: --no-record), 3.0 MiB from the store, 0% prefetch hits"
+        );
     }
 
     #[test]

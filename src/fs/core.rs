@@ -225,6 +225,10 @@ impl<S: ObjectStore> FsCore<S> {
     /// Records every read from now on in `recorder`.
     pub fn set_recorder(&self, recorder: Arc<Recorder>) {
         let _ = self.recorder.set(recorder);
+        let stats = self.fetcher.stats();
+        stats
+            .recording
+            .store(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// A read returned `len` bytes at `offset` of `entry`: recorded.
