@@ -60,11 +60,21 @@ async fn fixture(build: impl FnOnce(&Path)) -> Fixture {
 
 async fn core(fx: &Fixture, cache: u64, config: FetchConfig) -> Arc<FsCore<LocalStore>> {
     let stats = Arc::new(Stats::default());
-    let version = open_version(&*fx.store, &fx.blob, None, Refresh::Never, Some(&stats))
+    let fetcher = Fetcher::new(fx.store.clone(), cache, stats.clone(), config);
+    core_over(fx, &fx.blob, stats, fetcher).await
+}
+
+/// The core of the archive `blob` (its `cache` tree) read through `fetcher`.
+async fn core_over(
+    fx: &Fixture,
+    blob: &str,
+    stats: Arc<Stats>,
+    fetcher: Arc<Fetcher<LocalStore>>,
+) -> Arc<FsCore<LocalStore>> {
+    let version = open_version(&*fx.store, blob, None, Refresh::Never, Some(&stats))
         .await
         .unwrap();
     let tree = Tree::build(&version.index, b"_0/cache").unwrap();
-    let fetcher = Fetcher::new(fx.store.clone(), cache, stats, config);
     Arc::new(FsCore::new(tree, Current::new(version), fetcher))
 }
 
@@ -362,31 +372,21 @@ async fn core_with_disk(fx: &Fixture, key: &str, disk_dir: &Path) -> Arc<FsCore<
     use cachemount::cache::disk::{DiskCache, DiskOptions, MountDisk};
     use cachemount::store::ObjectStore;
     let resolved = layout::resolve(&*fx.store, key, &[]).await.unwrap();
-    let stats = Arc::new(Stats::default());
-    let version = open_version(
-        &*fx.store,
-        &resolved.pointer.blob_key(),
-        None,
-        Refresh::Never,
-        Some(&stats),
-    )
-    .await
-    .unwrap();
-    let tree = Tree::build(&version.index, b"_0/cache").unwrap();
     let disk = DiskCache::open(&DiskOptions {
         dir: disk_dir.to_path_buf(),
         max_bytes: 1 << 30,
     })
     .unwrap();
     let disk = MountDisk::new(Arc::new(disk), fx.store.describe());
+    let stats = Arc::new(Stats::default());
     let fetcher = Fetcher::with_disk(
         fx.store.clone(),
         64 << 20,
-        stats,
+        stats.clone(),
         FetchConfig::default(),
         Some(disk),
     );
-    Arc::new(FsCore::new(tree, Current::new(version), fetcher))
+    core_over(fx, &resolved.pointer.blob_key(), stats, fetcher).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

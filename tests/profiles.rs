@@ -578,33 +578,18 @@ fn a_read_outside_the_profile_during_a_large_replay_is_not_queued_behind_it() {
     let proxy = Proxy::start(&saved.s3.endpoint);
     proxy.set(Rule::new(Fault::Latency(ROUND_TRIP)));
     let endpoint = proxy.url();
+    let through_proxy = |more: &[&str]| {
+        let mut args = vec!["--endpoint-url", &endpoint, "--key", "k"];
+        args.extend(["--no-disk-cache", "--no-record"]);
+        args.extend(more);
+        Mount::new(sb, &args)
+    };
     // Without prefetch.
-    let m = Mount::new(
-        sb,
-        &[
-            "--endpoint-url",
-            &endpoint,
-            "--key",
-            "k",
-            "--no-disk-cache",
-            "--no-prefetch",
-            "--no-record",
-        ],
-    );
+    let m = through_proxy(&["--no-prefetch"]);
     let alone = timed(m.path().to_path_buf(), a);
     umount(sb, &m);
     // During replay: only the reads that ended before the replay did count.
-    let m = Mount::new(
-        sb,
-        &[
-            "--endpoint-url",
-            &endpoint,
-            "--key",
-            "k",
-            "--no-disk-cache",
-            "--no-record",
-        ],
-    );
+    let m = through_proxy(&[]);
     let (root, log) = (m.path().to_path_buf(), m.log.clone());
     let mut during = bounded(Duration::from_secs(60), "reads during replay", move || {
         let mut t = Vec::new();
