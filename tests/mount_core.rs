@@ -71,11 +71,53 @@ async fn core_over(
     stats: Arc<Stats>,
     fetcher: Arc<Fetcher<LocalStore>>,
 ) -> Arc<FsCore<LocalStore>> {
-    let version = open_version(&*fx.store, blob, None, Refresh::Never, Some(&stats))
+    let version = open_version(&*fx.store, blob, None, None, Refresh::Never, Some(&stats))
         .await
         .unwrap();
     let tree = Tree::build(&version.index, b"_0/cache").unwrap();
     Arc::new(FsCore::new(tree, Current::new(version), fetcher))
+}
+
+/// A key pointer records where its blob's index lies, so that opening the
+/// blob fetches the index alongside the tail; a hint that names other bytes
+/// costs one more GET and opens the same index (it is checked by digest).
+#[tokio::test]
+async fn the_key_pointers_index_hint_opens_with_the_tail_and_a_wrong_one_is_only_slower() {
+    // Enough files that the central directory fills the tail, so the index
+    // needs a GET of its own.
+    let fx = fixture(|src| {
+        for i in 0..7000 {
+            let dir = src.join(format!("pkg-{:03}", i / 50));
+            fs::create_dir_all(&dir).unwrap();
+            fs::write(dir.join(format!("file-{i}.js")), format!("module {i}\n")).unwrap();
+        }
+    })
+    .await;
+    let pointer = layout::resolve(&*fx.store, "k", &[]).await.unwrap().pointer;
+    let hint = pointer.index_hint().expect("a hint outside the tail");
+    let open = |hint| async {
+        let stats = Stats::default();
+        let v = open_version(
+            &*fx.store,
+            &fx.blob,
+            Some(&pointer.digest),
+            hint,
+            Refresh::Never,
+            Some(&stats),
+        )
+        .await
+        .unwrap();
+        (
+            v.index,
+            stats.requests.load(std::sync::atomic::Ordering::Relaxed),
+        )
+    };
+    let (plain, plain_gets) = open(None).await;
+    let (hinted, hinted_gets) = open(Some(hint.clone())).await;
+    let (wrong, wrong_gets) = open(Some(0..hint.end - hint.start)).await;
+    assert_eq!(plain.entries.len(), 7000 + 1 + 140);
+    assert_eq!((plain_gets, hinted_gets, wrong_gets), (2, 2, 3));
+    assert!(hinted == plain && wrong == plain);
 }
 
 fn ino_of(core: &FsCore<LocalStore>, rel: &str) -> u64 {

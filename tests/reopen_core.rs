@@ -91,7 +91,7 @@ async fn core_of(
     bound: Option<(usize, Duration)>,
 ) -> (Arc<FsCore<LocalStore>>, Arc<Stats>) {
     let stats = Arc::new(Stats::default());
-    let version = open_version(&**store, key, digest, Refresh::Never, Some(&stats))
+    let version = open_version(&**store, key, digest, None, Refresh::Never, Some(&stats))
         .await
         .unwrap();
     let tree = Tree::build(&version.index, b"_0/cache").unwrap();

@@ -57,6 +57,7 @@ fn pointer(digest_char: char, created: u64) -> KeyPointer {
         created,
         paths: vec!["target".into()],
         format_version: 1,
+        index: None,
     }
 }
 

@@ -100,6 +100,8 @@ pub struct FinishedArchive {
     /// Total archive size in bytes.
     pub size: u64,
     pub index: ArchiveIndex,
+    /// Where the stored index lies in the archive (as its EOCD comment says).
+    pub index_range: std::ops::Range<u64>,
 }
 
 pub struct ArchiveWriter<W: Write + Seek> {
@@ -442,6 +444,7 @@ impl<W: Write + Seek> ArchiveWriter<W> {
             digest,
             size: self.pos,
             index: self.index,
+            index_range: index_offset..index_offset + stored.len() as u64,
         })
     }
 

@@ -296,7 +296,7 @@ mod tests {
             .pointer
             .blob_key();
         let stats = Arc::new(Stats::default());
-        let version = open_version(&store, &blob, None, Refresh::Never, Some(&stats))
+        let version = open_version(&store, &blob, None, None, Refresh::Never, Some(&stats))
             .await
             .unwrap();
         let fetcher = Fetcher::new(Arc::new(store), 64 << 20, stats, FetchConfig::default());

@@ -146,14 +146,26 @@ pub enum Refresh {
 /// Reads `key`'s tail (which tells its size and version, and pins the
 /// version), then its index. With `expected_digest` (a content-addressed
 /// cachemount blob), checks the index is the one the name commits to.
-/// `stats`, when given, counts the requests.
+/// `index_hint` (a key pointer's record of where the index lies) lets the
+/// index GET run alongside the tail's instead of after it. It is unpinned,
+/// since the version is not known yet, and safe all the same: the index is
+/// used only if it hashes to the digest in the pinned tail's comment, so its
+/// bytes are that version's whichever version served them. `stats`, when
+/// given, counts the requests.
 pub async fn open_version<S: ObjectStore>(
     store: &S,
     key: &str,
     expected_digest: Option<&str>,
+    index_hint: Option<Range<u64>>,
     refresh: Refresh,
     stats: Option<&Stats>,
 ) -> anyhow::Result<Version> {
+    let count = |bytes: usize| {
+        if let Some(stats) = stats {
+            Stats::inc(&stats.requests);
+            Stats::add(&stats.bytes_fetched, bytes as u64);
+        }
+    };
     let read_tail = || async {
         let got = store
             .get_tail(key, archive::reader::TAIL_LEN)
@@ -165,14 +177,34 @@ pub async fn open_version<S: ObjectStore>(
                 other => anyhow::Error::from(other)
                     .context(format!("cannot read {key} from {}", store.describe())),
             })?;
-        if let Some(stats) = stats {
-            Stats::inc(&stats.requests);
-            Stats::add(&stats.bytes_fetched, got.1.len() as u64);
-        }
+        count(got.1.len());
         anyhow::Ok(got)
     };
+    let read_hinted = async {
+        let range = index_hint?;
+        match store.get_range(key, range.clone(), None).await {
+            Ok(bytes) => {
+                count(bytes.len());
+                Some((range.start, bytes))
+            }
+            Err(e) => {
+                tracing::debug!(%key, error = %e, "the index hint's GET failed; reading the index after the tail");
+                None
+            }
+        }
+    };
     let started = Instant::now();
-    let (mut meta, mut tail) = read_tail().await?;
+    let (tail, hinted) = futures::join!(
+        async {
+            let tail = read_tail().await;
+            (tail, started.elapsed())
+        },
+        read_hinted
+    );
+    let (tail, mut tail_time) = tail;
+    let (mut meta, mut tail) = tail?;
+    // Waiting for the hinted index beyond the tail counts as index GETs.
+    let hint_wait = started.elapsed().saturating_sub(tail_time);
     // Refresh the lifetime *before* pinning: the rewrite may change the ETag,
     // which would otherwise fail this mount's own reads. Young objects (the
     // common case) cost nothing here.
@@ -180,22 +212,27 @@ pub async fn open_version<S: ObjectStore>(
         if meta.last_modified < SystemTime::now() - after {
             refresh_lifetime(store, key, after).await;
             (meta, tail) = read_tail().await?;
+            tail_time = started.elapsed().saturating_sub(hint_wait);
         }
     }
-    let tail_time = started.elapsed();
     let tail_start = meta.size - tail.len() as u64;
-    let gets = parking_lot::Mutex::new((Duration::ZERO, 0u32));
-    let (tail_ref, gets_ref) = (&tail, &gets);
+    let gets = parking_lot::Mutex::new((hint_wait, u32::from(hinted.is_some())));
+    let (tail_ref, gets_ref, hinted_ref) = (&tail, &gets, &hinted);
     let pin = &meta.version;
-    // The opener asks for the tail first: it is here already.
+    // The opener asks for the tail first: it is here already; so may the
+    // index be.
     let fetch = |range: Range<u64>| async move {
+        if let Some((start, bytes)) = hinted_ref {
+            let end = start + bytes.len() as u64;
+            if *start <= range.start && range.end <= end {
+                let at = (range.start - start) as usize;
+                return Ok(bytes.slice(at..at + (range.end - range.start) as usize));
+            }
+        }
         if range.start >= tail_start {
             let at = (range.start - tail_start) as usize;
             let end = range.end.min(meta.size).saturating_sub(tail_start) as usize;
             return Ok(tail_ref.slice(at..end.max(at)));
-        }
-        if let Some(stats) = stats {
-            Stats::inc(&stats.requests);
         }
         let t0 = Instant::now();
         let r = store.get_range(key, range, Some(pin)).await;
@@ -204,8 +241,9 @@ pub async fn open_version<S: ObjectStore>(
             g.0 += t0.elapsed();
             g.1 += 1;
         }
-        if let (Ok(b), Some(stats)) = (&r, stats) {
-            Stats::add(&stats.bytes_fetched, b.len() as u64);
+        match &r {
+            Ok(b) => count(b.len()),
+            Err(_) => count(0),
         }
         r
     };

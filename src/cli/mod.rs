@@ -558,6 +558,7 @@ async fn key_usage(
         store,
         &resolved.pointer.blob_key(),
         Some(&digest),
+        resolved.pointer.index_hint(),
         Refresh::Never,
         None,
     )
@@ -662,6 +663,8 @@ struct Opened {
     /// The blob's digest when it came from a key (content-addressed); None
     /// for a URL, whose object may be overwritten with other content.
     digest: Option<String>,
+    /// Where its index lies, as the key pointer says (a hint).
+    index_hint: Option<std::ops::Range<u64>>,
     /// The key pointer that led to it, whose lifetime is refreshed with the blob's.
     pointer: Option<String>,
     /// What the user asked for and what answered it.
@@ -683,6 +686,7 @@ async fn open_source(global: &GlobalArgs, source: SourceArgs) -> anyhow::Result<
             store_time: started.elapsed(),
             object,
             digest: None,
+            index_hint: None,
             pointer: None,
             matched: Matched {
                 key: url.clone(),
@@ -705,6 +709,7 @@ async fn open_source(global: &GlobalArgs, source: SourceArgs) -> anyhow::Result<
         pointer: Some(layout::pointer_key(&resolved.key)?),
         object: resolved.pointer.blob_key(),
         digest: Some(resolved.pointer.digest.clone()),
+        index_hint: resolved.pointer.index_hint(),
         store,
         store_time,
         matched: Matched {
@@ -733,6 +738,7 @@ async fn mount_and_serve(
         store,
         object: key,
         digest,
+        index_hint,
         pointer,
         matched,
         store_time,
@@ -753,7 +759,15 @@ async fn mount_and_serve(
     let recorder = options.recorder.clone();
     let stats = std::sync::Arc::new(Stats::default());
     let refresh = Refresh::After(global.refresh_after());
-    let version = open_version(&*store, &key, digest.as_deref(), refresh, Some(&stats)).await?;
+    let version = open_version(
+        &*store,
+        &key,
+        digest.as_deref(),
+        index_hint,
+        refresh,
+        Some(&stats),
+    )
+    .await?;
     let files = version
         .index
         .entries

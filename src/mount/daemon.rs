@@ -77,6 +77,7 @@ pub fn reopener<S: ObjectStore>(
                 &*store,
                 &key,
                 digest.as_deref(),
+                None,
                 Refresh::Never,
                 Some(&stats),
             )

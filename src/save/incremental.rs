@@ -110,14 +110,22 @@ pub async fn find_base<S: ObjectStore>(
     }
     let mount = base?;
     let digest = mount.digest.clone()?;
-    let version =
-        match open_version(store, &mount.object, Some(&digest), Refresh::Never, None).await {
-            Ok(v) => v,
-            Err(e) => {
-                tracing::warn!("cannot reuse the mounted cache, saving everything: {e:#}");
-                return None;
-            }
-        };
+    let version = match open_version(
+        store,
+        &mount.object,
+        Some(&digest),
+        None,
+        Refresh::Never,
+        None,
+    )
+    .await
+    {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::warn!("cannot reuse the mounted cache, saving everything: {e:#}");
+            return None;
+        }
+    };
     let crate::cache::Version {
         pin, size, index, ..
     } = version;

@@ -329,6 +329,9 @@ fn send_large_frames(
 pub struct SaveReport {
     pub digest: String,
     pub archive_size: u64,
+    /// Where the archive's stored index lies, for the key pointer's hint
+    /// (unknown when an unchanged base is saved again).
+    pub index_range: Option<std::ops::Range<u64>>,
     pub entries: usize,
     pub uploaded: bool,
     /// Incremental saves: files reused from the mounted cache, and their bytes.
@@ -414,6 +417,7 @@ pub async fn save<S: ObjectStore>(
         let mut report = SaveReport {
             digest: String::new(),
             archive_size: 0,
+            index_range: None,
             entries: 0,
             uploaded: false,
             reused_files,
@@ -453,6 +457,7 @@ pub async fn save<S: ObjectStore>(
         };
         report.digest = finished.digest;
         report.archive_size = finished.size;
+        report.index_range = Some(finished.index_range);
         report.entries = finished.index.entries.len();
         Ok((report, Some(upload_as)))
     })
@@ -466,6 +471,10 @@ pub async fn save<S: ObjectStore>(
         created: layout::unix_now(),
         paths: specs.iter().map(|s| s.given.clone()).collect(),
         format_version: FORMAT_VERSION,
+        index: report.index_range.as_ref().map(|r| layout::IndexLocation {
+            offset: r.start,
+            len: r.end - r.start,
+        }),
     };
     layout::write_pointer(store, key, &pointer)
         .await

@@ -161,7 +161,24 @@ pub struct KeyPointer {
     pub paths: Vec<String>,
     /// Version of the archive format the blob was written with.
     pub format_version: u32,
+    /// Where the blob's stored index lies (what its EOCD comment says), so
+    /// that a mount fetches it alongside the tail instead of after it.
+    /// Absent in pointers written before it existed. Only a hint: the index
+    /// is used only if it hashes to the digest the tail's comment names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index: Option<IndexLocation>,
 }
+
+/// A byte range of a blob, as a key pointer records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IndexLocation {
+    pub offset: u64,
+    pub len: u64,
+}
+
+/// The largest index a pointer's hint may fetch: a larger one (millions of
+/// entries) is read the ordinary way, after the tail.
+const MAX_HINTED_INDEX_LEN: u64 = 64 << 20;
 
 /// A key pointer object larger than this is refused unread (it is a few
 /// hundred bytes; a huge one is garbage, not something to hold in memory).
@@ -171,6 +188,18 @@ impl KeyPointer {
     /// The blob this pointer names.
     pub fn blob_key(&self) -> String {
         blob_key(&self.digest)
+    }
+
+    /// The range of the blob its index hint names, when one is worth a GET
+    /// of its own: not within the tail that every open reads anyway, and
+    /// plausible, inside the blob and at most [`MAX_HINTED_INDEX_LEN`] long
+    /// (the pointer is store input; it must not make a mount fetch gigabytes).
+    pub fn index_hint(&self) -> Option<std::ops::Range<u64>> {
+        let IndexLocation { offset, len } = self.index?;
+        let end = offset.checked_add(len)?;
+        let tail_start = self.size.saturating_sub(crate::archive::reader::TAIL_LEN);
+        (len > 0 && len <= MAX_HINTED_INDEX_LEN && end <= self.size && offset < tail_start)
+            .then_some(offset..end)
     }
 
     /// Parses a pointer object's bytes, accepting only a digest that is a
@@ -361,7 +390,32 @@ mod tests {
             created,
             paths: vec!["node_modules".into(), "~/.npm".into()],
             format_version: 1,
+            index: None,
         }
+    }
+
+    #[test]
+    fn an_index_hint_is_used_only_when_plausible_and_outside_the_tail() {
+        let tail = crate::archive::reader::TAIL_LEN;
+        let with = |size: u64, offset: u64, len: u64| KeyPointer {
+            size,
+            index: Some(IndexLocation { offset, len }),
+            ..pointer('a', 1)
+        };
+        assert_eq!(
+            with(10 * tail, tail, 100).index_hint(),
+            Some(tail..tail + 100)
+        );
+        // Within the tail that every open reads anyway.
+        assert_eq!(with(10 * tail, 9 * tail + 1, 100).index_hint(), None);
+        // Past the blob's end, overflowing, empty, or huge.
+        assert_eq!(with(10 * tail, 9 * tail, 2 * tail).index_hint(), None);
+        assert_eq!(with(10 * tail, u64::MAX, 2).index_hint(), None);
+        assert_eq!(with(10 * tail, 0, 0).index_hint(), None);
+        assert_eq!(with(u64::MAX, 0, 1 << 40).index_hint(), None);
+        // Pointers written before the hint existed parse without it.
+        let old = br#"{"digest":"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa","size":1,"created":1,"paths":["a"],"format_version":1}"#;
+        assert_eq!(KeyPointer::parse(old).unwrap().index, None);
     }
 
     #[test]
