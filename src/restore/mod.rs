@@ -436,7 +436,17 @@ fn is_entry_gone(e: &anyhow::Error) -> bool {
     })
 }
 
-/// The `wanted` entries the disk cache holds (each checked once now).
+/// The smallest entry (archive bytes) a restore takes from the disk cache.
+/// Smaller ones are downloaded even when cached: they lie side by side in
+/// the archive, so a few large GETs carry thousands of them, while each one
+/// taken from the cache is a random open, a read to check it and a copy. A
+/// 40k-file tree (plus 2 x 200 MB) whose files were all cached restored in
+/// 3.5-4.0 s from the cache against 1.1-1.2 s downloaded from SeaweedFS on
+/// this host; its large files are what the cache saves.
+const FROM_DISK_MIN: u64 = 1 << 20;
+
+/// The `wanted` entries of at least [`FROM_DISK_MIN`] archive bytes that the
+/// disk cache holds (each checked once now).
 async fn cached_entries<S: ObjectStore>(
     disk: &Arc<DiskCache>,
     source: &Source<'_, S>,
@@ -448,7 +458,7 @@ async fn cached_entries<S: ObjectStore>(
     let keys: Vec<(usize, EntryKey, u64)> = wanted
         .iter()
         .map(|&i| (i, &index.entries[i]))
-        .filter(|(_, e)| disk.may_hold(e))
+        .filter(|(_, e)| disk.may_hold(e) && e.compressed_size >= FROM_DISK_MIN)
         .map(|(i, e)| {
             let key = EntryKey::of_entry(
                 &namespace,
