@@ -28,6 +28,7 @@ mod entry;
 mod fill;
 mod ledger;
 mod mount;
+mod read_buf;
 
 use std::collections::HashMap;
 use std::fs::{DirBuilder, File, OpenOptions};

@@ -13,8 +13,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use parking_lot::Mutex;
 
-use super::ahead;
 use super::entry::EntryKey;
+use super::{ahead, read_buf};
 use super::{DiskCache, Fig, Figures};
 use crate::archive::{Entry, EntryKind};
 use crate::cache::version::Version;
@@ -150,15 +150,15 @@ impl MountDisk {
         let o = self.opened(v, entry)?;
         let size = v.entry(entry).size;
         let end = offset.saturating_add(u64::from(len)).min(size);
-        let mut buf = vec![0u8; end.saturating_sub(offset) as usize];
-        o.file.read_exact_at(&mut buf, offset).ok()?;
+        let len = end.saturating_sub(offset) as usize;
+        let data = read_buf::filled(len, |buf| o.file.read_exact_at(buf, offset)).ok()?;
         if offset == 0 {
             self.first_read(v, entry);
         }
         if size > SEQUENTIAL_AHEAD {
             o.read_ahead(offset, end, size);
         }
-        Some(Bytes::from(buf))
+        Some(data)
     }
 
     /// A read of `entry` from offset 0 was answered from disk: if it
