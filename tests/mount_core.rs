@@ -115,9 +115,15 @@ async fn the_key_pointers_index_hint_opens_with_the_tail_and_a_wrong_one_is_only
     let (plain, plain_gets) = open(None).await;
     let (hinted, hinted_gets) = open(Some(hint.clone())).await;
     let (wrong, wrong_gets) = open(Some(0..hint.end - hint.start)).await;
+    // A hint that spans the tail too answers nothing: only a request for
+    // exactly its range, the index's, is served from unpinned bytes.
+    let (spanning, spanning_gets) = open(Some(hint.start..pointer.size)).await;
     assert_eq!(plain.entries.len(), 7000 + 1 + 140);
-    assert_eq!((plain_gets, hinted_gets, wrong_gets), (2, 2, 3));
-    assert!(hinted == plain && wrong == plain);
+    assert_eq!(
+        (plain_gets, hinted_gets, wrong_gets, spanning_gets),
+        (2, 2, 3, 3)
+    );
+    assert!(hinted == plain && wrong == plain && spanning == plain);
 }
 
 fn ino_of(core: &FsCore<LocalStore>, rel: &str) -> u64 {

@@ -220,13 +220,14 @@ pub async fn open_version<S: ObjectStore>(
     let (tail_ref, gets_ref, hinted_ref) = (&tail, &gets, &hinted);
     let pin = &meta.version;
     // The opener asks for the tail first: it is here already; so may the
-    // index be.
+    // index be. The hinted bytes answer only a request for exactly their
+    // range, which the opener makes only for the index the pinned tail
+    // names (and checks against its digest): an unpinned read never stands
+    // in for the tail, the end records or a central directory.
     let fetch = |range: Range<u64>| async move {
         if let Some((start, bytes)) = hinted_ref {
-            let end = start + bytes.len() as u64;
-            if *start <= range.start && range.end <= end {
-                let at = (range.start - start) as usize;
-                return Ok(bytes.slice(at..at + (range.end - range.start) as usize));
+            if range.start == *start && range.end - range.start == bytes.len() as u64 {
+                return Ok(bytes.clone());
             }
         }
         if range.start >= tail_start {
