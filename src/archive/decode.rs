@@ -20,12 +20,26 @@ fn corrupt(entry: &Entry, reason: impl Into<String>) -> FormatError {
 /// Decodes frame `i` of `entry` from its compressed bytes, checking its length
 /// and both checksums.
 pub fn decode_frame(entry: &Entry, i: usize, compressed: &[u8]) -> Result<Vec<u8>, FormatError> {
+    let mut out = Vec::new();
+    decode_frame_into(entry, i, compressed, &mut out)?;
+    Ok(out)
+}
+
+/// [`decode_frame`] into `out` (cleared first), so that a caller can reuse
+/// its buffers.
+pub fn decode_frame_into(
+    entry: &Entry,
+    i: usize,
+    compressed: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<(), FormatError> {
+    out.clear();
     let frame = entry
         .frames
         .get(i)
         .ok_or_else(|| corrupt(entry, format!("no frame {i}")))?;
     let (_, len) = entry.frame_span(i);
-    // The output buffer is allocated at `len` up front: never for a lying size.
+    // The output buffer is sized at `len` up front: never for a lying size.
     if len > u64::from(super::limits::MAX_FRAME_SIZE) {
         return Err(corrupt(entry, format!("frame {i} is too large")));
     }
@@ -43,15 +57,16 @@ pub fn decode_frame(entry: &Entry, i: usize, compressed: &[u8]) -> Result<Vec<u8
         // One decompression context per thread instead of one per frame.
         static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { std::cell::RefCell::new(None) };
     }
-    let out = DECOMPRESSOR
-        .with(|cell| -> io::Result<Vec<u8>> {
+    out.reserve_exact(len as usize);
+    DECOMPRESSOR
+        .with(|cell| -> io::Result<usize> {
             let mut slot = cell.borrow_mut();
             if slot.is_none() {
                 *slot = Some(zstd::bulk::Decompressor::new()?);
             }
             slot.as_mut()
                 .expect("just set")
-                .decompress(compressed, len as usize)
+                .decompress_to_buffer(compressed, out)
         })
         .map_err(|e| corrupt(entry, format!("frame {i}: {e}")))?;
     if out.len() as u64 != len {
@@ -60,7 +75,7 @@ pub fn decode_frame(entry: &Entry, i: usize, compressed: &[u8]) -> Result<Vec<u8
             format!("frame {i} decodes to {} bytes, expected {len}", out.len()),
         ));
     }
-    Ok(out)
+    Ok(())
 }
 
 /// A writer that counts and CRCs what passes through it.

@@ -19,7 +19,7 @@ use super::fetch::Fetcher;
 use super::plan::{Layout, Piece, BLOCK_SIZE};
 use super::stats::Stats;
 use super::version::Version;
-use crate::archive::decode::{decode_entry, decode_frame};
+use crate::archive::decode::{decode_entry, decode_frame_into};
 use crate::archive::zip::{local_header_data_start, LOCAL_HEADER_LEN};
 use crate::archive::DataOffset;
 use crate::store::ObjectStore;
@@ -262,9 +262,19 @@ impl<S: ObjectStore> Fetcher<S> {
         let e = v.entry(p.entry);
         let corrupt = |reason: String| FetchError::Corrupt(reason);
         let blocks = match Layout::of(e, &self.config) {
-            Layout::Frames => vec![Bytes::from(
-                decode_frame(e, p.block as usize, bytes).map_err(|err| corrupt(err.to_string()))?,
-            )],
+            Layout::Frames => {
+                let i = p.block as usize;
+                // The frame's length (decode_frame_into refuses a frame the
+                // index does not list).
+                let len = if i < e.frames.len() {
+                    e.frame_span(i).1
+                } else {
+                    0
+                };
+                vec![super::buffers::decoded(len as usize, |out| {
+                    decode_frame_into(e, i, bytes, out).map_err(|err| corrupt(err.to_string()))
+                })?]
+            }
             Layout::Stored if e.size <= BLOCK_SIZE => {
                 // A one-block stored entry is checked whole.
                 if bytes.len() as u64 != e.size || crc32fast::hash(bytes) != e.crc32 {

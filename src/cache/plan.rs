@@ -193,7 +193,11 @@ impl Span {
         blocks: Vec<Option<Bytes>>,
     ) -> Result<Bytes, FetchError> {
         let (offset, end) = (self.offset, self.end);
-        let mut out = BytesMut::with_capacity((end - offset) as usize);
+        // Allocated only when the span needs more than a slice of one block
+        // (the usual read): even an untouched allocation costs, since the
+        // allocator writes into its first page, and a fresh huge page is
+        // zeroed whole (2 MiB) when that happens.
+        let mut out = BytesMut::new();
         for (i, block) in blocks.into_iter().enumerate() {
             let block = block.ok_or_else(|| {
                 FetchError::Corrupt(format!(
@@ -214,6 +218,9 @@ impl Span {
             }
             if out.is_empty() && to - from == (end - offset) as usize {
                 return Ok(block.slice(from..to));
+            }
+            if out.is_empty() {
+                out.reserve((end - offset) as usize);
             }
             out.extend_from_slice(&block[from..to]);
         }

@@ -28,7 +28,6 @@ mod entry;
 mod fill;
 mod ledger;
 mod mount;
-mod read_buf;
 
 use std::collections::HashMap;
 use std::fs::{DirBuilder, File, OpenOptions};

@@ -13,10 +13,11 @@ use std::sync::Arc;
 use bytes::Bytes;
 use parking_lot::Mutex;
 
+use super::ahead;
 use super::entry::EntryKey;
-use super::{ahead, read_buf};
 use super::{DiskCache, Fig, Figures};
 use crate::archive::{Entry, EntryKind};
+use crate::cache::buffers;
 use crate::cache::version::Version;
 
 /// Entries a mount keeps open. A large file is read in many requests: one
@@ -151,7 +152,7 @@ impl MountDisk {
         let size = v.entry(entry).size;
         let end = offset.saturating_add(u64::from(len)).min(size);
         let len = end.saturating_sub(offset) as usize;
-        let data = read_buf::filled(len, |buf| o.file.read_exact_at(buf, offset)).ok()?;
+        let data = buffers::filled(len, |buf| o.file.read_exact_at(buf, offset)).ok()?;
         if offset == 0 {
             self.first_read(v, entry);
         }
