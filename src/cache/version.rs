@@ -3,8 +3,10 @@
 //!
 //! - [`Version`]: the pinned object (ETag, versionId, size) and its index;
 //!   every block key and every GET of a mount carries it.
-//! - [`open_version`]: HEAD, pin, tail, index, and — for a content-addressed
-//!   blob — the check that the index is the one its name commits to.
+//! - [`open_version`]: the tail (one suffix GET, which pins the version),
+//!   the index (alongside the tail when a key pointer says where it lies),
+//!   and — for a content-addressed blob — the check that the index is the
+//!   one its name commits to.
 //! - [`Current`]: the version a mount reads now, swapped whole by the 412
 //!   reopen ([`crate::fs::reopen`]), so a read never mixes two.
 //! - [`refresh_lifetime`]: the best-effort self-copy that keeps a blob alive

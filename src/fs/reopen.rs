@@ -19,7 +19,8 @@ use crate::archive::{ArchiveIndex, Entry};
 use crate::cache::Current;
 use crate::cache::{Stats, Version};
 
-/// Opens the object again (HEAD, pin, tail, index): `daemon::open_version`.
+/// Opens the object again (tail, pin, index): `mount::daemon::reopener` makes
+/// it over `cache::version::open_version`.
 pub type Opener = Box<dyn Fn() -> BoxFuture<'static, anyhow::Result<Version>> + Send + Sync>;
 
 /// Drops the cached blocks of a version id; returns how many.
