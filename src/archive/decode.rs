@@ -38,7 +38,7 @@ pub fn decode_frame_into(
         .frames
         .get(i)
         .ok_or_else(|| corrupt(entry, format!("no frame {i}")))?;
-    let (_, len) = entry.frame_span(i);
+    let len = entry.frame_len(i);
     // The output buffer is sized at `len` up front: never for a lying size.
     if len > u64::from(super::limits::MAX_FRAME_SIZE) {
         return Err(corrupt(entry, format!("frame {i} is too large")));

@@ -118,9 +118,14 @@ impl Entry {
             .iter()
             .map(|f| u64::from(f.compressed_len))
             .sum();
-        let len =
-            (self.size - i as u64 * u64::from(self.frame_size)).min(u64::from(self.frame_size));
-        (start, len)
+        (start, self.frame_len(i))
+    }
+
+    /// Uncompressed length of frame `i` (0 past the end): without the sum
+    /// over the frames before it that [`Entry::frame_span`] needs.
+    pub fn frame_len(&self, i: usize) -> u64 {
+        let frame = u64::from(self.frame_size);
+        self.size.saturating_sub(i as u64 * frame).min(frame)
     }
 }
 

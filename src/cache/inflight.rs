@@ -264,14 +264,7 @@ impl<S: ObjectStore> Fetcher<S> {
         let blocks = match Layout::of(e, &self.config) {
             Layout::Frames => {
                 let i = p.block as usize;
-                // The frame's length (decode_frame_into refuses a frame the
-                // index does not list).
-                let len = if i < e.frames.len() {
-                    e.frame_span(i).1
-                } else {
-                    0
-                };
-                vec![super::buffers::decoded(len as usize, |out| {
+                vec![super::buffers::decoded(e.frame_len(i) as usize, |out| {
                     decode_frame_into(e, i, bytes, out).map_err(|err| corrupt(err.to_string()))
                 })?]
             }
