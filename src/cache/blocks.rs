@@ -116,6 +116,12 @@ impl BlockCache {
         Some(Hit { data, origin })
     }
 
+    /// The block's bytes without marking it read or touching its recency
+    /// (a copy handed on elsewhere is not a read: see [`super::handoff`]).
+    pub fn peek(&self, key: &BlockKey) -> Option<Bytes> {
+        self.inner.lock().lru.peek(key).map(|c| c.data.clone())
+    }
+
     /// Whether `key` is cached, without touching its recency.
     pub fn contains(&self, key: &BlockKey) -> bool {
         self.inner.lock().lru.contains(key)

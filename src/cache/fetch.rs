@@ -411,10 +411,33 @@ impl<S: ObjectStore> Fetcher<S> {
         {
             return Some(Ok(data));
         }
+        let blocks = self.cached_blocks(v, entry, layout, &span, |key| {
+            let hit = self.cache.get(key)?;
+            Some(self.count_hit(v, entry, hit))
+        })?;
+        let blocks = match blocks {
+            Ok(blocks) => blocks,
+            Err(e) => return Some(Err(e)),
+        };
+        self.read_ahead(v, entry, layout, &span);
+        Some(span.assemble(v, entry, blocks))
+    }
+
+    /// The blocks of `span`, each taken by `take`, if the block cache holds
+    /// every one and they may be served; an error if the entry is known to
+    /// be bad; `None` if anything must be fetched or verified first.
+    pub(super) fn cached_blocks(
+        &self,
+        v: &Version,
+        entry: u32,
+        layout: Layout,
+        span: &Span,
+        mut take: impl FnMut(&BlockKey) -> Option<Bytes>,
+    ) -> Option<Result<Vec<Option<Bytes>>, FetchError>> {
         if layout != Layout::Frames {
             match self.verify.settled((v.id, entry)) {
                 Some(Err(err)) => return Some(Err(err)),
-                None if layout.needs_pass(e) => return None,
+                None if layout.needs_pass(v.entry(entry)) => return None,
                 _ => {}
             }
         }
@@ -424,12 +447,11 @@ impl<S: ObjectStore> Fetcher<S> {
         }
         let mut blocks = Vec::with_capacity(span.block_count());
         for b in span.blocks() {
-            let hit = self.cache.get(&key(b))?;
-            blocks.push(Some(self.count_hit(v, entry, hit)));
+            blocks.push(Some(take(&key(b))?));
         }
-        self.read_ahead(v, entry, layout, &span);
-        Some(span.assemble(v, entry, blocks))
+        Some(Ok(blocks))
     }
+
     /// One pinned range GET, counted.
     pub async fn get(&self, v: &Version, range: Range<u64>) -> Result<Bytes, FetchError> {
         Stats::inc(&self.stats.requests);

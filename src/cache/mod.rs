@@ -1,8 +1,9 @@
 //! Reading an archive lazily: the archive opened in a store and pinned to
 //! one version ([`version`]), the block cache ([`blocks`]), the fetcher that
-//! fills it from the store ([`fetch`], with its block plan, in-flight
-//! table, prefetching, profile replay and stream decoding beside it), the verification state of entries
-//! that have one checksum for many blocks ([`verify`]) and the counters
+//! fills it from the store ([`fetch`], with its block plan, in-flight table,
+//! prefetching, profile replay, stream decoding and the hand-off to the
+//! kernel's page cache beside it), the verification state of entries that
+//! have one checksum for many blocks ([`verify`]) and the counters
 //! ([`stats`]), and the disk cache shared by every mount on the host
 //! ([`disk`]), which the fetcher consults before its block cache and fills
 //! with every whole entry it verified.
@@ -18,6 +19,7 @@ mod config;
 pub mod disk;
 mod error;
 pub mod fetch;
+mod handoff;
 mod inflight;
 mod plan;
 mod prefetch;

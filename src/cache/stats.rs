@@ -91,6 +91,10 @@ pub struct Stats {
     pub replay_blocks: AtomicU64,
     /// Compressed bytes of those blocks (what the replay's GETs carried).
     pub replay_bytes: AtomicU64,
+    /// Files, and bytes, replay handed to the kernel's page cache (the
+    /// build then reads them with no FUSE read at all).
+    pub kernel_files: AtomicU64,
+    pub kernel_bytes: AtomicU64,
     /// Files in the mounted archive, and distinct files read from it.
     pub files_archived: AtomicU64,
     pub files_read: AtomicU64,
@@ -164,7 +168,7 @@ impl Stats {
     pub fn render(&self, cache: &super::BlockCache) -> String {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let mut out = String::new();
-        let rows: [(&str, u64); 31] = [
+        let rows: [(&str, u64); 33] = [
             ("requests", get(&self.requests)),
             ("bytes_fetched", get(&self.bytes_fetched)),
             ("cache_hits", get(&self.hits)),
@@ -176,6 +180,8 @@ impl Stats {
             ("replay_blocks", get(&self.replay_blocks)),
             ("replay_bytes", get(&self.replay_bytes)),
             ("replay_hits", get(&self.replay_hits)),
+            ("kernel_files", get(&self.kernel_files)),
+            ("kernel_bytes", get(&self.kernel_bytes)),
             ("files_archived", get(&self.files_archived)),
             ("files_read", get(&self.files_read)),
             ("recording", get(&self.recording)),

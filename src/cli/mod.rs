@@ -752,6 +752,9 @@ async fn mount_and_serve(
     let learn_keys = asked_key
         .zip(options.mounted_key.clone())
         .map(|(key, matched)| crate::mount::learn::LearnKeys { key, matched });
+    // Only a key's profile is replayed (and only a key's blob never changes
+    // content, which handing pages to the kernel needs).
+    options.prefetch &= learn_keys.is_some();
     let loading = learn_keys
         .as_ref()
         .filter(|_| options.prefetch)
@@ -816,7 +819,12 @@ async fn mount_and_serve(
     .await??;
     Stats::add(&stats.mountpoints, d.mounted.len() as u64);
     if let Some(loading) = loading {
-        crate::mount::learn::spawn_replay(d.fetcher().clone(), d.current().clone(), loading);
+        crate::mount::learn::spawn_replay(
+            d.fetcher().clone(),
+            d.current().clone(),
+            loading,
+            d.warmed(),
+        );
     }
     let report = MountReport {
         command: "mount".into(),

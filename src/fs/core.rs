@@ -14,6 +14,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
 
+use super::handed::Handed;
 use super::inodes::{Node, Tree, ROOT_INO};
 use super::reopen::{same_attrs, Follower, ReopenError, Reopener};
 use crate::archive::{EntryKind, Timestamp};
@@ -164,7 +165,14 @@ impl Invalidations {
     }
 }
 
-pub type Notify = Box<dyn Fn(Invalidations) + Send + Sync>;
+/// The kernel's caches of one mountpoint, as the core may change them (the
+/// FUSE notifier; a test's recorder).
+pub trait KernelCache: Send + Sync {
+    /// Forgets what a remap changed (best effort).
+    fn invalidate(&self, inval: Invalidations);
+    /// Puts `data` into the page cache of inode `ino` at `offset`.
+    fn store(&self, ino: u64, offset: u64, data: &[u8]) -> std::io::Result<()>;
+}
 
 pub struct FsCore<S> {
     state: RwLock<Arc<Mapped>>,
@@ -177,9 +185,12 @@ pub struct FsCore<S> {
     track_handles: bool,
     handles: Mutex<HashMap<u64, Handle>>,
     next_fh: AtomicU64,
-    notify: Mutex<Option<Arc<Notify>>>,
+    kernel: Mutex<Option<Arc<dyn KernelCache>>>,
     /// Where reads are recorded (the daemon's one recorder), if recording.
     recorder: std::sync::OnceLock<Arc<Recorder>>,
+    /// The files replay put into the kernel's page cache, and whether opens
+    /// must be seen to account for them ([`super::handed`]).
+    pub(super) handed: Handed,
 }
 
 impl<S: ObjectStore> FsCore<S> {
@@ -196,8 +207,9 @@ impl<S: ObjectStore> FsCore<S> {
             track_handles: false,
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
-            notify: Mutex::new(None),
+            kernel: Mutex::new(None),
             recorder: std::sync::OnceLock::new(),
+            handed: Handed::default(),
         }
     }
 
@@ -232,7 +244,7 @@ impl<S: ObjectStore> FsCore<S> {
     }
 
     /// A read returned `len` bytes at `offset` of `entry`: recorded.
-    fn note_read(&self, v: &Version, entry: u32, offset: u64, len: usize) {
+    pub(super) fn note_read(&self, v: &Version, entry: u32, offset: u64, len: usize) {
         if let Some(r) = self.recorder.get() {
             if r.record(v, entry, offset, len as u64) {
                 crate::cache::Stats::inc(&self.fetcher.stats().files_read);
@@ -240,9 +252,29 @@ impl<S: ObjectStore> FsCore<S> {
         }
     }
 
-    /// Where remap invalidations go (the FUSE notifier).
-    pub fn set_notify(&self, notify: Notify) {
-        *self.notify.lock() = Some(Arc::new(notify));
+    /// Whether a read of `entry` has been recorded (false when not recording).
+    pub(super) fn was_read(&self, v: &Version, entry: u32) -> bool {
+        self.recorder.get().is_some_and(|r| r.has(v, entry))
+    }
+
+    /// The kernel caches this mountpoint: remaps invalidate them, replay
+    /// may fill them.
+    pub fn set_kernel(&self, kernel: Arc<dyn KernelCache>) {
+        *self.kernel.lock() = Some(kernel);
+    }
+
+    pub(super) fn kernel(&self) -> Option<Arc<dyn KernelCache>> {
+        self.kernel.lock().clone()
+    }
+
+    /// Whether open files get handles of their own (their content may change).
+    pub fn tracks_handles(&self) -> bool {
+        self.track_handles
+    }
+
+    /// The archive name this mountpoint shows.
+    pub fn root(&self) -> &[u8] {
+        &self.root
     }
 
     pub fn fetcher(&self) -> &Arc<Fetcher<S>> {
@@ -372,6 +404,8 @@ impl<S: ObjectStore> FsCore<S> {
             return Err(FsError::ReadOnly);
         }
         if !self.track_handles {
+            drop(handles);
+            self.opened_handed(ino, &m);
             return Ok(0);
         }
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
@@ -624,6 +658,9 @@ impl<S: ObjectStore> Follower for FsCore<S> {
                 });
                 return;
             }
+            // Entries are numbered anew: what was handed to the kernel is
+            // no longer known by these numbers (its reads go unrecorded).
+            self.handed.forget();
             let remapped = m.tree.remap(
                 &new.index,
                 &self.root,
@@ -693,9 +730,9 @@ impl<S: ObjectStore> Follower for FsCore<S> {
         };
         // Sent from another thread, not awaited: the kernel may hold a page
         // lock for a read that is waiting for this very reopen to finish.
-        if let Some(notify) = self.notify.lock().clone() {
+        if let Some(kernel) = self.kernel() {
             if !inval.is_empty() {
-                std::thread::spawn(move || notify(inval));
+                std::thread::spawn(move || kernel.invalidate(inval));
             }
         }
     }

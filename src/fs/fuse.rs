@@ -12,6 +12,8 @@
 //! answer `ENOSYS` when the kernel supports no-open (it then stops sending
 //! them, and keeps the page cache and caches directory listings: immutable
 //! content), `flush` answers `ENOSYS` once, readdirplus replaces lookups.
+//! Opens are answered while files handed to the page cache are unopened
+//! (see [`super::handed`]): their first open is all the mount sees of them.
 //!
 //! With `--passthrough`, a disk cache and a kernel that offers FUSE
 //! passthrough, `open` is answered instead (no-open is all or nothing): a file whose whole content
@@ -40,7 +42,7 @@ use fuser::{
 
 use parking_lot::Mutex;
 
-use super::core::{Attr, FsCore, FsError};
+use super::core::{Attr, FsCore, FsError, Invalidations, KernelCache};
 use crate::archive::{EntryKind, Timestamp};
 use crate::cache::stats::Op;
 use crate::store::ObjectStore;
@@ -56,26 +58,38 @@ const TTL: Duration = Duration::from_secs(24 * 3600);
 /// requests, a frame's worth each.
 pub const KERNEL_READAHEAD: u32 = 1 << 20;
 
-/// Sends a remap's invalidations to the kernel (best effort: the kernel
-/// answers ENOENT for what it does not cache).
-pub fn send_invalidations(notifier: &fuser::Notifier, inval: &super::core::Invalidations) {
-    for &ino in &inval.data {
-        if let Err(e) = notifier.inval_inode(INodeNo(ino), 0, 0) {
-            tracing::debug!("inval_inode {ino}: {e}");
+/// The kernel's caches of one FUSE session, as the core changes them.
+pub struct KernelNotifier(pub fuser::Notifier);
+
+impl KernelCache for KernelNotifier {
+    /// Sends a remap's invalidations (best effort: the kernel answers ENOENT
+    /// for what it does not cache).
+    fn invalidate(&self, inval: Invalidations) {
+        for &ino in &inval.data {
+            if let Err(e) = self.0.inval_inode(INodeNo(ino), 0, 0) {
+                tracing::debug!("inval_inode {ino}: {e}");
+            }
+        }
+        for &ino in &inval.attrs {
+            if let Err(e) = self.0.inval_inode(INodeNo(ino), -1, 0) {
+                tracing::debug!("inval_inode {ino} (attributes): {e}");
+            }
+        }
+        for (parent, name) in &inval.entries {
+            if let Err(e) = self
+                .0
+                .inval_entry(INodeNo(*parent), OsStr::from_bytes(name))
+            {
+                tracing::debug!(
+                    "inval_entry {parent}/{}: {e}",
+                    String::from_utf8_lossy(name)
+                );
+            }
         }
     }
-    for &ino in &inval.attrs {
-        if let Err(e) = notifier.inval_inode(INodeNo(ino), -1, 0) {
-            tracing::debug!("inval_inode {ino} (attributes): {e}");
-        }
-    }
-    for (parent, name) in &inval.entries {
-        if let Err(e) = notifier.inval_entry(INodeNo(*parent), OsStr::from_bytes(name)) {
-            tracing::debug!(
-                "inval_entry {parent}/{}: {e}",
-                String::from_utf8_lossy(name)
-            );
-        }
+
+    fn store(&self, ino: u64, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.0.store(INodeNo(ino), offset, data)
     }
 }
 
@@ -352,8 +366,11 @@ impl<S: ObjectStore> Filesystem for FuseFs<S> {
         match self.core.open(ino.0, write) {
             Err(e) => reply.error(errno(&e)),
             // The kernel then stops sending open and release, and keeps the
-            // page cache (content that never changes: no handles needed).
-            Ok(0) if self.no_open.load(Ordering::Relaxed) => reply.error(Errno::ENOSYS),
+            // page cache (content that never changes: no handles needed);
+            // unless opens account for files handed to the page cache.
+            Ok(0) if self.no_open.load(Ordering::Relaxed) && !self.core.sees_opens() => {
+                reply.error(Errno::ENOSYS)
+            }
             Ok(fh) if self.passthrough.load(Ordering::Relaxed) => {
                 self.open_tracked(ino.0, fh, reply)
             }

@@ -432,6 +432,13 @@ impl Tree {
             .map(|i| dir.children[i])
     }
 
+    /// The node at path `rel` (components separated by `/`) under the root.
+    pub fn resolve(&self, rel: &[u8]) -> Option<u64> {
+        rel.split(|&b| b == b'/')
+            .filter(|c| !c.is_empty())
+            .try_fold(ROOT_INO, |dir, name| self.lookup(dir, name))
+    }
+
     /// Number of nodes (files, directories, symlinks).
     pub fn len(&self) -> usize {
         self.live

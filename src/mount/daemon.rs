@@ -13,9 +13,11 @@ use super::control;
 use super::overlay::{Overlays, WritableMount};
 use super::preflight::{self, FUSE_SUPER_MAGIC};
 use super::startup::Phases;
+use super::warm::Warmed;
 use crate::cache::disk::{DiskCache, DiskOptions, MountDisk};
 use crate::cache::version::{open_version, Refresh};
 use crate::cache::{Current, FetchConfig, Fetcher, Stats, Version};
+use crate::fs::fuse::KernelNotifier;
 use crate::fs::{FsCore, FuseFs, Reopener, Tree};
 use crate::paths::Target;
 use crate::store::ObjectStore;
@@ -153,6 +155,8 @@ impl Mounted {
 /// Every mountpoint of one daemon and the sessions serving them.
 pub struct Daemon<S> {
     pub mounted: Vec<Mounted>,
+    /// Each mountpoint's core, where the kernel serves it.
+    warmed: Vec<Warmed<S>>,
     sessions: Vec<fuser::BackgroundSession>,
     fetcher: Arc<Fetcher<S>>,
     current: Arc<Current>,
@@ -172,6 +176,11 @@ impl<S: ObjectStore> Daemon<S> {
 
     pub fn fetcher(&self) -> &Arc<Fetcher<S>> {
         &self.fetcher
+    }
+
+    /// The mountpoints replay may warm the kernel's caches of.
+    pub fn warmed(&self) -> Vec<Warmed<S>> {
+        self.warmed.clone()
     }
 
     /// The archive version the mount reads now (a reopen swaps it).
@@ -305,6 +314,7 @@ pub fn mount_all<S: ObjectStore>(
     phases.mark("tree build");
     let mut daemon = Daemon {
         mounted: Vec::new(),
+        warmed: Vec::new(),
         sessions: Vec::new(),
         fetcher: fetcher.clone(),
         current: current.clone(),
@@ -363,14 +373,18 @@ pub fn mount_all<S: ObjectStore>(
             config.clone_fd = true;
             let session = fuser::Session::new(fs, &fuse_path, &config)
                 .map_err(|e| mount_error(&fuse_path, e))?;
-            let notifier = session.notifier();
-            core.set_notify(Box::new(move |inval| {
-                crate::fs::fuse::send_invalidations(&notifier, &inval)
-            }));
+            core.set_kernel(Arc::new(KernelNotifier(session.notifier())));
+            if options.prefetch {
+                core.await_profile();
+            }
             let session = session
                 .spawn()
                 .with_context(|| format!("cannot start serving {}", t.local.display()))?;
             daemon.sessions.push(session);
+            daemon.warmed.push(Warmed {
+                core,
+                path: fuse_path.clone(),
+            });
             phases.mark("FUSE init");
             daemon.mounted.push(Mounted {
                 path: t.local.clone(),

@@ -1,11 +1,14 @@
 //! What a mount learns for the next one (DESIGN §8): at start, the access
 //! profile of its key is loaded (off the start-up path) and replayed once
-//! the mount answers; at the end, the reads it recorded are merged into the
+//! the mount answers (and handed on to the kernel's caches); at the end, the reads it recorded are merged into the
 //! key's profile and written beside the key. Both are best effort: a
 //! missing, damaged or oversized profile means no prefetch, and a profile
 //! that cannot be written (read-only credentials) is one log line.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+
+use super::warm::Warmed;
 
 use crate::cache::{Current, Fetcher};
 use crate::profile::{self, Profile, Recorder};
@@ -48,18 +51,28 @@ pub fn load_profile<S: ObjectStore>(
     })
 }
 
-/// Replays the profile `loading` yields, in the background.
+/// Replays the profile `loading` yields, in the background, and hands what
+/// it fetches on to the kernel of `mounts` ([`super::warm`]). Without a
+/// profile, the mounts are told that nothing will be handed over.
 pub fn spawn_replay<S: ObjectStore>(
     fetcher: Arc<Fetcher<S>>,
     current: Arc<Current>,
     loading: tokio::task::JoinHandle<Option<Profile>>,
+    mounts: Vec<Warmed<S>>,
 ) {
     tokio::spawn(async move {
         let Ok(Some(profile)) = loading.await else {
+            for m in &mounts {
+                m.core.handed_all();
+            }
             return;
         };
+        let profile = Arc::new(profile);
+        let replaying = Arc::new(AtomicBool::new(true));
+        super::warm::spawn(mounts, profile.clone(), replaying.clone());
         let started = std::time::Instant::now();
         let done = fetcher.replay(&current, &profile).await;
+        replaying.store(false, Ordering::Release);
         tracing::info!(
             "replayed the access profile: {} entries ({} skipped: not in this archive or not fetchable; {} already in the disk cache), {} blocks fetched in {} ms{}",
             done.entries,

@@ -86,6 +86,11 @@ impl Recorder {
         first
     }
 
+    /// Whether `entry` of version `v` has been read.
+    pub fn has(&self, v: &Version, entry: u32) -> bool {
+        self.inner.lock().at.contains_key(&(v.id, entry))
+    }
+
     /// Entries read so far.
     pub fn len(&self) -> usize {
         self.inner.lock().reads.len()
