@@ -82,6 +82,19 @@ fn umount(sb: &Sandbox, m: &Mount) -> String {
     out
 }
 
+/// Waits for the daemon's log to say what it handed to the kernel.
+fn handed_done(m: &Mount) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let log = m.log_text();
+        if log.contains("to the kernel's page cache in") {
+            return log;
+        }
+        assert!(Instant::now() < deadline, "no hand-over within 30 s: {log}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Waits for the daemon's log to say the replay ended; returns the log.
 fn replay_done(m: &Mount) -> String {
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -151,6 +164,53 @@ fn a_replay_fetches_nothing_the_disk_cache_holds_and_files_what_it_fetches() {
         "no GET for the build: {after:?}"
     );
     umount(&sb, &m);
+}
+
+#[test]
+#[ignore = "fuse: needs root and /dev/fuse (its own tier in scripts/test)"]
+fn replayed_files_are_read_from_the_kernels_page_cache_and_still_recorded() {
+    if !fuse_available("replayed_files_are_read_from_the_kernels_page_cache_and_still_recorded") {
+        return;
+    }
+    let sb = saved_locally(3);
+    let expected = expected_copy(&sb);
+    let m = Mount::new(&sb, &["--key", "k", "--no-disk-cache", "--force"]);
+    let (root, exp) = (m.path().to_path_buf(), expected.clone());
+    bounded(Duration::from_secs(60), "build 1", move || {
+        read_all(&root, &exp, &BUILD)
+    });
+    umount(&sb, &m);
+
+    // Run 2: replay fetches the profile's files and hands them to the kernel.
+    let m = Mount::new(&sb, &["--key", "k", "--no-disk-cache", "--force"]);
+    let log = handed_done(&m);
+    assert!(log.contains("handed 4 profile files"), "{log}");
+    let before = m.stats(&sb);
+    assert_eq!(before["kernel_files"], 4, "{before:?}");
+    let (root, exp) = (m.path().to_path_buf(), expected.clone());
+    bounded(Duration::from_secs(60), "build 2", move || {
+        read_all(&root, &exp, &BUILD[..3])
+    });
+    let after = m.stats(&sb);
+    // Right bytes, and not one FUSE read or lookup: the kernel served them.
+    assert_eq!(after["op_read"], before["op_read"], "{after:?}");
+    assert_eq!(after["op_lookup"], before["op_lookup"], "{after:?}");
+    assert_eq!(
+        after["requests"], before["requests"],
+        "no GET for the build"
+    );
+    assert!(after["replay_hits"] > before["replay_hits"], "{after:?}");
+    // What the build read is still learnt: the summary, and the profile.
+    let out = umount(&sb, &m);
+    assert!(out.contains("read 3 of 81 files"), "{out}");
+    let p = read_profile(&sb, "k");
+    let seen: Vec<u8> = p.entries.iter().map(|e| e.seen).collect();
+    assert_eq!(seen, [0b11, 0b11, 0b11, 0b10], "{p:?}");
+    assert_eq!(
+        (p.entries[1].start, p.entries[1].end),
+        (0, 48),
+        "big read whole"
+    );
 }
 
 #[test]

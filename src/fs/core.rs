@@ -224,14 +224,20 @@ impl<S: ObjectStore> FsCore<S> {
         fetcher: Arc<Fetcher<S>>,
         track_handles: bool,
     ) -> Arc<Self> {
-        let mut core = FsCore::new(tree, reopener.current().clone(), fetcher);
-        core.root = root.to_vec();
+        let mut core = FsCore::new(tree, reopener.current().clone(), fetcher).at_root(root);
         core.reopener = Some(reopener.clone());
         core.track_handles = track_handles;
         let core = Arc::new(core);
         let weak: std::sync::Weak<dyn Follower> = Arc::downgrade(&core) as _;
         reopener.follow(weak);
         core
+    }
+
+    /// The core of a tree built from the archive name `root` (names in the
+    /// archive are then found under it).
+    pub fn at_root(mut self, root: &[u8]) -> Self {
+        self.root = root.to_vec();
+        self
     }
 
     /// Records every read from now on in `recorder`.
