@@ -13,10 +13,7 @@ use std::sync::Arc;
 use cachemount::cache::version::{open_version, Refresh};
 use cachemount::cache::{Current, FetchConfig, Fetcher, Stats};
 use cachemount::fs::{FsCore, HandOver, Invalidations, KernelCache, Tree};
-use cachemount::paths::{Anchors, PathSpec};
 use cachemount::profile::{Profile, ProfileEntry, Recorder};
-use cachemount::progress::Progress;
-use cachemount::store::layout;
 use cachemount::store::local::LocalStore;
 use common::tree::Rng;
 use parking_lot::Mutex;
@@ -34,8 +31,7 @@ impl KernelCache for Pages {
 }
 
 struct Fixture {
-    _dir: tempfile::TempDir,
-    src: std::path::PathBuf,
+    saved: common::local::Fixture,
     core: Arc<FsCore<LocalStore>>,
     fetcher: Arc<Fetcher<LocalStore>>,
     current: Arc<Current>,
@@ -47,45 +43,30 @@ struct Fixture {
 /// `cache/`: a small file and a 3 MiB one (three frames), saved and mounted
 /// as a core (recording) over a local store.
 async fn fixture() -> Fixture {
-    let dir = tempfile::tempdir().unwrap();
-    let work = dir.path().join("work");
-    let src = work.join("cache");
-    let mut rng = Rng::new(7);
-    fs::create_dir_all(src.join("lib")).unwrap();
-    fs::write(src.join("lib/a.js"), rng.text(3000)).unwrap();
-    fs::write(src.join("big.bin"), rng.text(3 << 20)).unwrap();
-    let anchors = Anchors {
-        cwd: work.clone(),
-        home: dir.path().join("home"),
-    };
-    let store = LocalStore::new(dir.path().join("store"));
-    let spec = PathSpec::parse("cache", &anchors).unwrap();
-    cachemount::save::save(
-        &store,
-        "k",
-        &[spec],
-        &anchors,
-        Default::default(),
-        Progress::new("", true),
-    )
-    .await
-    .unwrap();
-    let blob = layout::resolve(&store, "k", &[])
-        .await
-        .unwrap()
-        .pointer
-        .blob_key();
-    let store = Arc::new(store);
+    let saved = common::local::fixture(|src| {
+        let mut rng = Rng::new(7);
+        fs::create_dir_all(src.join("lib")).unwrap();
+        fs::write(src.join("lib/a.js"), rng.text(3000)).unwrap();
+        fs::write(src.join("big.bin"), rng.text(3 << 20)).unwrap();
+    })
+    .await;
     let stats = Arc::new(Stats::default());
     let fetcher = Fetcher::new(
-        store.clone(),
+        saved.store.clone(),
         64 << 20,
         stats.clone(),
         FetchConfig::default(),
     );
-    let version = open_version(&*store, &blob, None, None, Refresh::Never, Some(&stats))
-        .await
-        .unwrap();
+    let version = open_version(
+        &*saved.store,
+        &saved.blob,
+        None,
+        None,
+        Refresh::Never,
+        Some(&stats),
+    )
+    .await
+    .unwrap();
     let tree = Tree::build(&version.index, b"_0/cache").unwrap();
     let current = Current::new(version);
     let core = Arc::new(FsCore::new(tree, current.clone(), fetcher.clone()).at_root(b"_0/cache"));
@@ -94,8 +75,7 @@ async fn fixture() -> Fixture {
     let pages = Arc::new(Pages::default());
     core.set_kernel(pages.clone());
     Fixture {
-        _dir: dir,
-        src,
+        saved,
         core,
         fetcher,
         current,
@@ -152,8 +132,8 @@ async fn replayed_files_go_to_the_kernel_in_whole_pages_and_their_first_open_rec
         assert!(matches!(got, HandOver::Done(_)), "{got:?}");
     }
     assert_eq!(counter(&fx.stats, |s| &s.requests), requests, "no GET");
-    let a = fs::read(fx.src.join("lib/a.js")).unwrap();
-    let big = fs::read(fx.src.join("big.bin")).unwrap();
+    let a = fs::read(fx.saved.src.join("lib/a.js")).unwrap();
+    let big = fs::read(fx.saved.src.join("big.bin")).unwrap();
     let stored = fx.pages.0.lock().clone();
     let (a_ino, big_ino) = (ino(&fx, "lib/a.js"), ino(&fx, "big.bin"));
     // The small file to its end (a partial last page is the file's end);
@@ -219,5 +199,17 @@ async fn only_files_of_the_mountpoint_the_build_has_not_read_are_handed_over() {
         );
     }
     assert!(fx.pages.0.lock().is_empty());
+    // Only the tree's own directories are listed to warm the kernel: a
+    // profile's names are untrusted.
+    assert_eq!(fx.core.dir_of(b"_0/cache/lib/a.js"), Some(&b"lib"[..]));
+    assert_eq!(fx.core.dir_of(b"_0/cache/a.js"), Some(&b""[..]));
+    for name in [
+        "_0/cache/../../etc/passwd",
+        "_0/cache/lib/../x",
+        "_0/cache/no/x.js",
+        "/etc/x",
+    ] {
+        assert_eq!(fx.core.dir_of(name.as_bytes()), None, "{name}");
+    }
     assert!(!fx.core.sees_opens(), "no profile: opens are turned off");
 }

@@ -19,44 +19,8 @@ use cachemount::paths::{Anchors, PathSpec};
 use cachemount::progress::Progress;
 use cachemount::store::layout;
 use cachemount::store::local::LocalStore;
+use common::local::{fixture, Fixture};
 use common::tree::{feature_tree, small_files_tree, Rng};
-
-struct Fixture {
-    _dir: tempfile::TempDir,
-    src: std::path::PathBuf,
-    store: Arc<LocalStore>,
-    blob: String,
-}
-
-async fn fixture(build: impl FnOnce(&Path)) -> Fixture {
-    let dir = tempfile::tempdir().unwrap();
-    let work = dir.path().join("work");
-    let src = work.join("cache");
-    build(&src);
-    let anchors = Anchors {
-        cwd: work.clone(),
-        home: dir.path().join("home"),
-    };
-    let store = LocalStore::new(dir.path().join("store"));
-    let spec = PathSpec::parse("cache", &anchors).unwrap();
-    cachemount::save::save(
-        &store,
-        "k",
-        &[spec],
-        &anchors,
-        Default::default(),
-        Progress::new("", true),
-    )
-    .await
-    .unwrap();
-    let resolved = layout::resolve(&store, "k", &[]).await.unwrap();
-    Fixture {
-        _dir: dir,
-        src,
-        store: Arc::new(store),
-        blob: resolved.pointer.blob_key(),
-    }
-}
 
 async fn core(fx: &Fixture, cache: u64, config: FetchConfig) -> Arc<FsCore<LocalStore>> {
     let stats = Arc::new(Stats::default());

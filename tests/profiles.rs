@@ -82,30 +82,27 @@ fn umount(sb: &Sandbox, m: &Mount) -> String {
     out
 }
 
-/// Waits for the daemon's log to say what it handed to the kernel.
-fn handed_done(m: &Mount) -> String {
+/// Waits (30 s at most) for the daemon's log to contain `line`; returns the log.
+fn logged(m: &Mount, line: &str) -> String {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let log = m.log_text();
-        if log.contains("to the kernel's page cache in") {
+        if log.contains(line) {
             return log;
         }
-        assert!(Instant::now() < deadline, "no hand-over within 30 s: {log}");
+        assert!(Instant::now() < deadline, "no {line:?} within 30 s: {log}");
         std::thread::sleep(Duration::from_millis(20));
     }
 }
 
+/// Waits for the daemon's log to say what it handed to the kernel.
+fn handed_done(m: &Mount) -> String {
+    logged(m, "to the kernel's page cache in")
+}
+
 /// Waits for the daemon's log to say the replay ended; returns the log.
 fn replay_done(m: &Mount) -> String {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let log = m.log_text();
-        if log.contains("replayed the access profile") {
-            return log;
-        }
-        assert!(Instant::now() < deadline, "no replay within 30 s: {log}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    logged(m, "replayed the access profile")
 }
 
 /// The saved tree, kept beside the mount (the mount hides `cache/`).

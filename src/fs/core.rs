@@ -278,9 +278,12 @@ impl<S: ObjectStore> FsCore<S> {
         self.track_handles
     }
 
-    /// The archive name this mountpoint shows.
-    pub fn root(&self) -> &[u8] {
-        &self.root
+    /// Archive name `name` as a path under this mountpoint, if it is under it.
+    pub fn relative<'a>(&self, name: &'a [u8]) -> Option<&'a [u8]> {
+        match self.root.as_slice() {
+            [] => Some(name),
+            root => name.strip_prefix(root)?.strip_prefix(b"/"),
+        }
     }
 
     pub fn fetcher(&self) -> &Arc<Fetcher<S>> {

@@ -181,14 +181,25 @@ impl<S: ObjectStore> FsCore<S> {
 
     /// The inode and entry of file `name` (an archive name) in this mountpoint.
     fn file_of(&self, m: &Mapped, name: &[u8]) -> Option<(u64, u32)> {
-        let rel = match self.root() {
-            [] => name,
-            root => name.strip_prefix(root)?.strip_prefix(b"/")?,
-        };
-        let ino = m.tree.resolve(rel)?;
+        let ino = m.tree.resolve(self.relative(name)?)?;
         let n = m.tree.get(ino)?;
         (n.kind == EntryKind::File).then_some(())?;
         Some((ino, n.entry?))
+    }
+
+    /// The directory holding archive name `name`, as a path under this
+    /// mountpoint, if the tree has that directory. A profile's names are
+    /// untrusted (`..`, a path elsewhere): only the tree's own directories
+    /// are listed.
+    pub fn dir_of<'a>(&self, name: &'a [u8]) -> Option<&'a [u8]> {
+        let rel = self.relative(name)?;
+        let dir = rel
+            .iter()
+            .rposition(|&b| b == b'/')
+            .map_or(&rel[..0], |at| &rel[..at]);
+        let m = self.mapped();
+        let ino = m.tree.resolve(dir)?;
+        (m.tree.get(ino)?.kind == EntryKind::Dir).then_some(dir)
     }
 
     /// `ino` was opened: if it was handed to the kernel, the build reads

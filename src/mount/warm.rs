@@ -50,15 +50,9 @@ impl<S> Clone for Warmed<S> {
     }
 }
 
-/// Which mountpoint shows archive name `name`, and its path there.
-fn locate<'a, S: ObjectStore>(mounts: &[Warmed<S>], name: &'a [u8]) -> Option<(usize, &'a [u8])> {
-    mounts
-        .iter()
-        .enumerate()
-        .find_map(|(i, m)| match m.core.root() {
-            [] => Some((i, name)),
-            root => Some((i, name.strip_prefix(root)?.strip_prefix(b"/")?)),
-        })
+/// Which mountpoint shows archive name `name`.
+fn locate<S: ObjectStore>(mounts: &[Warmed<S>], name: &[u8]) -> Option<usize> {
+    mounts.iter().position(|m| m.core.relative(name).is_some())
 }
 
 /// Starts warming the kernel with `profile`; `replaying` is true until
@@ -105,32 +99,31 @@ pub fn spawn<S: ObjectStore>(
     }
 }
 
-/// Lists the directory of each profile file, in profile order, once each;
+/// Lists the directory of each profile file (one the tree has), in profile
+/// order, once each;
 /// `listed` is the number of profile entries passed (all of them at the end,
 /// even when the lister stops early).
 fn list_dirs<S: ObjectStore>(mounts: &[Warmed<S>], profile: &Profile, listed: &AtomicUsize) {
     let mut seen: HashSet<(usize, &[u8])> = HashSet::new();
     let mut failures = 0;
     for (rank, pe) in profile.entries.iter().enumerate() {
-        if let Some((i, rel)) = locate(mounts, &pe.name) {
-            let dir = rel
-                .iter()
-                .rposition(|&b| b == b'/')
-                .map_or(&b""[..], |at| &rel[..at]);
-            if seen.insert((i, dir)) {
-                let path = mounts[i].path.join(OsStr::from_bytes(dir));
-                match std::fs::read_dir(&path) {
-                    Ok(entries) => {
-                        entries.for_each(drop);
-                        failures = 0;
-                    }
-                    Err(e) => {
-                        tracing::debug!("cannot list {}: {e}", path.display());
-                        failures += 1;
-                        if failures >= MAX_FAILURES {
-                            tracing::debug!("{MAX_FAILURES} directories in a row did not list; the mount is gone");
-                            break;
-                        }
+        let found =
+            locate(mounts, &pe.name).and_then(|i| Some((i, mounts[i].core.dir_of(&pe.name)?)));
+        if let Some((i, dir)) = found.filter(|&at| seen.insert(at)) {
+            let path = mounts[i].path.join(OsStr::from_bytes(dir));
+            match std::fs::read_dir(&path) {
+                Ok(entries) => {
+                    entries.for_each(drop);
+                    failures = 0;
+                }
+                Err(e) => {
+                    tracing::debug!("cannot list {}: {e}", path.display());
+                    failures += 1;
+                    if failures >= MAX_FAILURES {
+                        tracing::debug!(
+                            "{MAX_FAILURES} directories in a row did not list; the mount is gone"
+                        );
+                        break;
                     }
                 }
             }
@@ -154,7 +147,7 @@ fn push_pages<S: ObjectStore>(
         while listed.load(Ordering::Acquire) <= rank {
             std::thread::sleep(POLL / 4);
         }
-        let Some((i, _)) = locate(mounts, &pe.name) else {
+        let Some(i) = locate(mounts, &pe.name) else {
             continue;
         };
         loop {

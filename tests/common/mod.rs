@@ -1,6 +1,7 @@
 //! Support code shared by the integration tests (`mod common;` in a test file).
 
 pub mod cli;
+pub mod local;
 pub mod mount;
 pub mod proxy;
 pub mod s3;
