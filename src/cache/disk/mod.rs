@@ -260,13 +260,14 @@ impl DiskCache {
                     return None;
                 }
                 Err(Bad::Damaged(why)) => {
-                    tracing::warn!(
-                        "disk cache entry {} is damaged ({why}): dropped, fetching it again",
-                        path.display()
-                    );
-                    self.count(Fig::Damaged);
                     self.count(Fig::Miss);
-                    let _ = std::fs::remove_file(&path);
+                    if drop_damaged(&path, id) {
+                        tracing::warn!(
+                            "disk cache entry {} is damaged ({why}): dropped, fetching it again",
+                            path.display()
+                        );
+                        self.count(Fig::Damaged);
+                    }
                     return None;
                 }
             }
@@ -464,4 +465,55 @@ fn touch(file: &File) {
             },
         },
     );
+}
+
+/// Deletes the damaged entry at `path` if it is still the file `found`,
+/// and says whether this call is the one that found it: readers that find
+/// one entry damaged at once (a replay and the build, or two daemons) then
+/// count and log it once, and none deletes a good entry that another filed
+/// at the same path since. An entry that cannot be deleted (a read-only
+/// cache dir) is still counted: it is never served either way.
+fn drop_damaged(path: &Path, found: Checked) -> bool {
+    let still_there = std::fs::symlink_metadata(path).is_ok_and(|m| Checked::of(&m) == found);
+    still_there
+        && match std::fs::remove_file(path) {
+            Ok(()) => true,
+            Err(e) => e.kind() != io::ErrorKind::NotFound,
+        }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn checked(path: &Path) -> Checked {
+        Checked::of(&std::fs::symlink_metadata(path).unwrap())
+    }
+
+    #[test]
+    fn a_damaged_entry_is_dropped_and_counted_by_the_one_that_finds_it_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("entry");
+        std::fs::write(&path, b"damaged").unwrap();
+        let found = checked(&path);
+        assert!(drop_damaged(&path, found), "the first finder drops it");
+        assert!(!path.exists());
+        assert!(
+            !drop_damaged(&path, found),
+            "a second finder counts nothing"
+        );
+    }
+
+    #[test]
+    fn a_good_entry_filed_since_at_the_same_path_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("entry");
+        std::fs::write(&path, b"damaged").unwrap();
+        let found = checked(&path);
+        let fresh = dir.path().join("fresh");
+        std::fs::write(&fresh, b"good").unwrap();
+        std::fs::rename(&fresh, &path).unwrap();
+        assert!(!drop_damaged(&path, found));
+        assert_eq!(std::fs::read(&path).unwrap(), b"good");
+    }
 }
