@@ -1,7 +1,8 @@
 //! cachemount's archive index. First byte 0: the raw encoding (`decode`);
-//! otherwise the stored, zstd-compressed form (`from_stored`, given its true
-//! digest so the checksum does not stop the fuzzer). A decoded index must
-//! re-encode to itself, and every frame span must be computable.
+//! otherwise the stored, zstd-compressed form, one frame or chunks
+//! (`from_stored`, given its true digest so the checksum does not stop the
+//! fuzzer). A decoded index must re-encode to itself, and every frame span
+//! must be computable.
 #![no_main]
 
 #[path = "common.rs"]

@@ -11,6 +11,7 @@
 
 use sha2::{Digest, Sha256};
 
+use super::chunks::{self, Cut, Encoded};
 use super::limits::{self, IndexBound, MAX_FRAME_SIZE};
 use super::manifest::Manifest;
 use super::FormatError;
@@ -140,6 +141,13 @@ pub struct ArchiveIndex {
 impl ArchiveIndex {
     /// The binary encoding, before compression.
     pub fn encode(&self) -> Vec<u8> {
+        self.encode_in_chunks().raw
+    }
+
+    /// The binary encoding, and where it is cut into chunks that decode on
+    /// their own: at the first entry boundary past every
+    /// [`chunks::CHUNK_LEN`] bytes.
+    pub fn encode_in_chunks(&self) -> Encoded {
         let mut out = Vec::with_capacity(64 + self.entries.len() * 96);
         out.extend_from_slice(MAGIC);
         put_bytes(
@@ -147,7 +155,16 @@ impl ArchiveIndex {
             &serde_json::to_vec(&self.manifest).expect("manifest serialises"),
         );
         put_varint(&mut out, self.entries.len() as u64);
-        for e in &self.entries {
+        let mut cuts = Vec::new();
+        let mut chunk_start = 0;
+        for (i, e) in self.entries.iter().enumerate() {
+            if out.len() - chunk_start >= chunks::CHUNK_LEN {
+                chunk_start = out.len();
+                cuts.push(Cut {
+                    at: chunk_start,
+                    entry: i,
+                });
+            }
             put_bytes(&mut out, &e.name);
             out.push(match e.kind {
                 EntryKind::File => 0,
@@ -188,12 +205,12 @@ impl ArchiveIndex {
             }
             out.extend_from_slice(&e.content_hash.unwrap_or_default());
         }
-        out
+        Encoded { raw: out, cuts }
     }
 
     /// The index as stored in the archive (zstd-compressed encoding).
     pub fn to_stored(&self) -> Vec<u8> {
-        compress_encoded(&self.encode())
+        chunks::compress(&self.encode_in_chunks())
     }
 
     /// Parses the stored (compressed) index after checking it against
@@ -220,6 +237,9 @@ impl ArchiveIndex {
 
     /// Decompresses (bounded) and decodes a stored index, unchecked.
     fn decompress(stored: &[u8], bound: IndexBound) -> Result<Self, FormatError> {
+        if let Some(table) = chunks::table(stored)? {
+            return chunks::decode(&table, bound);
+        }
         if let Ok(Some(declared)) = zstd::zstd_safe::get_frame_content_size(stored) {
             if declared > bound.len {
                 return Err(FormatError::Implausible(format!(
@@ -246,108 +266,128 @@ impl ArchiveIndex {
 
     /// Decodes the binary encoding of an index of at most `bound.entries` entries.
     pub fn decode(buf: &[u8], bound: IndexBound) -> Result<Self, FormatError> {
-        let mut r = Reader { buf, pos: 0 };
-        if r.take(MAGIC.len())? != MAGIC {
-            return Err(FormatError::Invalid("index magic"));
-        }
-        let manifest: Manifest = serde_json::from_slice(r.bytes()?)
-            .map_err(|_| FormatError::Invalid("index manifest"))?;
-        let count = r.varint()?;
-        if count > bound.entries {
-            return Err(FormatError::Implausible(format!(
-                "its index declares {count} entries, but the archive lists only {} \
-                 (cachemount writes one central-directory record per index entry)",
-                bound.entries
-            )));
-        }
-        // Every entry takes at least 20 bytes: a larger count is corrupt.
-        if count > (r.remaining() / 20) as u64 {
+        let mut r = Reader::new(buf);
+        let (manifest, count) = decode_header(&mut r, bound)?;
+        // Every entry takes at least MIN_ENTRY_LEN bytes: a larger count is corrupt.
+        if count > r.remaining() / MIN_ENTRY_LEN {
             return Err(FormatError::Invalid("index entry count exceeds its size"));
         }
-        let mut entries = Vec::with_capacity(count as usize);
+        let mut entries = Vec::with_capacity(count);
         for _ in 0..count {
-            let name = r.bytes()?;
-            limits::check_name(name)?;
-            let name = name.to_vec();
-            let kind = match r.u8()? {
-                0 => EntryKind::File,
-                1 => EntryKind::Dir,
-                2 => EntryKind::Symlink,
-                _ => return Err(FormatError::Invalid("index entry kind")),
-            };
-            let mode = r.varint_u32()?;
-            let uid = r.varint_u32()?;
-            let gid = r.varint_u32()?;
-            let secs = unzigzag(r.varint()?);
-            let nanos = r.varint_u32()?;
-            if nanos >= 1_000_000_000 {
-                return Err(FormatError::Invalid("index mtime nanoseconds"));
-            }
-            let size = r.varint()?;
-            let target = r.bytes()?;
-            if kind == EntryKind::Symlink {
-                limits::check_link(&name, size.max(target.len() as u64), 0)?;
-            }
-            let target = target.to_vec();
-            let xattr_count = r.varint()?;
-            // Each xattr takes at least two bytes (two lengths).
-            if xattr_count > (r.remaining() / 2) as u64 {
-                return Err(FormatError::Invalid("index xattr count"));
-            }
-            let mut xattrs = Vec::with_capacity(xattr_count as usize);
-            for _ in 0..xattr_count {
-                xattrs.push((r.bytes()?.to_vec(), r.bytes()?.to_vec()));
-            }
-            limits::check_xattrs(&name, &xattrs)?;
-            let compression = match r.u8()? {
-                0 => Compression::Stored,
-                1 => Compression::Deflate,
-                2 => Compression::Zstd,
-                _ => return Err(FormatError::Invalid("index compression")),
-            };
-            let offset = r.varint()?;
-            let compressed_size = r.varint()?;
-            let crc32 = r.u32()?;
-            let frame_size = r.varint_u32()?;
-            let frame_count = r.varint()?;
-            if frame_count > (r.remaining() / 5) as u64 {
-                return Err(FormatError::Invalid("index frame count"));
-            }
-            let frames = (0..frame_count)
-                .map(|_| {
-                    Ok(Frame {
-                        compressed_len: r.varint_u32()?,
-                        checksum: r.u32()?,
-                    })
-                })
-                .collect::<Result<Vec<_>, FormatError>>()?;
-            let content_hash: [u8; 32] = r.take(32)?.try_into().unwrap();
-            let entry = Entry {
-                name,
-                kind,
-                mode,
-                uid,
-                gid,
-                mtime: Timestamp { secs, nanos },
-                size,
-                link_target: (kind == EntryKind::Symlink).then_some(target),
-                xattrs,
-                offset: DataOffset::Data(offset),
-                compressed_size,
-                compression,
-                crc32,
-                frame_size,
-                frames,
-                content_hash: Some(content_hash),
-            };
-            validate_frames(&entry)?;
-            entries.push(entry);
+            entries.push(decode_entry(&mut r)?);
         }
         if r.remaining() != 0 {
             return Err(FormatError::Invalid("trailing bytes after the index"));
         }
         Ok(ArchiveIndex { manifest, entries })
     }
+}
+
+/// The fewest bytes an encoded entry takes (its fixed fields, empty names).
+pub(super) const MIN_ENTRY_LEN: usize = 20;
+
+/// Decodes the encoding's header: the magic, the manifest and the entry
+/// count, which must be within `bound`.
+pub(super) fn decode_header(
+    r: &mut Reader<'_>,
+    bound: IndexBound,
+) -> Result<(Manifest, usize), FormatError> {
+    if r.take(MAGIC.len())? != MAGIC {
+        return Err(FormatError::Invalid("index magic"));
+    }
+    let manifest: Manifest =
+        serde_json::from_slice(r.bytes()?).map_err(|_| FormatError::Invalid("index manifest"))?;
+    let count = r.varint()?;
+    if count > bound.entries {
+        return Err(FormatError::Implausible(format!(
+            "its index declares {count} entries, but the archive lists only {} \
+             (cachemount writes one central-directory record per index entry)",
+            bound.entries
+        )));
+    }
+    let count = usize::try_from(count).map_err(|_| FormatError::Invalid("index entry count"))?;
+    Ok((manifest, count))
+}
+
+/// Decodes one entry, checking what it declares (names, targets, xattrs,
+/// frame table) before it allocates for it.
+pub(super) fn decode_entry(r: &mut Reader<'_>) -> Result<Entry, FormatError> {
+    let name = r.bytes()?;
+    limits::check_name(name)?;
+    let name = name.to_vec();
+    let kind = match r.u8()? {
+        0 => EntryKind::File,
+        1 => EntryKind::Dir,
+        2 => EntryKind::Symlink,
+        _ => return Err(FormatError::Invalid("index entry kind")),
+    };
+    let mode = r.varint_u32()?;
+    let uid = r.varint_u32()?;
+    let gid = r.varint_u32()?;
+    let secs = unzigzag(r.varint()?);
+    let nanos = r.varint_u32()?;
+    if nanos >= 1_000_000_000 {
+        return Err(FormatError::Invalid("index mtime nanoseconds"));
+    }
+    let size = r.varint()?;
+    let target = r.bytes()?;
+    if kind == EntryKind::Symlink {
+        limits::check_link(&name, size.max(target.len() as u64), 0)?;
+    }
+    let target = target.to_vec();
+    let xattr_count = r.varint()?;
+    // Each xattr takes at least two bytes (two lengths).
+    if xattr_count > (r.remaining() / 2) as u64 {
+        return Err(FormatError::Invalid("index xattr count"));
+    }
+    let mut xattrs = Vec::with_capacity(xattr_count as usize);
+    for _ in 0..xattr_count {
+        xattrs.push((r.bytes()?.to_vec(), r.bytes()?.to_vec()));
+    }
+    limits::check_xattrs(&name, &xattrs)?;
+    let compression = match r.u8()? {
+        0 => Compression::Stored,
+        1 => Compression::Deflate,
+        2 => Compression::Zstd,
+        _ => return Err(FormatError::Invalid("index compression")),
+    };
+    let offset = r.varint()?;
+    let compressed_size = r.varint()?;
+    let crc32 = r.u32()?;
+    let frame_size = r.varint_u32()?;
+    let frame_count = r.varint()?;
+    if frame_count > (r.remaining() / 5) as u64 {
+        return Err(FormatError::Invalid("index frame count"));
+    }
+    let frames = (0..frame_count)
+        .map(|_| {
+            Ok(Frame {
+                compressed_len: r.varint_u32()?,
+                checksum: r.u32()?,
+            })
+        })
+        .collect::<Result<Vec<_>, FormatError>>()?;
+    let content_hash: [u8; 32] = r.take(32)?.try_into().unwrap();
+    let entry = Entry {
+        name,
+        kind,
+        mode,
+        uid,
+        gid,
+        mtime: Timestamp { secs, nanos },
+        size,
+        link_target: (kind == EntryKind::Symlink).then_some(target),
+        xattrs,
+        offset: DataOffset::Data(offset),
+        compressed_size,
+        compression,
+        crc32,
+        frame_size,
+        frames,
+        content_hash: Some(content_hash),
+    };
+    validate_frames(&entry)?;
+    Ok(entry)
 }
 
 /// A frame table must describe exactly the entry's bytes, or reads would run
@@ -372,8 +412,8 @@ fn validate_frames(e: &Entry) -> Result<(), FormatError> {
     Ok(())
 }
 
-/// The stored form of an already encoded index (see [`ArchiveIndex::to_stored`]).
-pub fn compress_encoded(raw: &[u8]) -> Vec<u8> {
+/// One zstd frame of encoded index bytes (the whole index, or one chunk).
+pub(super) fn compress_frame(raw: &[u8]) -> Vec<u8> {
     zstd::bulk::compress(raw, INDEX_ZSTD_LEVEL).expect("in-memory zstd compression")
 }
 
@@ -390,7 +430,7 @@ fn unzigzag(v: u64) -> i64 {
     ((v >> 1) as i64) ^ -((v & 1) as i64)
 }
 
-fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+pub(super) fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     while v >= 0x80 {
         out.push((v as u8) | 0x80);
         v >>= 7;
@@ -403,16 +443,20 @@ fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
     out.extend_from_slice(b);
 }
 
-struct Reader<'a> {
+/// A cursor over encoded index bytes; every read is bounds-checked.
+pub(super) struct Reader<'a> {
     buf: &'a [u8],
     pos: usize,
 }
 
 impl<'a> Reader<'a> {
-    fn remaining(&self) -> usize {
+    pub(super) fn new(buf: &'a [u8]) -> Self {
+        Reader { buf, pos: 0 }
+    }
+    pub(super) fn remaining(&self) -> usize {
         self.buf.len() - self.pos
     }
-    fn take(&mut self, n: usize) -> Result<&'a [u8], FormatError> {
+    pub(super) fn take(&mut self, n: usize) -> Result<&'a [u8], FormatError> {
         if n > self.remaining() {
             return Err(FormatError::Truncated("index"));
         }
@@ -426,7 +470,7 @@ impl<'a> Reader<'a> {
     fn u32(&mut self) -> Result<u32, FormatError> {
         Ok(u32::from_le_bytes(self.take(4)?.try_into().unwrap()))
     }
-    fn varint(&mut self) -> Result<u64, FormatError> {
+    pub(super) fn varint(&mut self) -> Result<u64, FormatError> {
         let mut v = 0u64;
         for shift in (0..64).step_by(7) {
             let b = self.u8()?;
@@ -585,7 +629,7 @@ mod tests {
             entries: 3,
             len: 1 << 20,
         };
-        let declared = compress_encoded(&raw);
+        let declared = compress_frame(&raw);
         let err = ArchiveIndex::from_stored(&declared, &digest(&declared), bound)
             .unwrap_err()
             .to_string();

@@ -11,8 +11,7 @@ use std::io::{self, Seek, SeekFrom, Write};
 use sha2::{Digest, Sha256};
 
 use super::index::{
-    self as index, digest, ArchiveIndex, Compression, DataOffset, Entry, EntryKind, Frame,
-    Timestamp,
+    digest, ArchiveIndex, Compression, DataOffset, Entry, EntryKind, Frame, Timestamp,
 };
 use super::limits::{self, IndexBound};
 use super::manifest::Manifest;
@@ -411,11 +410,11 @@ impl<W: Write + Seek> ArchiveWriter<W> {
     pub fn finish(mut self) -> io::Result<FinishedArchive> {
         self.index.entries.sort_by(|a, b| a.name.cmp(&b.name));
         // Encoded once: the zip entry needs its size and CRC, the store its compressed bytes.
-        let raw = self.index.encode();
-        self.check_index_len(raw.len() as u64)?;
-        let stored = index::compress_encoded(&raw);
-        let raw_len = raw.len() as u64;
-        let raw_crc = crc32fast::hash(&raw);
+        let encoded = self.index.encode_in_chunks();
+        self.check_index_len(encoded.raw.len() as u64)?;
+        let stored = super::chunks::compress(&encoded);
+        let raw_len = encoded.raw.len() as u64;
+        let raw_crc = crc32fast::hash(&encoded.raw);
         let index_offset = self.write_whole(
             INDEX_NAME.as_bytes(),
             zip::METHOD_ZSTD,
