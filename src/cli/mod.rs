@@ -129,13 +129,20 @@ fn init_logging(verbose: u8) {
         1 => "info",
         _ => "debug",
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new(format!("cachemount={default},warn"))
-    });
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .with_env_filter(log_filter(default))
         .with_writer(std::io::stderr)
         .try_init();
+}
+
+/// cachemount's own events at `level`, others' warnings; RUST_LOG overrides.
+/// aws-config's only at error: its credential chain warns once per provider
+/// it tries (four long lines without credentials), and the store's own
+/// error already says what is missing and how to provide it.
+fn log_filter(level: &str) -> tracing_subscriber::EnvFilter {
+    tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(format!("cachemount={level},aws_config=error,warn"))
+    })
 }
 
 async fn open_store(global: &GlobalArgs) -> anyhow::Result<AnyStore> {
@@ -637,15 +644,12 @@ fn mount_parent(log_file: Option<PathBuf>, json: bool, key: Option<String>) -> E
 fn init_mount_logging(verbose: u8, log_file: Option<&std::path::Path>, foreground: bool) {
     use tracing_subscriber::fmt::writer::MakeWriterExt;
     let default = if verbose > 1 { "debug" } else { "info" };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new(format!("cachemount={default},warn"))
-    });
     let file = match (foreground, log_file) {
         (true, Some(path)) => control::open_log(path, false).ok(),
         _ => None,
     };
     let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .with_env_filter(log_filter(default))
         .with_ansi(false);
     let _ = match file {
         Some(f) => builder
