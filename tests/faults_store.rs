@@ -92,6 +92,48 @@ async fn cut_truncated_and_stalled_bodies_are_resumed() {
     }
 }
 
+/// `get_range_pieces` (a mount's streamed index download) is one attempt:
+/// whole, its pieces are the range's bytes; a cut, truncated or stalled
+/// body ends the stream with an error — within the stall timeout, never a
+/// wait — so the mount reads the index the ordinary way instead.
+#[tokio::test]
+async fn a_streamed_range_is_the_bytes_or_ends_in_an_error_in_bounded_time() {
+    let Some(s3) =
+        TestS3::from_env("a_streamed_range_is_the_bytes_or_ends_in_an_error_in_bounded_time")
+    else {
+        return;
+    };
+    let data = object(&s3, "obj", 9, 3 << 20).await;
+    let proxy = Proxy::start(&s3.endpoint);
+    let policy = quick();
+    let bound = policy.body_stall_timeout + Duration::from_secs(2);
+    let store = through(&s3, &proxy, policy).await;
+    let streamed = |range: std::ops::Range<u64>| {
+        let store = &store;
+        async move {
+            let mut pieces = store.get_range_pieces("obj", range).await?;
+            let mut got = Vec::new();
+            while let Some(piece) = futures::StreamExt::next(&mut pieces).await {
+                got.extend_from_slice(&piece?);
+            }
+            Ok::<_, StoreError>(got)
+        }
+    };
+    assert!(streamed(1000..3_000_000).await.unwrap() == data[1000..3_000_000]);
+    for fault in [Fault::Cut, Fault::Truncate, Fault::StallMidBody] {
+        proxy.set(Rule::new(fault.clone()));
+        let started = Instant::now();
+        let err = streamed(0..3 << 20).await.unwrap_err();
+        eprintln!("{fault:?}: {:.2} s: {err}", started.elapsed().as_secs_f64());
+        assert!(
+            started.elapsed() < bound,
+            "{fault:?} took {:?}",
+            started.elapsed()
+        );
+    }
+    assert_eq!(proxy.faults(), 3, "one attempt each, no retries");
+}
+
 #[tokio::test]
 async fn slowdown_and_500_are_retried_then_reported() {
     let Some(s3) = TestS3::from_env("slowdown_and_500_are_retried_then_reported") else {

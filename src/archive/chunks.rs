@@ -63,10 +63,31 @@ pub(super) struct Cut {
 pub(super) struct Chunk<'a> {
     /// Its zstd frame.
     frame: &'a [u8],
+    shape: Shape,
+}
+
+/// What the table says of one chunk.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Shape {
+    /// The length of its zstd frame.
+    pub size: usize,
     /// How many encoded bytes it decodes to.
-    len: usize,
+    pub len: usize,
     /// How many entries those bytes hold.
-    entries: usize,
+    pub entries: usize,
+}
+
+/// What the first bytes of a stored index say of its layout.
+pub(super) enum Head {
+    /// No chunk table: one frame.
+    OneFrame,
+    /// Too few bytes yet to tell.
+    Incomplete,
+    /// The chunks' shapes, their frames from byte `frames_at` on.
+    Chunked {
+        frames_at: usize,
+        shapes: Vec<Shape>,
+    },
 }
 
 /// The stored index: one frame when the encoding is one chunk, else the
@@ -113,19 +134,36 @@ fn entry_count(encoded: &Encoded) -> usize {
         .expect("an index this process encoded")
 }
 
-/// The chunk table at the start of `stored`, or None when it has none (one
-/// frame: an index of one chunk, or one written before chunks).
-pub(super) fn table(stored: &[u8]) -> Result<Option<Vec<Chunk<'_>>>, FormatError> {
+/// Reads the chunk table from `head`, the first bytes of a stored index of
+/// `stored_len` bytes: the table must lie inside it, and its frames must
+/// fill the rest of it exactly.
+pub(super) fn read_head(head: &[u8], stored_len: usize) -> Result<Head, FormatError> {
     let invalid = || FormatError::Invalid("index chunk table");
-    let Some(magic) = stored.get(..4) else {
-        return Ok(None);
+    let Some(magic) = head.get(..4) else {
+        return Ok(if stored_len < 4 {
+            Head::OneFrame
+        } else {
+            Head::Incomplete
+        });
     };
     if u32::from_le_bytes(magic.try_into().unwrap()) != TABLE_MAGIC {
-        return Ok(None);
+        return Ok(Head::OneFrame);
     }
-    let len = stored.get(4..8).ok_or_else(invalid)?;
+    let Some(len) = head.get(4..8) else {
+        return if stored_len < 8 {
+            Err(invalid())
+        } else {
+            Ok(Head::Incomplete)
+        };
+    };
     let len = u32::from_le_bytes(len.try_into().unwrap()) as usize;
-    let body = stored.get(8..8 + len).ok_or_else(invalid)?;
+    let frames_at = 8usize.saturating_add(len);
+    if frames_at > stored_len {
+        return Err(invalid());
+    }
+    let Some(body) = head.get(8..frames_at) else {
+        return Ok(Head::Incomplete);
+    };
     let mut r = Reader::new(body);
     if r.take(TABLE_TAG.len())? != TABLE_TAG {
         return Err(invalid());
@@ -135,35 +173,74 @@ pub(super) fn table(stored: &[u8]) -> Result<Option<Vec<Chunk<'_>>>, FormatError
     if count == 0 || count > MAX_CHUNKS || count > (r.remaining() / 3) as u64 {
         return Err(invalid());
     }
-    let mut frames = &stored[8 + len..];
-    let mut chunks = Vec::with_capacity(count as usize);
+    let mut frames_len = stored_len - frames_at;
+    let mut shapes = Vec::with_capacity(count as usize);
     for _ in 0..count {
         let size = usize::try_from(r.varint()?).map_err(|_| invalid())?;
         let len = usize::try_from(r.varint()?).map_err(|_| invalid())?;
         let entries = usize::try_from(r.varint()?).map_err(|_| invalid())?;
-        if size > frames.len() {
+        if size > frames_len {
             return Err(FormatError::Truncated("index chunk"));
         }
-        let (frame, rest) = frames.split_at(size);
-        frames = rest;
-        chunks.push(Chunk {
-            frame,
-            len,
-            entries,
-        });
+        frames_len -= size;
+        shapes.push(Shape { size, len, entries });
     }
-    if r.remaining() != 0 || !frames.is_empty() {
+    if r.remaining() != 0 || frames_len != 0 {
         return Err(invalid());
     }
+    Ok(Head::Chunked { frames_at, shapes })
+}
+
+/// The chunk table at the start of `stored`, or None when it has none (one
+/// frame: an index of one chunk, or one written before chunks).
+pub(super) fn table(stored: &[u8]) -> Result<Option<Vec<Chunk<'_>>>, FormatError> {
+    let (mut at, shapes) = match read_head(stored, stored.len())? {
+        Head::OneFrame => return Ok(None),
+        // Not with the whole index at hand; refused all the same, not a panic.
+        Head::Incomplete => return Err(FormatError::Truncated("index chunk table")),
+        Head::Chunked { frames_at, shapes } => (frames_at, shapes),
+    };
+    let chunks = shapes
+        .into_iter()
+        .map(|shape| {
+            let frame = &stored[at..at + shape.size];
+            at += shape.size;
+            Chunk { frame, shape }
+        })
+        .collect();
     Ok(Some(chunks))
 }
 
 /// Decodes a chunked index: each chunk decompressed and parsed on a thread
 /// of its own, into its own part of one vector.
 pub(super) fn decode(chunks: &[Chunk<'_>], bound: IndexBound) -> Result<ArchiveIndex, FormatError> {
+    let shapes: Vec<Shape> = chunks.iter().map(|c| c.shape).collect();
+    decode_into_parts(&shapes, bound, |parts| {
+        chunks
+            .par_iter()
+            .zip(parts)
+            .enumerate()
+            .map(|(i, (chunk, part))| decode_chunk(chunk.frame, chunk.shape, part, i == 0, bound))
+            .collect()
+    })
+}
+
+/// The checked part of decoding chunks the table lists as `shapes`: bounds
+/// what they declare by `bound` before anything is allocated, gives `decode`
+/// one [`Part`] of the entry vector per chunk to fill (with
+/// [`decode_chunk`], in any order, on any thread), and checks that what it
+/// got back adds up.
+pub(super) fn decode_into_parts<F>(
+    shapes: &[Shape],
+    bound: IndexBound,
+    decode: F,
+) -> Result<ArchiveIndex, FormatError>
+where
+    F: for<'p> FnOnce(Vec<Part<'p>>) -> Vec<Result<Decoded<'p>, FormatError>>,
+{
     let mut len = 0usize;
     let mut total = 0usize;
-    for c in chunks {
+    for c in shapes {
         if c.entries > c.len / MIN_ENTRY_LEN {
             return Err(FormatError::Invalid(
                 "index chunk entry count exceeds its size",
@@ -188,8 +265,8 @@ pub(super) fn decode(chunks: &[Chunk<'_>], bound: IndexBound) -> Result<ArchiveI
     }
     let mut entries: Vec<Entry> = Vec::with_capacity(total);
     let mut free = &mut entries.spare_capacity_mut()[..total];
-    let mut parts = Vec::with_capacity(chunks.len());
-    for c in chunks {
+    let mut parts = Vec::with_capacity(shapes.len());
+    for c in shapes {
         let (part, rest) = free.split_at_mut(c.entries);
         parts.push(Part {
             slots: part,
@@ -197,13 +274,11 @@ pub(super) fn decode(chunks: &[Chunk<'_>], bound: IndexBound) -> Result<ArchiveI
         });
         free = rest;
     }
-    let decoded: Vec<Result<(Part<'_>, Option<Header>), FormatError>> = chunks
-        .par_iter()
-        .zip(parts)
-        .enumerate()
-        .map(|(i, (chunk, part))| decode_chunk(chunk, part, i == 0, bound))
-        .collect();
-    let mut parts = Vec::with_capacity(chunks.len());
+    let decoded = decode(parts);
+    if decoded.len() != shapes.len() {
+        return Err(FormatError::Truncated("index chunks"));
+    }
+    let mut parts = Vec::with_capacity(shapes.len());
     let mut header = None;
     for d in decoded {
         let (part, h) = d?;
@@ -230,18 +305,23 @@ pub(super) fn decode(chunks: &[Chunk<'_>], bound: IndexBound) -> Result<ArchiveI
 
 type Header = (super::Manifest, usize);
 
-/// Decompresses one chunk to exactly its declared length and parses exactly
-/// its declared entries into `part` (the first chunk: the header first).
-fn decode_chunk<'a>(
-    chunk: &Chunk<'_>,
+/// A chunk decoded into its part, and the header when it was the first.
+pub(super) type Decoded<'p> = (Part<'p>, Option<Header>);
+
+/// Decompresses one chunk's `frame` to exactly its declared length and
+/// parses exactly its declared entries into `part` (the first chunk: the
+/// header first).
+pub(super) fn decode_chunk<'a>(
+    frame: &[u8],
+    shape: Shape,
     mut part: Part<'a>,
     first: bool,
     bound: IndexBound,
-) -> Result<(Part<'a>, Option<Header>), FormatError> {
-    let mut raw = Vec::with_capacity(chunk.len);
-    let decoded = zstd::bulk::Decompressor::new()
-        .and_then(|mut d| d.decompress_to_buffer(chunk.frame, &mut raw));
-    if decoded.is_err() || raw.len() != chunk.len {
+) -> Result<Decoded<'a>, FormatError> {
+    let mut raw = Vec::with_capacity(shape.len);
+    let decoded =
+        zstd::bulk::Decompressor::new().and_then(|mut d| d.decompress_to_buffer(frame, &mut raw));
+    if decoded.is_err() || raw.len() != shape.len {
         return Err(FormatError::Invalid(
             "index chunk does not decode to its length",
         ));
@@ -267,7 +347,7 @@ fn decode_chunk<'a>(
 
 /// One chunk's slots in the entry vector, and how many it has filled: a
 /// chunk that fails, or a decode that fails after it, drops what it wrote.
-struct Part<'a> {
+pub(super) struct Part<'a> {
     slots: &'a mut [MaybeUninit<Entry>],
     filled: usize,
 }
@@ -313,7 +393,13 @@ mod tests {
         let rows = table(stored).unwrap().unwrap();
         let mut rows: Vec<[u64; 3]> = rows
             .iter()
-            .map(|c| [c.frame.len() as u64, c.len as u64, c.entries as u64])
+            .map(|c| {
+                [
+                    c.shape.size as u64,
+                    c.shape.len as u64,
+                    c.shape.entries as u64,
+                ]
+            })
             .collect();
         let frames_at = 8 + u32::from_le_bytes(stored[4..8].try_into().unwrap()) as usize;
         change(&mut rows);

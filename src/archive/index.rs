@@ -236,7 +236,7 @@ impl ArchiveIndex {
     }
 
     /// Decompresses (bounded) and decodes a stored index, unchecked.
-    fn decompress(stored: &[u8], bound: IndexBound) -> Result<Self, FormatError> {
+    pub(super) fn decompress(stored: &[u8], bound: IndexBound) -> Result<Self, FormatError> {
         if let Some(table) = chunks::table(stored)? {
             return chunks::decode(&table, bound);
         }

@@ -10,6 +10,7 @@
 //! Both kinds end up as the same [`ArchiveIndex`]: a list of [`Entry`] values
 //! that says, for every path, its metadata and where its bytes are.
 
+pub mod arriving;
 pub mod chunks;
 pub mod decode;
 pub mod index;

@@ -23,6 +23,12 @@ use super::{FormatError, INDEX_NAME, MANIFEST_NAME};
 /// longest possible comment, and for most caches the index too.
 pub const TAIL_LEN: u64 = 512 * 1024;
 
+/// The first read when the index is fetched on its own (a key pointer says
+/// where it lies): the end records alone, the EOCD with the longest possible
+/// comment (22 + 65,535 bytes) and the zip64 locator and record before it.
+/// Serving 512 KiB nobody reads slowed the index GET running beside it.
+pub const END_RECORDS_LEN: u64 = 66 * 1024;
+
 const COMMENT_PREFIX: &str = "cachemount:index:v1:";
 /// A Buildkite manifest is a few dozen bytes; a larger one is not decoded.
 const MAX_MANIFEST_LEN: u64 = 1 << 20;
@@ -35,21 +41,20 @@ pub enum OpenStep {
 /// Holds the byte ranges fetched so far and turns them into an index.
 pub struct Opener {
     size: u64,
+    /// How much of the end the first read takes ([`TAIL_LEN`] or [`END_RECORDS_LEN`]).
+    tail_len: u64,
     pieces: Vec<(u64, Bytes)>,
 }
 
 impl Opener {
-    /// Starts opening an archive of `size` bytes; the first range to fetch is
-    /// [`Opener::first_range`].
-    pub fn new(size: u64) -> Self {
+    /// Starts opening an archive of `size` bytes whose first read is its last
+    /// `tail_len` bytes.
+    pub fn new(size: u64, tail_len: u64) -> Self {
         Opener {
             size,
+            tail_len,
             pieces: Vec::new(),
         }
-    }
-
-    pub fn first_range(&self) -> Range<u64> {
-        self.size.saturating_sub(TAIL_LEN)..self.size
     }
 
     /// Adds fetched bytes that start at `offset`.
@@ -65,46 +70,52 @@ impl Opener {
         })
     }
 
-    /// The next step: the index, or the range still missing.
-    pub fn step(&self) -> Result<OpenStep, FormatError> {
+    /// The end records (EOCD, and zip64's when it has them), or the range
+    /// still missing for them.
+    fn end_records(&self) -> Result<Result<zip::EndOfCentralDirectory, Range<u64>>, FormatError> {
         if self.size < zip::EOCD_LEN as u64 {
             return Err(FormatError::NotZip("too short to be a zip archive"));
         }
-        let tail_range = self.size.saturating_sub(TAIL_LEN.min(self.size))..self.size;
-        let tail_range = self.first_range().start.min(tail_range.start)..self.size;
+        let tail_range = self.size.saturating_sub(self.tail_len)..self.size;
         let Some(tail) = self.find(&tail_range) else {
-            return Ok(OpenStep::Need(tail_range));
+            return Ok(Err(tail_range));
         };
         let mut eocd = zip::find_eocd(tail, self.size)?;
         if let Some(off) = eocd.zip64_eocd_offset {
             let range = off..off + zip::ZIP64_EOCD_LEN as u64;
             let Some(record) = self.find(&range) else {
-                return Ok(OpenStep::Need(range));
+                return Ok(Err(range));
             };
             zip::apply_zip64_eocd(&mut eocd, record)?;
         }
         // Checked for both kinds of archive before anything is sized by it.
         limits::check_central_directory(&eocd)?;
-        let cd_range = eocd.cd_offset..eocd.cd_offset + eocd.cd_size;
-        if let Some(pointer) = IndexPointer::parse(&eocd.comment)? {
-            let range = pointer.offset
-                ..pointer
-                    .offset
-                    .checked_add(pointer.len)
-                    .ok_or(FormatError::Invalid("index pointer"))?;
-            if range.end > eocd.eocd_offset {
-                return Err(FormatError::Invalid(
-                    "index pointer past the end of the archive",
-                ));
-            }
-            let Some(stored) = self.find(&range) else {
-                return Ok(OpenStep::Need(range));
-            };
-            let bound = IndexBound::for_archive(eocd.entries, eocd.cd_size, eocd.cd_offset);
-            let index = ArchiveIndex::from_stored(stored, &pointer.sha256, bound)?;
-            check_bounds(&index, range.start)?;
-            return Ok(OpenStep::Done(index));
+        Ok(Ok(eocd))
+    }
+
+    /// What the end record says of a cachemount index, once the end
+    /// records are at hand; None before, and for a foreign archive.
+    pub fn index_record(&self) -> Result<Option<IndexRecord>, FormatError> {
+        match self.end_records()? {
+            Ok(eocd) => IndexRecord::of(&eocd),
+            Err(_) => Ok(None),
         }
+    }
+
+    /// The next step: the index, or the range still missing.
+    pub fn step(&self) -> Result<OpenStep, FormatError> {
+        let eocd = match self.end_records()? {
+            Ok(eocd) => eocd,
+            Err(missing) => return Ok(OpenStep::Need(missing)),
+        };
+        if let Some(record) = IndexRecord::of(&eocd)? {
+            let Some(stored) = self.find(&record.range) else {
+                return Ok(OpenStep::Need(record.range));
+            };
+            let index = ArchiveIndex::from_stored(stored, &record.sha256, record.bound)?;
+            return Ok(OpenStep::Done(record.accept(index)?));
+        }
+        let cd_range = eocd.cd_offset..eocd.cd_offset + eocd.cd_size;
         let Some(cd) = self.find(&cd_range) else {
             return Ok(OpenStep::Need(cd_range));
         };
@@ -149,6 +160,47 @@ impl Opener {
         }
         entries.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(OpenStep::Done(ArchiveIndex { manifest, entries }))
+    }
+}
+
+/// What a cachemount archive's end record says of its index.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IndexRecord {
+    /// Where the stored index lies.
+    pub range: Range<u64>,
+    /// Its SHA-256 (hex).
+    pub sha256: String,
+    /// What the archive around it allows it to declare.
+    pub bound: IndexBound,
+}
+
+impl IndexRecord {
+    fn of(eocd: &zip::EndOfCentralDirectory) -> Result<Option<IndexRecord>, FormatError> {
+        let Some(pointer) = IndexPointer::parse(&eocd.comment)? else {
+            return Ok(None);
+        };
+        let range = pointer.offset
+            ..pointer
+                .offset
+                .checked_add(pointer.len)
+                .ok_or(FormatError::Invalid("index pointer"))?;
+        if range.end > eocd.eocd_offset {
+            return Err(FormatError::Invalid(
+                "index pointer past the end of the archive",
+            ));
+        }
+        Ok(Some(IndexRecord {
+            range,
+            sha256: pointer.sha256,
+            bound: IndexBound::for_archive(eocd.entries, eocd.cd_size, eocd.cd_offset),
+        }))
+    }
+
+    /// Takes `index`, decoded within [`IndexRecord::bound`] from bytes that
+    /// hash to [`IndexRecord::sha256`]: when every entry's data lies before it.
+    pub fn accept(&self, index: ArchiveIndex) -> Result<ArchiveIndex, FormatError> {
+        check_bounds(&index, self.range.start)?;
+        Ok(index)
     }
 }
 
@@ -282,13 +334,18 @@ pub enum OpenError<E> {
     Source(E),
 }
 
-/// Opens an archive of `size` bytes, reading ranges with `fetch`.
-pub async fn open_archive<F, Fut, E>(size: u64, mut fetch: F) -> Result<ArchiveIndex, OpenError<E>>
+/// Opens an archive of `size` bytes, reading ranges with `fetch`, the first
+/// of them its last `tail_len` bytes.
+pub async fn open_archive<F, Fut, E>(
+    size: u64,
+    tail_len: u64,
+    mut fetch: F,
+) -> Result<ArchiveIndex, OpenError<E>>
 where
     F: FnMut(Range<u64>) -> Fut,
     Fut: Future<Output = Result<Bytes, E>>,
 {
-    let mut opener = Opener::new(size);
+    let mut opener = Opener::new(size, tail_len);
     // A well-formed archive needs at most: tail, zip64 record, index or CD, manifest.
     for _ in 0..5 {
         match opener.step()? {
@@ -316,7 +373,7 @@ pub fn open_file(file: &std::fs::File) -> Result<ArchiveIndex, OpenError<std::io
             .map(|_| Bytes::from(buf));
         std::future::ready(res)
     };
-    futures::executor::block_on(open_archive(size, fetch))
+    futures::executor::block_on(open_archive(size, TAIL_LEN, fetch))
 }
 
 /// Where `entry`'s data starts, reading its local header with `read_at` when
@@ -341,7 +398,7 @@ mod tests {
 
     /// Serves `archive` to an [`Opener`] until it is done or fails.
     fn open_bytes(archive: &[u8]) -> Result<ArchiveIndex, FormatError> {
-        let mut opener = Opener::new(archive.len() as u64);
+        let mut opener = Opener::new(archive.len() as u64, TAIL_LEN);
         for _ in 0..8 {
             match opener.step()? {
                 OpenStep::Done(index) => return Ok(index),

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::bail;
+use futures::StreamExt;
 use parking_lot::RwLock;
 
 use super::Stats;
@@ -148,12 +149,16 @@ pub enum Refresh {
 /// Reads `key`'s tail (which tells its size and version, and pins the
 /// version), then its index. With `expected_digest` (a content-addressed
 /// cachemount blob), checks the index is the one the name commits to.
+///
 /// `index_hint` (a key pointer's record of where the index lies) lets the
-/// index GET run alongside the tail's instead of after it. It is unpinned,
-/// since the version is not known yet, and safe all the same: the index is
-/// used only if it hashes to the digest in the pinned tail's comment, so its
-/// bytes are that version's whichever version served them. `stats`, when
-/// given, counts the requests.
+/// index download run alongside the tail's, and its decoding alongside the
+/// download ([`archive::arriving`]), so start-up waits after the last byte
+/// only for the last chunks. That GET is unpinned, since the version is not
+/// known yet, and safe all the same: its decoding is used only when the
+/// pinned tail names exactly that range and the bytes hash to the digest the
+/// tail's comment gives, so they are that version's whichever version
+/// served them. Otherwise (a stale hint, a failed download) the index is
+/// read again, pinned. `stats`, when given, counts the requests.
 pub async fn open_version<S: ObjectStore>(
     store: &S,
     key: &str,
@@ -168,70 +173,116 @@ pub async fn open_version<S: ObjectStore>(
             Stats::add(&stats.bytes_fetched, bytes as u64);
         }
     };
+    // With the index fetched beside it, the tail need hold only the end records.
+    let tail_len = match index_hint {
+        Some(_) => archive::reader::END_RECORDS_LEN,
+        None => archive::reader::TAIL_LEN,
+    };
     let read_tail = || async {
-        let got = store
-            .get_tail(key, archive::reader::TAIL_LEN)
-            .await
-            .map_err(|e| match e {
-                StoreError::NotFound(_) => {
-                    anyhow::anyhow!("{key} does not exist in {}", store.describe())
-                }
-                other => anyhow::Error::from(other)
-                    .context(format!("cannot read {key} from {}", store.describe())),
-            })?;
+        let got = store.get_tail(key, tail_len).await.map_err(|e| match e {
+            StoreError::NotFound(_) => {
+                anyhow::anyhow!("{key} does not exist in {}", store.describe())
+            }
+            other => anyhow::Error::from(other)
+                .context(format!("cannot read {key} from {}", store.describe())),
+        })?;
         count(got.1.len());
         anyhow::Ok(got)
     };
-    let read_hinted = async {
-        let range = index_hint?;
-        match store.get_range(key, range.clone(), None).await {
-            Ok(bytes) => {
-                count(bytes.len());
-                Some((range.start, bytes))
+    let started = Instant::now();
+    let (arrivals, decoder) = match &index_hint {
+        Some(range) => {
+            let (arrivals, received) = std::sync::mpsc::channel();
+            let len = (range.end - range.start) as usize;
+            let decoder = tokio::task::spawn_blocking(move || {
+                archive::arriving::decode_arriving(received, len)
+            });
+            (Some(arrivals), Some(decoder))
+        }
+        None => (None, None),
+    };
+    // The tail, then (when it is old) the lifetime refresh and the tail
+    // again: refreshing *before* pinning, since the rewrite may change the
+    // ETag, which would otherwise fail this mount's own reads. Young objects
+    // (the common case) cost nothing here. Its end record, once read, gives
+    // the streamed decoding its bound — only when it names the hinted range.
+    let (tail_arrivals, tail_hint) = (arrivals.clone(), index_hint.clone());
+    let tail_part = async move {
+        let (mut meta, mut tail) = read_tail().await?;
+        let mut requests = 1;
+        if let Refresh::After(after) = refresh {
+            if meta.last_modified < SystemTime::now() - after {
+                refresh_lifetime(store, key, after).await;
+                (meta, tail) = read_tail().await?;
+                requests += 1;
+            }
+        }
+        let mut opener = archive::reader::Opener::new(meta.size, tail_len);
+        opener.add(meta.size - tail.len() as u64, tail.clone());
+        let record = opener
+            .index_record()
+            .ok()
+            .flatten()
+            .filter(|record| Some(&record.range) == tail_hint.as_ref());
+        if let (Some(record), Some(arrivals)) = (&record, tail_arrivals) {
+            let _ = arrivals.send(archive::arriving::Arrival::Bound(record.bound));
+        }
+        anyhow::Ok((meta, tail, record, requests, started.elapsed()))
+    };
+    // The hinted index, handed to the decoder piece by piece. A failure
+    // only ends the stream; the pinned read after the tail stands in.
+    let index_part = async move {
+        let (Some(range), Some(arrivals)) = (index_hint.clone(), arrivals) else {
+            return anyhow::Ok(None);
+        };
+        let mut received = 0;
+        match store.get_range_pieces(key, range).await {
+            Ok(mut pieces) => {
+                while let Some(piece) = pieces.next().await {
+                    match piece {
+                        Ok(piece) => {
+                            received += piece.len();
+                            if arrivals
+                                .send(archive::arriving::Arrival::Piece(piece))
+                                .is_err()
+                            {
+                                break;
+                            }
+                        }
+                        Err(e) => {
+                            tracing::debug!(%key, error = %e, "the index hint's GET broke off; reading the index after the tail");
+                            break;
+                        }
+                    }
+                }
             }
             Err(e) => {
                 tracing::debug!(%key, error = %e, "the index hint's GET failed; reading the index after the tail");
-                None
             }
         }
+        count(received);
+        anyhow::Ok(Some(started.elapsed()))
     };
-    let started = Instant::now();
-    let (tail, hinted) = futures::join!(
-        async {
-            let tail = read_tail().await;
-            (tail, started.elapsed())
-        },
-        read_hinted
-    );
-    let (tail, mut tail_time) = tail;
-    let (mut meta, mut tail) = tail?;
+    let ((meta, tail, record, tail_requests, tail_time), downloaded) =
+        futures::future::try_join(tail_part, index_part).await?;
+    let arrived = match decoder {
+        Some(decoder) => decoder.await.ok().flatten(),
+        None => None,
+    };
     // Waiting for the hinted index beyond the tail counts as index GETs.
-    let hint_wait = started.elapsed().saturating_sub(tail_time);
-    // Refresh the lifetime *before* pinning: the rewrite may change the ETag,
-    // which would otherwise fail this mount's own reads. Young objects (the
-    // common case) cost nothing here.
-    if let Refresh::After(after) = refresh {
-        if meta.last_modified < SystemTime::now() - after {
-            refresh_lifetime(store, key, after).await;
-            (meta, tail) = read_tail().await?;
-            tail_time = started.elapsed().saturating_sub(hint_wait);
+    let hint_wait = downloaded.map_or(Duration::ZERO, |at| at.saturating_sub(tail_time));
+    let streamed = match (record, arrived) {
+        (Some(record), Some(arrived)) if arrived.digest.eq_ignore_ascii_case(&record.sha256) => {
+            Some(arrived.index.and_then(|index| record.accept(index)))
         }
-    }
+        _ => None,
+    };
     let tail_start = meta.size - tail.len() as u64;
-    let gets = parking_lot::Mutex::new((hint_wait, u32::from(hinted.is_some())));
-    let (tail_ref, gets_ref, hinted_ref) = (&tail, &gets, &hinted);
+    let gets = parking_lot::Mutex::new((hint_wait, u32::from(downloaded.is_some())));
+    let (tail_ref, gets_ref) = (&tail, &gets);
     let pin = &meta.version;
-    // The opener asks for the tail first: it is here already; so may the
-    // index be. The hinted bytes answer only a request for exactly their
-    // range, which the opener makes only for the index the pinned tail
-    // names (and checks against its digest): an unpinned read never stands
-    // in for the tail, the end records or a central directory.
+    // The opener asks for the tail first: it is here already.
     let fetch = |range: Range<u64>| async move {
-        if let Some((start, bytes)) = hinted_ref {
-            if range.start == *start && range.end - range.start == bytes.len() as u64 {
-                return Ok(bytes.clone());
-            }
-        }
         if range.start >= tail_start {
             let at = (range.start - tail_start) as usize;
             let end = range.end.min(meta.size).saturating_sub(tail_start) as usize;
@@ -250,17 +301,14 @@ pub async fn open_version<S: ObjectStore>(
         }
         r
     };
-    let index: ArchiveIndex =
-        archive::open_archive(meta.size, fetch)
-            .await
-            .map_err(|e| match e {
-                OpenError::Format(f) => {
-                    anyhow::anyhow!("{key} is not a readable cache archive: {f}")
-                }
-                OpenError::Source(s) => {
-                    anyhow::Error::from(s).context(format!("cannot read {key}"))
-                }
-            })?;
+    let opened = match streamed {
+        Some(decoded) => decoded.map_err(OpenError::Format),
+        None => archive::open_archive(meta.size, tail_len, fetch).await,
+    };
+    let index = opened.map_err(|e| match e {
+        OpenError::Format(f) => anyhow::anyhow!("{key} is not a readable cache archive: {f}"),
+        OpenError::Source(s) => anyhow::Error::from(s).context(format!("cannot read {key}")),
+    })?;
     if let Some(expected) = expected_digest {
         let digest = archive::reader::tail_index_digest(&tail, meta.size)?;
         if digest.is_some_and(|d| d != expected) {
@@ -272,7 +320,7 @@ pub async fn open_version<S: ObjectStore>(
     version.opened = OpenTimes {
         tail: tail_time,
         gets,
-        requests: requests + 1,
+        requests: requests + tail_requests,
         decode: started.elapsed().saturating_sub(tail_time + gets),
     };
     Ok(version)

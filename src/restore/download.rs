@@ -101,7 +101,7 @@ impl<'s, 'a, S: ObjectStore> Download<'s, 'a, S> {
             self.file.read_exact_at(&mut buf, range.start)?;
             anyhow::Ok(bytes::Bytes::from(buf))
         };
-        open_archive(self.meta().size, fetch)
+        open_archive(self.meta().size, crate::archive::reader::TAIL_LEN, fetch)
             .await
             .map_err(|e| match e {
                 OpenError::Source(e) => e,

@@ -12,8 +12,8 @@ use bytes::Bytes;
 use super::local::LocalStore;
 use super::s3::{RetryPolicy, S3Store};
 use super::{
-    Composition, ListedObject, NameTooLong, ObjectMeta, ObjectStore, ObjectVersion, PutSource,
-    RefreshOutcome, StoreResult, StoreUrl, TransferCounts,
+    Composition, ListedObject, NameTooLong, ObjectMeta, ObjectStore, ObjectVersion, Pieces,
+    PutSource, RefreshOutcome, StoreResult, StoreUrl, TransferCounts,
 };
 
 /// One of the store implementations, chosen by URL.
@@ -73,6 +73,13 @@ impl ObjectStore for AnyStore {
         match self {
             AnyStore::Local(s) => s.get_range(key, range, pin).await,
             AnyStore::S3(s) => s.get_range(key, range, pin).await,
+        }
+    }
+
+    async fn get_range_pieces(&self, key: &str, range: Range<u64>) -> StoreResult<Pieces> {
+        match self {
+            AnyStore::Local(s) => s.get_range_pieces(key, range).await,
+            AnyStore::S3(s) => s.get_range_pieces(key, range).await,
         }
     }
 

@@ -28,6 +28,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 
 use bytes::Bytes;
+use futures::Stream;
 
 pub use any::AnyStore;
 pub use url::StoreUrl;
@@ -224,6 +225,9 @@ pub async fn head_then_read_tail<S: ObjectStore + ?Sized>(
     Ok((meta, bytes))
 }
 
+/// A GET's body as it arrives ([`ObjectStore::get_range_pieces`]).
+pub type Pieces = std::pin::Pin<Box<dyn Stream<Item = StoreResult<Bytes>> + Send>>;
+
 /// The operations cachemount needs from a place that holds archives.
 ///
 /// Implementations must be cheap to share (`Send + Sync`); callers hold them in
@@ -248,6 +252,22 @@ pub trait ObjectStore: Send + Sync + 'static {
         range: Range<u64>,
         pin: Option<&ObjectVersion>,
     ) -> impl Future<Output = StoreResult<Bytes>> + Send;
+
+    /// The bytes in `range` of `key`, unpinned, in pieces as they arrive: for
+    /// a reader that puts them to work before the last one lands (a mount
+    /// decodes its index during the download). One attempt, not resumed: a
+    /// piece that fails ends the stream with the error, and the caller reads
+    /// the range the ordinary way. By default one piece, [`ObjectStore::get_range`]'s.
+    fn get_range_pieces(
+        &self,
+        key: &str,
+        range: Range<u64>,
+    ) -> impl Future<Output = StoreResult<Pieces>> + Send {
+        async move {
+            let bytes = self.get_range(key, range, None).await?;
+            Ok(Box::pin(futures::stream::once(std::future::ready(Ok(bytes)))) as Pieces)
+        }
+    }
 
     /// The last `max_len` bytes of `key` (all of it when it is shorter),
     /// with the size, version and modification time of the version they are

@@ -40,8 +40,8 @@ use aws_sdk_s3::Client;
 use bytes::Bytes;
 
 use super::{
-    Composition, ListedObject, NameTooLong, ObjectMeta, ObjectStore, ObjectVersion, PutSource,
-    RefreshOutcome, StoreError, StoreResult, TransferCounters, TransferCounts,
+    Composition, ListedObject, NameTooLong, ObjectMeta, ObjectStore, ObjectVersion, Pieces,
+    PutSource, RefreshOutcome, StoreError, StoreResult, TransferCounters, TransferCounts,
 };
 
 /// Sets on a request that rewrites an object (CopyObject with `REPLACE`,
@@ -469,6 +469,10 @@ impl ObjectStore for S3Store {
         pin: Option<&ObjectVersion>,
     ) -> StoreResult<Bytes> {
         self.read_range(key, range, pin).await
+    }
+
+    async fn get_range_pieces(&self, key: &str, range: Range<u64>) -> StoreResult<Pieces> {
+        self.read_range_pieces(key, range).await
     }
 
     async fn get_tail(&self, key: &str, max_len: u64) -> StoreResult<(ObjectMeta, Bytes)> {

@@ -22,7 +22,7 @@ use tokio::time::Instant;
 
 use super::{error_chain, normalize_etag, quote_etag, to_system_time, RetryPolicy, S3Store};
 use crate::store::{
-    head_then_read_tail, ObjectMeta, ObjectStore, ObjectVersion, StoreError, StoreResult,
+    head_then_read_tail, ObjectMeta, ObjectStore, ObjectVersion, Pieces, StoreError, StoreResult,
 };
 
 impl S3Store {
@@ -66,6 +66,61 @@ impl S3Store {
             }
             other => other,
         }
+    }
+
+    /// [`ObjectStore::get_range_pieces`]: one unpinned GET of `range`, its
+    /// body as it arrives. No answer within the read deadline, or a body
+    /// that stalls past `body_stall_timeout`, is an error, never a wait.
+    pub(super) async fn read_range_pieces(
+        &self,
+        key: &str,
+        range: Range<u64>,
+    ) -> StoreResult<Pieces> {
+        let location = self.location(key);
+        let unreachable = |message: String| StoreError::Unreachable {
+            endpoint: self.endpoint.clone(),
+            message,
+        };
+        let answer = tokio::time::timeout(
+            self.retry.read_deadline,
+            self.get_attempt(key, Wanted::Span(range.clone()), None),
+        )
+        .await
+        .map_err(|_| {
+            unreachable(format!(
+                "reading bytes {}-{} of {location}: no answer within the read deadline ({:?})",
+                range.start,
+                range.end - 1,
+                self.retry.read_deadline
+            ))
+        })??;
+        if answer.start != range.start || answer.total.is_some_and(|total| range.end > total) {
+            return Err(StoreError::other(
+                location,
+                format!(
+                    "asked for bytes {}-{}, the server answered from {} of {:?}",
+                    range.start,
+                    range.end - 1,
+                    answer.start,
+                    answer.total
+                ),
+            ));
+        }
+        let stall = self.retry.body_stall_timeout;
+        let pieces = futures::stream::unfold(Some(answer.body), move |body| {
+            let location = location.clone();
+            async move {
+                let mut body = body?;
+                let problem = match tokio::time::timeout(stall, body.next()).await {
+                    Ok(None) => return None,
+                    Ok(Some(Ok(piece))) => return Some((Ok(piece), Some(body))),
+                    Ok(Some(Err(e))) => format!("the connection broke mid-body: {e}"),
+                    Err(_) => format!("the transfer stalled (no bytes for {stall:?})"),
+                };
+                Some((Err(StoreError::other(location, problem)), None))
+            }
+        });
+        Ok(Box::pin(pieces))
     }
 
     /// [`ObjectStore::get_tail`]: one GET of the last `max_len` bytes
