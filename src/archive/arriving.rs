@@ -163,27 +163,9 @@ impl Feed {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::archive::index::{digest, Entry, EntryKind};
-    use crate::archive::Manifest;
+    use crate::archive::chunks::tests::index_of;
+    use crate::archive::index::digest;
     use std::sync::mpsc;
-
-    fn index_of(n: usize) -> ArchiveIndex {
-        let mut entries: Vec<Entry> = (0..n)
-            .map(|i| Entry {
-                size: i as u64,
-                content_hash: Some([(i % 251) as u8; 32]),
-                ..Entry::new(
-                    EntryKind::File,
-                    format!("_0/node_modules/p{:03}/f{i:06}.js", i % 700),
-                )
-            })
-            .collect();
-        entries.sort_by(|a, b| a.name.cmp(&b.name));
-        ArchiveIndex {
-            manifest: Manifest::default(),
-            entries,
-        }
-    }
 
     /// Sends `stored` in pieces of `piece` bytes, the bound after piece
     /// number `bound_after` (when given), then decodes it.

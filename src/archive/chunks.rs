@@ -362,13 +362,13 @@ impl Drop for Part<'_> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::archive::{EntryKind, Manifest};
     use proptest::prelude::*;
 
     /// An index of `n` files, large enough at 20k entries for a few chunks.
-    fn index_of(n: usize) -> ArchiveIndex {
+    pub(in crate::archive) fn index_of(n: usize) -> ArchiveIndex {
         let entries = (0..n)
             .map(|i| Entry {
                 size: i as u64,
