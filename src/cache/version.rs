@@ -217,16 +217,18 @@ pub async fn open_version<S: ObjectStore>(
                 requests += 1;
             }
         }
-        let mut opener = archive::reader::Opener::new(meta.size, tail_len);
-        opener.add(meta.size - tail.len() as u64, tail.clone());
-        let record = opener
-            .index_record()
-            .ok()
-            .flatten()
-            .filter(|record| Some(&record.range) == tail_hint.as_ref());
-        if let (Some(record), Some(arrivals)) = (&record, tail_arrivals) {
+        // (Without a hint nothing streams: the opener below reads the records.)
+        let record = tail_arrivals.and_then(|arrivals| {
+            let mut opener = archive::reader::Opener::new(meta.size, tail_len);
+            opener.add(meta.size - tail.len() as u64, tail.clone());
+            let record = opener
+                .index_record()
+                .ok()
+                .flatten()
+                .filter(|record| Some(&record.range) == tail_hint.as_ref())?;
             let _ = arrivals.send(archive::arriving::Arrival::Bound(record.bound));
-        }
+            Some(record)
+        });
         anyhow::Ok((meta, tail, record, requests, started.elapsed()))
     };
     // The hinted index, handed to the decoder piece by piece. A failure
