@@ -348,7 +348,7 @@ impl<S: ObjectStore> FsCore<S> {
                 1 => (dir.parent, b".."),
                 _ => {
                     let c = dir.children[(pos - 2) as usize];
-                    (c, &node(&m, c)?.name)
+                    (c, m.tree.name(node(&m, c)?))
                 }
             };
             let n = node(&m, child)?;

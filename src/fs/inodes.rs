@@ -22,8 +22,9 @@ type PathMap<'a> = HashMap<&'a [u8], u64, foldhash::fast::RandomState>;
 /// One file, directory or symlink of the mount.
 #[derive(Debug, Clone)]
 pub struct Node {
-    /// The last path component (empty for the root).
-    pub name: Box<[u8]>,
+    /// The last path component (empty for the root), in the tree's name
+    /// arena: [`Tree::name`].
+    name: NameSpan,
     pub parent: u64,
     pub kind: EntryKind,
     /// Index of the archive entry; None for a synthesised directory.
@@ -38,6 +39,14 @@ pub struct Node {
     pub children: Vec<u64>,
 }
 
+/// Where a node's name lies in [`Tree::names`]: one arena for the whole
+/// tree, not an allocation per node (58k of them, freed again at unmount).
+#[derive(Debug, Clone, Copy, Default)]
+struct NameSpan {
+    start: usize,
+    len: u32,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum TreeError {
     #[error("{0} is not a directory in the cache, so it cannot be mounted")]
@@ -50,6 +59,8 @@ pub struct Tree {
     /// remap onto a new archive version: inode numbers stay stable by path).
     nodes: Vec<Option<Node>>,
     live: usize,
+    /// Every node's name, end to end.
+    names: Vec<u8>,
 }
 
 /// What changed when a tree was mapped onto a new archive version.
@@ -107,7 +118,7 @@ impl Tree {
             .binary_search_by(|e| e.name.as_slice().cmp(root))
             .ok();
         let mut root_node = Node {
-            name: Box::default(),
+            name: NameSpan::default(),
             parent: ROOT_INO,
             kind: EntryKind::Dir,
             entry: None,
@@ -146,7 +157,11 @@ impl Tree {
         // over, into memory that must fault in each time.
         let mut nodes = Vec::with_capacity(index.entries.len() + 1);
         nodes.push(Some(root_node));
-        let mut tree = Tree { nodes, live: 1 };
+        let mut tree = Tree {
+            nodes,
+            live: 1,
+            names: Vec::new(),
+        };
         // The parent of the previous entry: entries are in path order, so a
         // directory's files follow each other and share it without a lookup.
         let mut last_parent: Option<(&[u8], u64)> = None;
@@ -212,8 +227,9 @@ impl Tree {
                 };
                 slot.insert(tree.nodes.len() as u64 + 1);
             }
+            let name = tree.intern(name);
             tree.push(Node {
-                name: name.into(),
+                name,
                 parent,
                 kind: e.kind,
                 entry: Some(i as u32),
@@ -238,7 +254,7 @@ impl Tree {
                 continue;
             };
             let mut children = std::mem::take(&mut node.children);
-            children.sort_unstable_by(|a, b| self.node(*a).name.cmp(&self.node(*b).name));
+            children.sort_unstable_by(|a, b| self.name_of(*a).cmp(self.name_of(*b)));
             let subdirs = children
                 .iter()
                 .filter(|c| self.node(**c).kind == EntryKind::Dir)
@@ -249,6 +265,25 @@ impl Tree {
             }
             node.children = children;
         }
+    }
+
+    /// The name of `node`, a node of this tree.
+    pub fn name(&self, node: &Node) -> &[u8] {
+        &self.names[node.name.start..][..node.name.len as usize]
+    }
+
+    fn name_of(&self, ino: u64) -> &[u8] {
+        self.name(self.node(ino))
+    }
+
+    /// `name` added to the arena.
+    fn intern(&mut self, name: &[u8]) -> NameSpan {
+        let span = NameSpan {
+            start: self.names.len(),
+            len: u32::try_from(name.len()).expect("a path component fits in u32"),
+        };
+        self.names.extend_from_slice(name);
+        span
     }
 
     fn node(&self, ino: u64) -> &Node {
@@ -299,12 +334,13 @@ impl Tree {
             let mut j = 0;
             for &fc in &fresh.node(fdir).children {
                 let fnode = fresh.node(fc);
-                while j < old_children.len() && self.node(old_children[j]).name < fnode.name {
+                let fname = fresh.name(fnode);
+                while j < old_children.len() && self.name_of(old_children[j]) < fname {
                     j += 1;
                 }
                 let old = old_children.get(j).copied().filter(|&o| {
                     let n = self.node(o);
-                    n.name == fnode.name && n.kind == fnode.kind
+                    self.name(n) == fname && n.kind == fnode.kind
                 });
                 map[fc as usize] = match old {
                     Some(o) => {
@@ -324,7 +360,7 @@ impl Tree {
         }
         for (i, n) in self.nodes.iter().enumerate() {
             if let Some(n) = n.as_ref().filter(|_| !kept[i + 1]) {
-                report.gone.push((n.parent, n.name.clone()));
+                report.gone.push((n.parent, self.name(n).into()));
             }
         }
         let len = map
@@ -360,7 +396,7 @@ impl Tree {
                             .children
                             .iter()
                             .zip(&fnode.children)
-                            .all(|(a, b)| self.node(*a).name == fresh.node(*b).name);
+                            .all(|(a, b)| self.name_of(*a) == fresh.name_of(*b));
                     if !same_names || old.mode != n.mode || old.mtime != n.mtime {
                         report.dirs_changed.push(ino);
                     }
@@ -371,6 +407,7 @@ impl Tree {
         let mut tree = Tree {
             live: fresh.live,
             nodes,
+            names: fresh.names,
         };
         tree.finish();
         report.gone.sort();
@@ -401,8 +438,9 @@ impl Tree {
             return None;
         }
         for p in missing.into_iter().rev() {
+            let name = self.intern(split_last(p).1);
             ino = self.push(Node {
-                name: split_last(p).1.into(),
+                name,
                 parent: ino,
                 kind: EntryKind::Dir,
                 entry: None,
@@ -427,7 +465,7 @@ impl Tree {
     pub fn lookup(&self, parent: u64, name: &[u8]) -> Option<u64> {
         let dir = self.get(parent)?;
         dir.children
-            .binary_search_by(|c| self.node(*c).name.as_ref().cmp(name))
+            .binary_search_by(|c| self.name_of(*c).cmp(name))
             .ok()
             .map(|i| dir.children[i])
     }
@@ -517,7 +555,7 @@ mod tests {
             .unwrap()
             .children
             .iter()
-            .map(|c| &*t.get(*c).unwrap().name)
+            .map(|c| t.name(t.get(*c).unwrap()))
             .collect();
         assert_eq!(names, vec![&b"b"[..], b"d.txt", b"e"]);
         let again = Tree::build(&index, b"_0/a").unwrap();
@@ -538,7 +576,7 @@ mod tests {
         while let Some((ino, path)) = stack.pop() {
             for &c in t.get(ino).unwrap().children.iter().rev() {
                 let n = t.get(c).unwrap();
-                let p = format!("{path}/{}", String::from_utf8_lossy(&n.name));
+                let p = format!("{path}/{}", String::from_utf8_lossy(t.name(n)));
                 out.push((p.clone(), n.kind));
                 if n.kind == EntryKind::Dir {
                     stack.push((c, p));

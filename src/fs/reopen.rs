@@ -320,7 +320,7 @@ mod tests {
             .unwrap()
             .children
             .iter()
-            .map(|c| &*t2.get(*c).unwrap().name)
+            .map(|c| t2.name(t2.get(*c).unwrap()))
             .collect();
         assert_eq!(names, vec![&b"a-new"[..], b"d", b"kind"]);
     }
