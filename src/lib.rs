@@ -18,8 +18,11 @@
 //!   stored beside the key, and reported.
 //! - [`save`] and [`restore`]: the two whole-archive operations.
 //! - [`progress`]: the progress bar of long transfers.
+//! - [`allocator`]: the binary's allocator (mimalloc; large zeroed blocks
+//!   mapped fresh).
 //! - [`cli`]: the command-line front end, where flags and environment are read.
 
+pub mod allocator;
 pub mod archive;
 pub mod cache;
 pub mod cli;

@@ -1,9 +1,6 @@
-/// mimalloc instead of glibc's malloc: a mount decodes its index and builds
-/// its inode tree as ~100k small allocations in fresh memory, on the path
-/// that `mount` waits for; mimalloc makes them and faults their pages in
-/// about 30 ms faster on a 50k-entry archive (`scripts/bench-mount.sh --only start`).
+/// mimalloc, with large zeroed blocks mapped fresh (see `allocator`).
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: cachemount::allocator::Allocator = cachemount::allocator::Allocator;
 
 fn main() -> std::process::ExitCode {
     cachemount::cli::main()
