@@ -6,9 +6,10 @@
 
 use std::ops::{Range, RangeInclusive};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 
 use super::blocks::BlockKey;
+use super::buffers;
 use super::config::FetchConfig;
 use super::error::FetchError;
 use super::version::Version;
@@ -193,11 +194,8 @@ impl Span {
         blocks: Vec<Option<Bytes>>,
     ) -> Result<Bytes, FetchError> {
         let (offset, end) = (self.offset, self.end);
-        // Allocated only when the span needs more than a slice of one block
-        // (the usual read): even an untouched allocation costs, since the
-        // allocator writes into its first page, and a fresh huge page is
-        // zeroed whole (2 MiB) when that happens.
-        let mut out = BytesMut::new();
+        let len = (end - offset) as usize;
+        let mut parts = Vec::with_capacity(blocks.len());
         for (i, block) in blocks.into_iter().enumerate() {
             let block = block.ok_or_else(|| {
                 FetchError::Corrupt(format!(
@@ -216,21 +214,30 @@ impl Span {
                     self.first as usize + i
                 )));
             }
-            if out.is_empty() && to - from == (end - offset) as usize {
-                return Ok(block.slice(from..to));
-            }
-            if out.is_empty() {
-                out.reserve((end - offset) as usize);
-            }
-            out.extend_from_slice(&block[from..to]);
+            parts.push(block.slice(from..to));
         }
-        if out.len() as u64 != end - offset {
+        if parts.iter().map(Bytes::len).sum::<usize>() != len {
             return Err(FetchError::Corrupt(format!(
                 "{}: blocks are shorter than the index says",
                 v.name(entry)
             )));
         }
-        Ok(out.freeze())
+        if let [one] = &parts[..] {
+            return Ok(one.clone());
+        }
+        // A read across blocks (the kernel's reads need not start where a
+        // block does) is copied into a reused buffer: a fresh one was faulted
+        // in and zeroed by the kernel first, a tenth of the daemon's CPU on
+        // a sequential `cat`.
+        let copied = buffers::filled(len, |out| {
+            let mut at = 0;
+            for part in &parts {
+                out[at..at + part.len()].copy_from_slice(part);
+                at += part.len();
+            }
+            Ok::<(), std::convert::Infallible>(())
+        });
+        Ok(copied.unwrap_or_else(|never| match never {}))
     }
 }
 
