@@ -20,10 +20,13 @@
 //! - [`progress`]: the progress bar of long transfers.
 //! - [`allocator`]: the binary's allocator (mimalloc; large zeroed blocks
 //!   mapped fresh).
+//! - [`buffers`]: pools of reused large buffers (decoded frames, replies,
+//!   GET bodies).
 //! - [`cli`]: the command-line front end, where flags and environment are read.
 
 pub mod allocator;
 pub mod archive;
+pub mod buffers;
 pub mod cache;
 pub mod cli;
 pub mod fs;

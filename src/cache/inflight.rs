@@ -264,7 +264,7 @@ impl<S: ObjectStore> Fetcher<S> {
         let blocks = match Layout::of(e, &self.config) {
             Layout::Frames => {
                 let i = p.block as usize;
-                vec![super::buffers::decoded(e.frame_len(i) as usize, |out| {
+                vec![crate::buffers::decoded(e.frame_len(i) as usize, |out| {
                     decode_frame_into(e, i, bytes, out).map_err(|err| corrupt(err.to_string()))
                 })?]
             }

@@ -14,7 +14,6 @@
 //! them and caches them. Nothing here knows about FUSE.
 
 pub mod blocks;
-mod buffers;
 mod config;
 pub mod disk;
 mod error;

@@ -9,12 +9,12 @@ use std::ops::{Range, RangeInclusive};
 use bytes::Bytes;
 
 use super::blocks::BlockKey;
-use super::buffers;
 use super::config::FetchConfig;
 use super::error::FetchError;
 use super::version::Version;
 use crate::archive::zip::LOCAL_HEADER_LEN;
 use crate::archive::{Compression, DataOffset, Entry, EntryKind};
+use crate::buffers;
 
 /// Block size of entries that are not split into frames (stored, deflate,
 /// single-stream zstd): the unit of caching and of random access.

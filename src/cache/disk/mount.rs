@@ -17,7 +17,7 @@ use super::ahead;
 use super::entry::EntryKey;
 use super::{DiskCache, Fig, Figures};
 use crate::archive::{Entry, EntryKind};
-use crate::cache::buffers;
+use crate::buffers;
 use crate::cache::version::Version;
 
 /// Entries a mount keeps open. A large file is read in many requests: one

@@ -16,11 +16,12 @@ use std::pin::Pin;
 use std::time::{Duration, SystemTime};
 
 use aws_sdk_s3::primitives::ByteStream;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use tokio::time::Instant;
 
 use super::{error_chain, normalize_etag, quote_etag, to_system_time, RetryPolicy, S3Store};
+use crate::buffers;
 use crate::store::{
     head_then_read_tail, ObjectMeta, ObjectStore, ObjectVersion, Pieces, StoreError, StoreResult,
 };
@@ -166,7 +167,7 @@ impl S3Store {
             return head_then_read().await;
         }
         let len = total - answer.start;
-        let mut buf = BytesMut::with_capacity(len as usize);
+        let mut buf = Vec::with_capacity(len as usize);
         match read_body(answer.body, &mut buf, len, self.retry.body_stall_timeout).await {
             Ok(()) => {}
             Err(BodyError::TooLong) => {
@@ -193,7 +194,7 @@ impl S3Store {
             version,
             last_modified: answer.last_modified.unwrap_or(SystemTime::UNIX_EPOCH),
         };
-        Ok((meta, buf.freeze()))
+        Ok((meta, Bytes::from(buf)))
     }
 
     /// One GET of `want`, pinned to `version` when given (the SDK retries it
@@ -377,7 +378,9 @@ where
     let len = range.end - range.start;
     let started = Instant::now();
     let deadline = started + policy.read_deadline;
-    let mut buf = BytesMut::with_capacity(len as usize);
+    // A reused buffer for a large body: a fresh one is faulted in and zeroed
+    // by the kernel as the body arrives.
+    let mut buf = buffers::get_body(len as usize);
     // The version the bytes in `buf` are of: every resumption is pinned to it.
     let mut version = pin.cloned();
     let mut interruptions = 0u32;
@@ -448,7 +451,7 @@ where
                         ));
                     }
                     match read_body(answer.body, &mut buf, len, policy.body_stall_timeout).await {
-                        Ok(()) => return Ok(buf.freeze()),
+                        Ok(()) => return Ok(buffers::get_body_bytes(buf)),
                         Err(BodyError::TooLong) => {
                             return Err(StoreError::other(
                                 target.location,
@@ -506,7 +509,7 @@ enum BodyError {
 /// Appends `body` to `buf` until it holds `len` bytes.
 async fn read_body<B>(
     mut body: B,
-    buf: &mut BytesMut,
+    buf: &mut Vec<u8>,
     len: u64,
     stall: Duration,
 ) -> Result<(), BodyError>

@@ -1,5 +1,6 @@
-//! Reusable 1 MiB buffers for the daemon's large, short-lived allocations:
-//! reads answered from the disk cache, and decoded frames.
+//! Reusable buffers for the daemon's large, short-lived allocations: 1 MiB
+//! ones for reads answered from the disk cache, reads across blocks and
+//! decoded frames, and up to 8 MiB ones for the bodies of range GETs.
 //!
 //! The daemon returns freed pages to the system at once
 //! (`MIMALLOC_PURGE_DELAY=0`, see `mount::control`), so every fresh buffer
@@ -8,25 +9,64 @@
 //! 200 MB cached file, and a quarter of all CPU (the store's included) on a
 //! cold sequential read. So these allocations borrow a buffer from a small
 //! pool, and the `Bytes` made of it gives it back when its last clone is
-//! dropped (a reply sent, a block evicted from the cache).
+//! dropped (a reply sent, a block evicted from the cache, the last frame of
+//! a GET decoded).
 
 use bytes::Bytes;
 use parking_lot::Mutex;
+
+/// Buffers of one capacity, a few of them kept for reuse.
+struct Pool {
+    capacity: usize,
+    kept: usize,
+    free: Mutex<Vec<Vec<u8>>>,
+}
+
+impl Pool {
+    const fn new(capacity: usize, kept: usize) -> Self {
+        Pool {
+            capacity,
+            kept,
+            free: parking_lot::const_mutex(Vec::new()),
+        }
+    }
+
+    /// A buffer of the pool's capacity, reused if one is free (holding
+    /// what its last user left in it).
+    fn take(&'static self) -> Vec<u8> {
+        self.free
+            .lock()
+            .pop()
+            .unwrap_or_else(|| Vec::with_capacity(self.capacity))
+    }
+
+    /// The first `len` bytes of `buf` (taken from this pool) as Bytes that
+    /// give it back when dropped.
+    fn share(&'static self, buf: Vec<u8>, len: usize) -> Bytes {
+        Bytes::from_owner(Pooled {
+            buf,
+            len,
+            pool: self,
+        })
+    }
+}
 
 /// Shorter buffers allocate as usual (small allocations are cheap).
 const POOLED_MIN: usize = 64 * 1024;
 /// Longer ones are not pooled: a FUSE read and a frame are at most 1 MiB
 /// (cachemount's frame size; other frame sizes allocate as usual).
 const KEPT_MAX: usize = 1 << 20;
-/// Buffers kept for reuse: more than the reads and decodes in flight.
-const KEPT: usize = 16;
-
-static POOL: Mutex<Vec<Vec<u8>>> = parking_lot::const_mutex(Vec::new());
+/// More than the reads and decodes in flight.
+static BLOCKS: Pool = Pool::new(KEPT_MAX, 16);
+/// GET bodies from 1 MiB up to the fetcher's largest merged GET (8 MiB);
+/// a sequential reader keeps 2-4 in flight. At most 32 MiB kept idle.
+static GETS: Pool = Pool::new(8 << 20, 4);
 
 /// A pooled buffer holding `len` bytes of data.
 struct Pooled {
     buf: Vec<u8>,
     len: usize,
+    pool: &'static Pool,
 }
 
 impl AsRef<[u8]> for Pooled {
@@ -38,19 +78,11 @@ impl AsRef<[u8]> for Pooled {
 impl Drop for Pooled {
     fn drop(&mut self) {
         let buf = std::mem::take(&mut self.buf);
-        let mut pool = POOL.lock();
-        if pool.len() < KEPT {
-            pool.push(buf);
+        let mut free = self.pool.free.lock();
+        if free.len() < self.pool.kept {
+            free.push(buf);
         }
     }
-}
-
-/// A buffer of at least [`KEPT_MAX`] bytes' capacity, from the pool if it
-/// has one.
-fn take() -> Vec<u8> {
-    POOL.lock()
-        .pop()
-        .unwrap_or_else(|| Vec::with_capacity(KEPT_MAX))
 }
 
 /// `len` bytes that `fill` writes, in a reused buffer when `len` is large.
@@ -60,13 +92,14 @@ pub fn filled<E>(len: usize, fill: impl FnOnce(&mut [u8]) -> Result<(), E>) -> R
         fill(&mut buf)?;
         return Ok(Bytes::from(buf));
     }
-    let mut buf = take();
+    let mut buf = BLOCKS.take();
+    // Zeroed once, when the buffer is new: what a reuse finds there is
+    // overwritten by `fill`.
     if buf.len() < len {
         buf.resize(KEPT_MAX, 0);
     }
-    let mut pooled = Pooled { buf, len };
-    fill(&mut pooled.buf[..len])?;
-    Ok(Bytes::from_owner(pooled))
+    fill(&mut buf[..len])?;
+    Ok(BLOCKS.share(buf, len))
 }
 
 /// What `decode` appends to an empty buffer with room for `len` bytes (a
@@ -82,11 +115,34 @@ pub fn decoded<E>(
         decode(&mut buf)?;
         return Ok(Bytes::from(buf));
     }
-    let mut buf = take();
+    let mut buf = BLOCKS.take();
     buf.clear();
     decode(&mut buf)?;
     let len = buf.len();
-    Ok(Bytes::from_owner(Pooled { buf, len }))
+    Ok(BLOCKS.share(buf, len))
+}
+
+/// An empty buffer for a GET body of `len` bytes, to be made Bytes by
+/// [`get_body_bytes`]: reused when `len` is from 1 MiB to 8 MiB.
+pub fn get_body(len: usize) -> Vec<u8> {
+    if (KEPT_MAX..=GETS.capacity).contains(&len) {
+        let mut buf = GETS.take();
+        buf.clear();
+        buf
+    } else {
+        Vec::with_capacity(len)
+    }
+}
+
+/// A GET body from [`get_body`] as Bytes (its buffer goes back to the pool
+/// when they are dropped, if it came from there).
+pub fn get_body_bytes(buf: Vec<u8>) -> Bytes {
+    if buf.capacity() == GETS.capacity {
+        let len = buf.len();
+        GETS.share(buf, len)
+    } else {
+        Bytes::from(buf)
+    }
 }
 
 #[cfg(test)]
@@ -119,6 +175,25 @@ mod tests {
             filled::<()>(KEPT_MAX + 1, |_| Ok(())).unwrap().len(),
             KEPT_MAX + 1
         );
+    }
+
+    #[test]
+    fn a_get_body_buffer_comes_back_empty_and_only_large_bodies_are_pooled() {
+        let mut body = get_body(2 << 20);
+        assert!(body.is_empty() && body.capacity() >= 2 << 20);
+        body.extend(std::iter::repeat_n(4u8, 2 << 20));
+        let (at, bytes) = (body.as_ptr(), get_body_bytes(body));
+        assert_eq!(bytes, vec![4u8; 2 << 20]);
+        drop(bytes);
+        let again = get_body(3 << 20);
+        assert!(
+            again.is_empty() && again.as_ptr() == at,
+            "the buffer is reused"
+        );
+        drop(get_body_bytes(again));
+        let small = get_body(1000);
+        assert!(small.capacity() < GETS.capacity);
+        assert_eq!(get_body_bytes(small), Bytes::new());
     }
 
     #[test]
