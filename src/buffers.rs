@@ -56,8 +56,9 @@ const POOLED_MIN: usize = 64 * 1024;
 /// Longer ones are not pooled: a FUSE read and a frame are at most 1 MiB
 /// (cachemount's frame size; other frame sizes allocate as usual).
 const KEPT_MAX: usize = 1 << 20;
-/// More than the reads and decodes in flight.
-static BLOCKS: Pool = Pool::new(KEPT_MAX, 16);
+/// As many as a sequential reader has decoded ahead of it (its read-ahead
+/// reaches 32 frames) and more: a miss is a fresh MiB the kernel zeroes.
+static BLOCKS: Pool = Pool::new(KEPT_MAX, 48);
 /// GET bodies from 1 MiB up to the fetcher's largest merged GET (8 MiB);
 /// a sequential reader keeps 2-4 in flight. At most 32 MiB kept idle.
 static GETS: Pool = Pool::new(8 << 20, 4);
