@@ -95,9 +95,11 @@ unsafe impl GlobalAlloc for Allocator {
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         if mapped_size(&layout) {
             if let Some(slot) = Self::slot_of(ptr) {
+                // The slot is freed first: once unmapped, the address may be
+                // mapped again by another thread, and must then be only its.
+                slot.store(0, Ordering::Release);
                 // SAFETY: the block is this mapping, `layout.size()` long.
                 unsafe { libc::munmap(ptr.cast(), layout.size()) };
-                slot.store(0, Ordering::Release);
                 return;
             }
         }
@@ -117,19 +119,23 @@ unsafe impl GlobalAlloc for Allocator {
                         let small = MiMalloc.alloc(small_layout);
                         if !small.is_null() {
                             std::ptr::copy_nonoverlapping(ptr, small, new_size);
-                            libc::munmap(ptr.cast(), layout.size());
                             slot.store(0, Ordering::Release);
+                            libc::munmap(ptr.cast(), layout.size());
                         }
                         return small;
                     }
                 }
                 // A mapped block stays one: moved by the kernel, its new
                 // pages zero, its old ones kept.
+                // The slot stays reserved (1) while the old address is given
+                // up, as in `dealloc`.
+                slot.store(1, Ordering::Release);
                 // SAFETY: the block is this mapping, `layout.size()` long.
                 let moved = unsafe {
                     libc::mremap(ptr.cast(), layout.size(), new_size, libc::MREMAP_MAYMOVE)
                 };
                 if moved == libc::MAP_FAILED {
+                    slot.store(ptr as usize, Ordering::Release);
                     return std::ptr::null_mut();
                 }
                 slot.store(moved as usize, Ordering::Release);
