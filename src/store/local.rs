@@ -346,8 +346,9 @@ impl LocalStore {
         }
         // A reused buffer, as the S3 store's bodies: a mount reads range
         // after range, and fresh memory is faulted in and zeroed first.
-        let mut buf = buffers::get_body((range.end - range.start) as usize);
-        buf.resize((range.end - range.start) as usize, 0);
+        let len = (range.end - range.start) as usize;
+        let mut buf = buffers::get_body(len);
+        buf.resize(len, 0);
         file.read_exact_at(&mut buf, range.start)
             .map_err(|e| self.io_err(key, "reading", e))?;
         self.counters.downloaded(buf.len() as u64);
